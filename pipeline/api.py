@@ -1,0 +1,155 @@
+"""The Python API: one call quantizes, one exports, one loads.
+
+    qm = eptq_deploy.quantize(model, images, profile="int8-pot", targets=["onnx-qdq"])
+    bundle = eptq_deploy.export(qm, target="onnx-qdq", out="build/")
+    runner = eptq_deploy.load(bundle)
+
+This module and the CLI are the only places in ``pipeline/`` that reach the
+targets, and only through the target registry.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .bundle import read_manifest, write_bundle
+from .capture import capture
+from .errors import DataError, TargetError, UsageError
+from .hw_profiles import Profile, load_profile
+from .ptq import collect_stats, ptq
+from .quantized import QuantizedModel
+from .targets import Runner, Target, get_target, list_targets
+
+METHODS = ("ptq",)
+
+
+def resolve_profile(profile: str | os.PathLike | Profile, weight_bits: int | None = None) -> Profile:
+    if isinstance(profile, Profile):
+        return profile.with_weight_bits(weight_bits) if weight_bits is not None else profile
+    return load_profile(profile, weight_bits=weight_bits)
+
+
+def resolve_targets(targets: str | list[str] | tuple[str, ...] | None, profile: Profile) -> list[Target]:
+    """Target objects for ``targets`` ("all", a name, a list; None: the profile's native one)."""
+    if targets is None:
+        names = [profile.native_target]
+    elif isinstance(targets, str):
+        names = [n.strip() for n in targets.split(",") if n.strip()]
+    else:
+        names = list(targets)
+    if names == ["all"]:
+        names = [n for n, _ in list_targets()]
+    if not names:
+        raise UsageError("no target given; pass one of: " + ", ".join(n for n, _ in list_targets()))
+    return [get_target(n) for n in dict.fromkeys(names)]
+
+
+def check_pair(profile: Profile, target: Target) -> None:
+    """Refuse, before any work, a profile whose grids the target cannot express."""
+    r = target.rules
+    fix = "pick another profile (eptq-deploy profiles) or another target (eptq-deploy targets)"
+    w_bits = {profile.weights.bits, profile.first_layer_weight_bits or 0, profile.last_layer_weight_bits or 0} - {0}
+    if max(w_bits) > r.max_weight_bits:
+        raise TargetError(f"profile {profile.name} uses {max(w_bits)}-bit weights but target {target.name} stores "
+                          f"at most {r.max_weight_bits}-bit weights; {fix}")
+    if profile.activations.bits not in r.activation_bits:
+        raise TargetError(f"profile {profile.name} uses {profile.activations.bits}-bit activations but target "
+                          f"{target.name} runs {'/'.join(map(str, r.activation_bits))}-bit activations only; {fix}")
+    if not profile.weights.per_channel and not r.per_tensor_weights:
+        raise TargetError(f"target {target.name} needs per-channel weights but profile {profile.name} is per-tensor; {fix}")
+    if not profile.activations.symmetric and not r.asymmetric_activations:
+        raise TargetError(f"target {target.name} has no zero points for activations but profile {profile.name} is "
+                          f"asymmetric; {fix}")
+
+
+def _as_tensor(data: Any, samples: int | None, seed: int) -> torch.Tensor:
+    from .data import take_samples
+
+    x = take_samples(data, samples, seed=seed)
+    if x.dim() != 4:
+        raise DataError(f"representative data has shape {tuple(x.shape)}; expected images as (N, C, H, W)")
+    if not torch.isfinite(x).all():
+        raise DataError("representative data contains NaN or Inf values; clean or re-export the images")
+    return x
+
+
+def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "int8-pot",
+             targets: str | list[str] | None = None, method: str = "ptq", weight_bits: int | None = None,
+             samples: int | None = 1024, seed: int = 0, batch_size: int = 64, progress: bool = True,
+             **options: Any) -> QuantizedModel:
+    """Quantize ``model`` for ``targets`` under ``profile`` from unlabelled ``data``.
+
+    ``data``: a tensor or array (N, C, H, W), an iterable of batches, or a DataLoader,
+    preprocessed as the model expects. ``targets`` (default: the profile's native
+    target) are the files this model will be exported to; their rules shape the
+    parameters, and an impossible profile/target pair fails here before any work.
+    """
+    if options:
+        raise UsageError(f"unknown option(s) {', '.join(sorted(options))} for method {method!r}")
+    if method not in METHODS:
+        raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    prof = resolve_profile(profile, weight_bits)
+    tgts = resolve_targets(targets, prof)
+    for t in tgts:
+        check_pair(prof, t)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    x = _as_tensor(data, samples, seed)
+    fg = capture(model, x[:1], fusing=prof.fusing, profile_name=prof.name)
+    t_capture = time.perf_counter() - t0
+    batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+    stats = collect_stats(fg, batches, seed=seed, progress=progress)
+    qg = ptq(fg, stats, prof, [t.rules for t in tgts])
+    elapsed = time.perf_counter() - t0
+    info = {
+        "method": method, "seed": seed, "samples": int(len(x)), "tool_version": __version__,
+        "timings_s": {"capture": round(t_capture, 3), "total": round(elapsed, 3)},
+    }
+    qg.meta.update({"profile": prof.name, "method": method, "targets": [t.name for t in tgts]})
+    return QuantizedModel(qg, fg, prof, [t.name for t in tgts], {t.name: t.rules.rounding for t in tgts}, info)
+
+
+def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: str | os.PathLike = "build/", *,
+           data: Any = None, labels: np.ndarray | None = None, force: bool = False, command: str | None = None,
+           threads: int = 1, check_samples: int | None = 500) -> Path:
+    """Write the bundle for ``target`` (default: every target the model was quantized for) to ``out``.
+
+    With ``data``, every file is run on its runtime and the report states agreement,
+    accuracy (with ``labels``) and latency; the bundle appears whole or not at all.
+    """
+    names = qmodel.targets if target in (None, "all") else ([target] if isinstance(target, str) else list(target))
+    for n in names:
+        if n not in qmodel.targets:
+            raise UsageError(f"the model was quantized for {', '.join(qmodel.targets)}, not {n!r}; "
+                             f"quantize again with targets including {n!r}")
+    x = None
+    if data is not None:
+        from .data import take_samples
+
+        x = take_samples(data, None)
+        if check_samples is not None:
+            x = x[:check_samples]
+            labels = None if labels is None else np.asarray(labels)[:check_samples]
+    return write_bundle(qmodel, [get_target(n) for n in names], Path(out), x=x, labels=labels, force=force,
+                        command=command, threads=threads)
+
+
+def load(bundle_dir: str | os.PathLike, target: str | None = None, threads: int = 1) -> Runner:
+    """A runner for the bundle's model file on its own runtime (``.run(x) -> y``, float in and out)."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    names = list(manifest["targets"])
+    if target is None:
+        if len(names) != 1:
+            raise UsageError(f"bundle {bundle_dir} holds several targets ({', '.join(names)}); pass target=NAME")
+        target = names[0]
+    if target not in names:
+        raise UsageError(f"bundle {bundle_dir} has no {target!r} model; it holds: {', '.join(names)}")
+    return get_target(target).load(bundle_dir / target, threads=threads)

@@ -1,0 +1,248 @@
+"""The bundle: what a firmware team takes over.
+
+    BUNDLE/
+      manifest.json      target(s), profile, tool version, input/output contract,
+                         every tensor's quantization, memory figures, op list,
+                         runtime checks, file hashes, the commands
+      report.md          the same for a person, with tables
+      layer_sqnr.png     per-layer error plot
+      graph.json/.npz    the quantized graph (the contract, versioned)
+      <target>/          the model file(s) for each target
+
+It is written into a temporary sibling folder and renamed into place, so a failed
+run leaves nothing behind and an existing bundle is only replaced with ``force``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import __version__
+from .checks import latency, runtime_checks
+from .errors import EptqError, UsageError
+from .quantized import QuantizedModel
+
+MANIFEST_VERSION = 1
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def peak_activation_bytes(qm: QuantizedModel) -> int:
+    """Peak bytes of live activations at batch 1, by liveness over the node order."""
+    g = qm.graph
+    last_use: dict[str, int] = {}
+    for i, n in enumerate(g.nodes):
+        for t in n.inputs:
+            last_use[t] = i
+    for o in g.outputs:
+        last_use[o] = len(g.nodes)
+
+    def size(t: str) -> int:
+        info = g.tensors[t]
+        bits = info.quant.bits if info.quant is not None else 32
+        return int(np.prod(info.shape[1:])) * ((bits + 7) // 8)
+
+    live = {g.inputs[0]: size(g.inputs[0])}
+    peak = sum(live.values())
+    for i, n in enumerate(g.nodes):
+        for o in n.outputs:
+            live[o] = size(o)
+        peak = max(peak, sum(live.values()))
+        for t in list(live):
+            if last_use.get(t, -1) <= i:
+                del live[t]
+    return peak
+
+
+def _files(folder: Path, root: Path) -> dict[str, dict[str, Any]]:
+    return {str(p.relative_to(root)): {"sha256": sha256(p), "bytes": p.stat().st_size}
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _plot_layers(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 3.5))
+    vals = [min(r["sqnr_db"], 80) for r in rows]
+    ax.bar(range(len(rows)), vals, color="#3a6ea5")
+    ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel("SQNR vs float (dB)")
+    ax.set_title("Per-layer output error of the integer network (higher is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: str | None, out: Path) -> dict[str, Any]:
+    g = qm.graph
+    inp, outp = g.tensors[g.inputs[0]], g.tensors[g.outputs[0]]
+    return {
+        "format": "eptq-deploy bundle",
+        "version": MANIFEST_VERSION,
+        "tool_version": __version__,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "profile": qm.profile.to_dict(),
+        "method": qm.info.get("method"),
+        "seed": qm.info.get("seed"),
+        "calibration_samples": qm.info.get("samples"),
+        "quantization_time_s": qm.info.get("timings_s"),
+        "input": {"name": inp.name, "shape": list(inp.shape), "layout": "NCHW", "dtype": "float32",
+                  "quantization": inp.quant.to_json(), "preprocessing": qm.info.get("preprocessing")},
+        "output": {"name": outp.name, "shape": list(outp.shape), "dtype": "float32 (dequantized)",
+                   "quantization": outp.quant.to_json()},
+        "memory": {"weight_bytes": g.weight_bytes(), "peak_activation_bytes_batch1": peak_activation_bytes(qm)},
+        "ops": g.op_list(),
+        "tensors": {name: t.quant.to_json() for name, t in g.tensors.items() if t.quant is not None},
+        "graph_files": _files_at(out, ["graph.json", "graph.npz"]),
+        "targets": target_entries,
+        "host": {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
+                 "torch": torch.__version__},
+        "command": command,
+        "check_command": f"eptq-deploy check {out.name}",
+    }
+
+
+def _files_at(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    return {n: {"sha256": sha256(root / n), "bytes": (root / n).stat().st_size} for n in names}
+
+
+def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layers: list[dict[str, Any]]) -> None:
+    p = manifest["profile"]
+    lines = [
+        f"# eptq-deploy bundle: {qm.info.get('model_name', 'model')}",
+        "",
+        f"- profile **{p['name']}** ({p['description']}), weights {p['weights']['default_bits']}-bit, "
+        f"activations {p['activations']['bits']}-bit; method **{manifest['method']}**, seed {manifest['seed']}",
+        f"- calibration: {manifest['calibration_samples']} unlabelled samples; quantization time "
+        f"{manifest['quantization_time_s']}",
+        f"- weights: {manifest['memory']['weight_bytes']['container']} bytes as stored "
+        f"({manifest['memory']['weight_bytes']['packed']} packed at bit width); peak activations "
+        f"{manifest['memory']['peak_activation_bytes_batch1']} bytes at batch 1",
+        f"- ops: {', '.join(manifest['ops'])}",
+        f"- made by: `{manifest['command']}`; re-check with: `{manifest['check_command']}`",
+        "",
+        "## On the real runtime",
+        "",
+        "| target | runtime | samples | agreement vs simulation | agreement vs float | max diff (output LSB) "
+        "| top-1 float / sim / runtime | int8 ms | float ms | speed-up |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, t in manifest["targets"].items():
+        c, lat = t.get("checks"), t.get("latency")
+        if c is None:
+            lines.append(f"| {name} | {t['runtime']} | not checked (no data given) | | | | | | | |")
+            continue
+        top = c.get("top1")
+        tops = f"{top['float']:.2%} / {top['simulation']:.2%} / {top['runtime']:.2%}" if top else "no labels"
+        lines.append(
+            f"| {name} | {t['runtime']} | {c['samples']} | {c['argmax_agreement_vs_simulation']:.2%} | "
+            f"{c['argmax_agreement_vs_float']:.2%} | {c['max_abs_diff_lsb']:.2f} | {tops} | "
+            f"{lat['int8_ms'] if lat else ''} | {lat['float_ms'] if lat else ''} | {lat['speedup_vs_float'] if lat else ''} |")
+    lines += ["", "## Per layer", "", "![per-layer SQNR](layer_sqnr.png)", "",
+              "| layer | op | source | weight bits | SQNR dB |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['layer']} | {r['op']} | {r['source']} | {r['weight_bits']} | {r['sqnr_db']} |" for r in layers]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.Tensor | None = None,
+                 labels: np.ndarray | None = None, force: bool = False, command: str | None = None,
+                 threads: int = 1) -> Path:
+    """Emit every target, check each on its runtime, and move the finished bundle into ``out``."""
+    out = Path(out).resolve()
+    if out.exists() and not force:
+        raise UsageError(f"output folder {out} already exists; pass --force (force=True) to replace it or choose another --out")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as e:
+        raise EptqError(f"cannot write to {out.parent}: {e.strerror or e}; choose a writable --out with free space") from None
+    try:
+        entries: dict[str, Any] = {}
+        sim_cache: dict[str, np.ndarray] = {}
+        float_out = qm.forward_float(x).numpy() if x is not None else None
+        qm.graph.save(tmp)
+        for t in targets:
+            folder = tmp / t.name
+            folder.mkdir()
+            t.emit(qm.graph, folder, quantized=True)
+            t.emit(qm.float_graph, folder, quantized=False)
+            entry: dict[str, Any] = {"runtime": t.runtime, "runtime_versions": t.runtime_versions(),
+                                     "rounding": t.rules.rounding, "model_file": f"{t.name}/{t.model_file}",
+                                     "float_model_file": f"{t.name}/{t.float_model_file}"}
+            if x is not None:
+                runner = t.load(folder, threads=threads)
+                rule = t.rules.rounding
+                if rule not in sim_cache:
+                    sim_cache[rule] = qm.simulate(x, t.name).numpy()
+                entry["checks"] = runtime_checks(qm, t.name, runner, x, labels, float_out, sim_cache[rule])
+                entry["latency"] = latency(runner, t.load(folder, float_model=True, threads=threads), x[:1].numpy())
+            entry["inspect"] = t.inspect(folder)
+            entry["files"] = _files(folder, tmp)
+            entries[t.name] = entry
+        layers = qm.layer_errors(x[:64] if x is not None else None) if x is not None else []
+        if layers:
+            _plot_layers(layers, tmp / "layer_sqnr.png")
+        manifest = build_manifest(qm, entries, command, tmp)
+        manifest["check_command"] = f"eptq-deploy check {out}"
+        manifest["layers"] = layers
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
+        write_report(tmp / "report.md", qm, manifest, layers)
+        _replace(tmp, out, force)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise EptqError(f"cannot write the bundle to {out}: {e.strerror or e}; choose a writable --out with free space") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _replace(tmp: Path, out: Path, force: bool) -> None:
+    if out.exists() and force:
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+def read_manifest(bundle: Path) -> dict[str, Any]:
+    path = Path(bundle) / "manifest.json"
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"{bundle} is not a bundle (no manifest.json); pass the folder eptq-deploy quantize wrote") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path}: {e}; re-export the bundle") from None
+    if not isinstance(m, dict) or m.get("format") != "eptq-deploy bundle" or not isinstance(m.get("targets"), dict):
+        raise UsageError(f"{path} is not an eptq-deploy manifest; re-export the bundle")
+    return m

@@ -1,0 +1,135 @@
+"""Calibration: activation statistics and quantization-grid (threshold) search.
+
+Every grid is chosen under the profile's constraints: bits, signed or unsigned,
+symmetric (zero point 0) or asymmetric, power-of-two or free scales, narrow or full
+weight range. The default criterion is the mean squared quantization error (MSE)
+over the representative values; weights are searched per output channel.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .graph import QParams
+
+_ALPHAS = 64  # candidate clipping ratios per search
+
+
+@dataclass
+class ActStats:
+    """Running min/max plus a bounded random sample of a tensor's values."""
+
+    lo: float = math.inf
+    hi: float = -math.inf
+    sample: list[torch.Tensor] | None = None
+    budget: int = 0
+
+    def update(self, x: torch.Tensor, per_batch: int, gen: torch.Generator) -> None:
+        x = x.detach().reshape(-1).float()
+        self.lo = min(self.lo, float(x.min()))
+        self.hi = max(self.hi, float(x.max()))
+        if self.sample is None:
+            self.sample = []
+        if x.numel() > per_batch:
+            x = x[torch.randint(0, x.numel(), (per_batch,), generator=gen)]
+        self.sample.append(x.clone())
+
+    def values(self) -> torch.Tensor:
+        return torch.cat(self.sample) if self.sample else torch.zeros(1)
+
+    def merge(self, other: ActStats) -> ActStats:
+        return ActStats(min(self.lo, other.lo), max(self.hi, other.hi), (self.sample or []) + (other.sample or []))
+
+
+def _quant_error(v: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """MSE of quantizing v (K values) on each candidate grid (scale, zp of shape (A,)) -> (A,)."""
+    q = torch.clamp(torch.round(v[None, :] / scale[:, None]) + zp[:, None], qmin, qmax)
+    return ((q - zp[:, None]) * scale[:, None] - v[None, :]).pow(2).mean(1)
+
+
+def pow2_exponent(x: float) -> int:
+    """Smallest e with 2**e >= x."""
+    return int(math.ceil(math.log2(max(x, 2.0**-126))))
+
+
+def search_activation_grid(stats: ActStats, bits: int, *, symmetric: bool, power_of_two: bool,
+                           signedness: str) -> QParams:
+    """Per-tensor activation grid minimising MSE over the sampled values."""
+    lo, hi = min(stats.lo, 0.0), max(stats.hi, 0.0)
+    signed = {"signed": True, "unsigned": False}.get(signedness, lo < 0)
+    qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    v = stats.values().double()
+    if hi - lo <= 0:
+        e = 0
+        return QParams(bits, signed, [1.0], [0 if symmetric else qmin], exponent=[e] if power_of_two else None)
+    if symmetric:
+        # real zero at code 0: the grid covers [qmin*s, qmax*s]; pick s
+        if signed:
+            need = max(hi / qmax, -lo / -qmin)
+        else:
+            need = hi / qmax  # an unsigned grid clips negatives (only used when lo >= 0 or forced)
+        if power_of_two:
+            e0 = pow2_exponent(need)
+            exps = torch.arange(e0 - 4, e0 + 1, dtype=torch.float64)
+            scales = torch.pow(2.0, exps)
+        else:
+            scales = need * torch.linspace(0.2, 1.0, _ALPHAS, dtype=torch.float64)
+        err = _quant_error(v, scales, torch.zeros_like(scales), qmin, qmax)
+        i = int(torch.argmin(err))
+        s = float(scales[i])
+        return QParams(bits, signed, [s], [0], exponent=[int(exps[i])] if power_of_two else None)
+    # asymmetric: shrink both ends independently, zero point rounds real zero onto the grid
+    a = torch.linspace(0.3, 1.0, 24, dtype=torch.float64)
+    his, los = (hi * a)[:, None].expand(24, 24).reshape(-1), (lo * a)[None, :].expand(24, 24).reshape(-1)
+    scales = ((his - los) / (qmax - qmin)).clamp_min(1e-12)
+    scales = scales.float().double()  # the file stores float32 scales
+    zps = torch.round(qmin - los / scales).clamp(qmin, qmax)
+    err = _quant_error(v, scales, zps, qmin, qmax)
+    i = int(torch.argmin(err))
+    return QParams(bits, signed, [float(scales[i])], [int(zps[i])])
+
+
+def search_weight_grid(w: np.ndarray, bits: int, *, per_channel: bool, power_of_two: bool, narrow: bool,
+                       hessian: np.ndarray | None = None) -> tuple[QParams, np.ndarray]:
+    """Symmetric weight grid (zero point 0) and the rounded integers, per output channel.
+
+    ``hessian`` (same shape as ``w``, optional) weights the squared error of each
+    weight; without it every weight counts equally (plain MSE).
+    """
+    qmax = 2 ** (bits - 1) - 1
+    qmin = -qmax if narrow else -(2 ** (bits - 1))
+    W = torch.from_numpy(w.astype(np.float64)).reshape(w.shape[0] if per_channel else 1, -1)
+    H = torch.ones_like(W) if hessian is None else torch.from_numpy(hessian.astype(np.float64)).reshape(W.shape)
+    m = W.abs().amax(1).clamp_min(1e-12)  # (C,)
+    if power_of_two:
+        e0 = torch.ceil(torch.log2(m / qmax))
+        cand = torch.stack([e0 - k for k in range(4)], 0)  # (A, C)
+        scales = torch.pow(2.0, cand)
+    else:
+        alphas = torch.linspace(0.25, 1.0, _ALPHAS, dtype=torch.float64)
+        scales = alphas[:, None] * m[None, :] / qmax
+        scales = scales.float().double()
+    q = torch.clamp(torch.round(W[None] / scales[:, :, None]), qmin, qmax)
+    err = ((q * scales[:, :, None] - W[None]).pow(2) * H[None]).sum(2)  # (A, C)
+    best = torch.argmin(err, 0)
+    idx = torch.arange(W.shape[0])
+    s = scales[best, idx]
+    wq = q[best, idx].reshape(w.shape).numpy().astype(np.int8 if bits <= 8 else np.int16)
+    zeros = np.zeros(s.numel(), np.int64)
+    exps = cand[best, idx].numpy().astype(np.int64) if power_of_two else None
+    return (
+        QParams(bits, True, s.numpy().astype(np.float32), zeros, axis=0 if per_channel else None, narrow=narrow, exponent=exps),
+        wq,
+    )
+
+
+def quantize_bias(b: np.ndarray, s_in: float, s_w: np.ndarray, bits: int = 32) -> tuple[QParams, np.ndarray]:
+    """Bias as integers at scale s_in * s_w[c], zero point 0, as integer kernels expect."""
+    sb = np.float64(np.float32(s_in)) * s_w.astype(np.float64)
+    lim = 2 ** (bits - 1) - 1
+    bq = np.clip(np.round(b.astype(np.float64) / sb), -lim, lim).astype(np.int32)
+    return QParams(bits, True, sb.astype(np.float32), np.zeros(len(sb), np.int64), axis=0), bq

@@ -1,0 +1,79 @@
+"""Checks on the real runtime: agreement with the simulation and the float model, latency.
+
+The numbers a report states come from here, measured on the file as the target's
+own runtime executes it, never from the simulation alone.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from .quantized import QuantizedModel
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    noise = float(np.sum((ref.astype(np.float64) - got) ** 2))
+    return float("inf") if noise == 0 else float(10 * np.log10(np.sum(ref.astype(np.float64) ** 2) / noise))
+
+
+def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
+    """Label-free agreement of ``got`` with ``ref`` (both logits, N x classes)."""
+    r1 = ref.argmax(1)
+    top5 = np.argsort(-got, 1)[:, :5]
+    return {
+        "top1_agreement": float(np.mean(got.argmax(1) == r1)),
+        "top5_agreement": float(np.mean((top5 == r1[:, None]).any(1))),
+        "sqnr_db": round(sqnr_db(ref, got), 2),
+    }
+
+
+def runtime_checks(qm: QuantizedModel, target: str, runner: Any, x: torch.Tensor,
+                   labels: np.ndarray | None = None, float_out: np.ndarray | None = None,
+                   sim_out: np.ndarray | None = None) -> dict[str, Any]:
+    """Run ``x`` on ``runner`` and compare with the simulation and the float graph."""
+    xn = x.numpy().astype(np.float32)
+    rt = runner.run_batched(xn)
+    sim = qm.simulate(x, target).numpy() if sim_out is None else sim_out
+    flt = qm.forward_float(x).numpy() if float_out is None else float_out
+    lsb = float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0])
+    diff = np.abs(rt.astype(np.float64) - sim) / lsb
+    out: dict[str, Any] = {
+        "samples": int(len(xn)),
+        "argmax_agreement_vs_simulation": float(np.mean(rt.argmax(1) == sim.argmax(1))),
+        "argmax_agreement_vs_float": float(np.mean(rt.argmax(1) == flt.argmax(1))),
+        "max_abs_diff_lsb": float(diff.max()),
+        "exact_output_fraction": float(np.mean(diff < 0.5)),
+        "fidelity_vs_float": fidelity(flt, rt),
+    }
+    if labels is not None:
+        lab = np.asarray(labels)[: len(xn)]
+        out["top1"] = {"float": float(np.mean(flt.argmax(1) == lab)), "simulation": float(np.mean(sim.argmax(1) == lab)),
+                       "runtime": float(np.mean(rt.argmax(1) == lab))}
+    return out
+
+
+def median_latency_ms(fn: Callable[[], object], repeats: int = 50, warmup: int = 5) -> float:
+    """Median wall time of ``fn`` in milliseconds."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) * 1e3
+
+
+def latency(runner: Any, float_runner: Any, x1: np.ndarray, repeats: int = 50) -> dict[str, float]:
+    """Median batch-1 latency of the integer and float files on the same runtime."""
+    x1 = np.ascontiguousarray(x1[:1], dtype=np.float32)
+    q = median_latency_ms(lambda: runner.run(x1), repeats)
+    f = median_latency_ms(lambda: float_runner.run(x1), repeats)
+    return {"int8_ms": round(q, 3), "float_ms": round(f, 3), "speedup_vs_float": round(f / q, 2),
+            "threads": int(getattr(runner, "threads", 1)), "repeats": repeats}

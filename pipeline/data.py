@@ -1,0 +1,553 @@
+"""Calibration and evaluation data: presets, loaders, batching and demo photos.
+
+Quantization quality depends on feeding the model exactly the preprocessing it
+was trained with, so every path in (image folders, ``.npz``/``.npy`` arrays,
+tensors, DataLoaders) ends in the same float32 NCHW tensor and every way it can
+go wrong is a one-line :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import warnings
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError, UsageError
+
+__all__ = [
+    "DEMO_PHOTOS",
+    "PRESETS",
+    "Preset",
+    "demo_photos",
+    "get_preset",
+    "iter_batches",
+    "load_data",
+    "load_labels",
+    "preprocess_uint8",
+    "take_samples",
+]
+
+
+@dataclass(frozen=True)
+class Preset:
+    """``(x * scale - mean) / std`` on 0..255 RGB, after resize + centre crop.
+
+    ``resize`` is the shorter side before the ``crop`` x ``crop`` centre crop.
+    """
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    scale: float
+
+
+PRESETS: dict[str, Preset] = {
+    "imagenet": Preset(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255),
+    "cifar": Preset(32, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255),
+    "lite": Preset(256, 224, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0), 1.0),
+}
+
+
+def get_preset(
+    preset: str | Preset | None = None,
+    *,
+    resize: int | None = None,
+    crop: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+) -> Preset:
+    """A preset by name (default "imagenet") with any field overridden.
+
+    Overridden mean/std are read on the 0..255 scale when any given value exceeds 1,
+    else on the 0..1 scale, so both common spellings work.
+    """
+    if preset is None:
+        base = PRESETS["imagenet"]
+    elif isinstance(preset, Preset):
+        base = preset
+    elif preset in PRESETS:
+        base = PRESETS[preset]
+    else:
+        raise UsageError(f"unknown data preset {preset!r}; use one of {', '.join(PRESETS)}")
+    changes: dict[str, Any] = {}
+    if mean is not None or std is not None:
+        new_mean = _triple(mean, "mean") if mean is not None else None
+        new_std = _triple(std, "std") if std is not None else None
+        given = (new_mean or ()) + (new_std or ())
+        scale = 1.0 if max(given) > 1.0 else 1 / 255
+        if new_mean is None:  # only std given: keep the preset's mean on the new scale
+            new_mean = tuple(m * base.scale / scale for m in base.mean)
+        if new_std is None:
+            new_std = tuple(s * base.scale / scale for s in base.std)
+        if any(s <= 0 for s in new_std):
+            raise UsageError(f"std {new_std} must be positive; pass values like 0.229,0.224,0.225")
+        changes.update(mean=new_mean, std=new_std, scale=scale)
+    if crop is not None:
+        if crop < 1:
+            raise UsageError(f"crop {crop} must be a positive size in pixels")
+        changes["crop"] = crop
+        # Keep the preset's resize-to-crop ratio (256/224) unless resize is given.
+        changes["resize"] = round(crop * base.resize / base.crop)
+    if resize is not None:
+        changes["resize"] = resize
+    out = replace(base, **changes)
+    if out.resize < out.crop:
+        out = replace(out, resize=out.crop)
+    return out
+
+
+def _triple(values: tuple[float, ...], what: str) -> tuple[float, float, float]:
+    """One value per RGB channel (a single value is repeated)."""
+    vals = tuple(float(v) for v in values)
+    if len(vals) == 1:
+        vals = vals * 3
+    if len(vals) != 3:
+        raise UsageError(
+            f"{what} needs 1 or 3 values, got {len(vals)}; pass e.g. 0.5 or 0.5,0.5,0.5"
+        )
+    return vals  # type: ignore[return-value]
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def _resize_crop(img: Image.Image, resize: int, crop: int) -> Image.Image:
+    """Bicubic resize of the shorter side to ``resize``, then a centre crop."""
+    w, h = img.size
+    if min(w, h) != resize:
+        s = resize / min(w, h)
+        img = img.resize((max(crop, round(w * s)), max(crop, round(h * s))), Image.BICUBIC)
+        w, h = img.size
+    if (w, h) != (crop, crop):
+        left, top = int(round((w - crop) / 2)), int(round((h - crop) / 2))
+        img = img.crop((left, top, left + crop, top + crop))
+    return img
+
+
+def _normalize(images: np.ndarray, preset: Preset) -> torch.Tensor:
+    """NHWC uint8 -> normalised float32 NCHW."""
+    if not images.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
+        images = images.copy()
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32)
+    mean = torch.tensor(preset.mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(preset.std, dtype=torch.float32).view(1, 3, 1, 1)
+    return ((x * preset.scale - mean) / std).contiguous()
+
+
+def preprocess_uint8(images: np.ndarray, preset: str | Preset) -> torch.Tensor:
+    """NHWC uint8 RGB -> float32 NCHW, resizing only when not already crop-sized."""
+    p = get_preset(preset)
+    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
+        raise DataError("preprocess_uint8 needs a uint8 numpy array (N, H, W, 3); convert it first")
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise DataError(
+            f"uint8 images must be NHWC with 3 channels, got shape {images.shape}; "
+            "store RGB images as (N, H, W, 3)"
+        )
+    if images.shape[1:3] != (p.crop, p.crop):
+        images = np.stack(
+            [np.asarray(_resize_crop(Image.fromarray(im), p.resize, p.crop)) for im in images]
+        )
+    return _normalize(images, p)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _check_finite(x: torch.Tensor, source: str) -> None:
+    """NaN/Inf in calibration data silently ruins every range; refuse it."""
+    if x.is_floating_point() and not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).sum())
+        raise DataError(f"{source} contains {bad} NaN/Inf value(s); clean or drop those samples")
+
+
+def _array_to_tensor(arr: np.ndarray, preset: Preset, source: str) -> torch.Tensor:
+    """uint8 NHWC is preprocessed; float NCHW is used as is; anything else is refused."""
+    if arr.dtype == np.uint8:
+        if arr.ndim != 4:
+            raise DataError(
+                f"{source}: uint8 images must have rank 4 (N, H, W, 3), got shape {arr.shape}; "
+                "add the batch axis or reshape"
+            )
+        return preprocess_uint8(arr, preset)
+    if arr.dtype.kind == "f":
+        if arr.ndim != 4:
+            raise DataError(
+                f"{source}: float data must have rank 4 (N, C, H, W), got shape {arr.shape}; "
+                "add the batch axis or reshape"
+            )
+        if arr.shape[1] not in (1, 3) and arr.shape[-1] in (1, 3):
+            raise DataError(
+                f"{source}: float data of shape {arr.shape} looks NHWC; transpose to NCHW "
+                "(x.transpose(0, 3, 1, 2))"
+            )
+        x = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+        _check_finite(x, source)
+        return x
+    raise DataError(
+        f"{source}: unsupported dtype {arr.dtype}; use uint8 NHWC images (0..255) "
+        "or preprocessed float NCHW"
+    )
+
+
+def _read_npz_images(path: Path) -> np.ndarray:
+    """The ``images`` array of an .npz, or its only array."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if "images" in npz.files:
+                return npz["images"]
+            if len(npz.files) == 1:
+                return npz[npz.files[0]]
+            raise DataError(
+                f"{path} has no 'images' array (keys: {', '.join(npz.files)}); "
+                "save the images under the key 'images'"
+            )
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); re-save it") from exc
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    """An .npy array, refusing pickled object arrays."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except Exception as exc:
+        raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); re-save it") from exc
+
+
+def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool) -> torch.Tensor:
+    """Every readable image under ``root`` (sorted, recursive), preprocessed."""
+    files = sorted(
+        (p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    images: list[np.ndarray] = []
+    bad: list[str] = []
+    converted = 0
+    for path in files:
+        if limit is not None and len(images) >= limit:
+            break
+        try:
+            with Image.open(path) as img:
+                img.load()
+                if img.mode != "RGB":
+                    converted += 1
+                    img = img.convert("RGB")
+                images.append(np.asarray(_resize_crop(img, preset.resize, preset.crop)))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+            if not skip_bad:
+                raise DataError(
+                    f"{path} is not a readable image ({type(exc).__name__}); "
+                    "remove it or allow skipping bad files"
+                ) from exc
+            bad.append(path.relative_to(root).as_posix())
+    if bad:
+        warnings.warn(
+            f"skipped {len(bad)} unreadable or non-image file(s) in {root} (first: {bad[0]})",
+            stacklevel=3,
+        )
+    if converted:
+        warnings.warn(
+            f"converted {converted} image(s) in {root} from grayscale/RGBA/other modes to RGB",
+            stacklevel=3,
+        )
+    if not images:
+        raise DataError(f"no readable images in {root}; point to a folder of JPEG/PNG files")
+    return _normalize(np.stack(images), preset)
+
+
+def load_data(
+    path: str | Path,
+    preset: str | None = None,
+    *,
+    limit: int | None = None,
+    resize: int | None = None,
+    crop: int | None = None,
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
+    skip_bad: bool = True,
+) -> torch.Tensor:
+    """Load an image folder, ``.npz`` or ``.npy`` as float32 NCHW.
+
+    uint8 NHWC arrays and image files get the preset's preprocessing (default
+    "imagenet"); float NCHW arrays are taken as already preprocessed.
+    """
+    path = Path(path)
+    p = get_preset(preset, resize=resize, crop=crop, mean=mean, std=std)
+    if limit is not None and limit < 1:
+        raise UsageError(f"limit {limit} must be at least 1")
+    if not path.exists():
+        raise DataError(f"data path not found: {path}; give an image folder, .npz or .npy")
+    if path.is_dir():
+        return _load_folder(path, p, limit, skip_bad)
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        arr = _read_npz_images(path)
+    elif suffix == ".npy":
+        arr = _read_npy(path)
+    else:
+        raise DataError(f"unsupported data file {path.name}; give an image folder, .npz or .npy")
+    if arr.ndim >= 1 and limit is not None:
+        arr = arr[:limit]
+    if arr.ndim >= 1 and len(arr) == 0:
+        raise DataError(f"{path} holds no samples; give a non-empty array")
+    return _array_to_tensor(arr, p, path.name)
+
+
+def load_labels(path: str | Path, *, limit: int | None = None) -> np.ndarray | None:
+    """The ``labels`` array of an .npz as int64, or None when there is none."""
+    path = Path(path)
+    if path.suffix.lower() != ".npz" or not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        if "labels" not in npz.files:
+            return None
+        labels = np.asarray(npz["labels"]).astype(np.int64).reshape(-1)
+    return labels[:limit] if limit is not None else labels
+
+
+# --------------------------------------------------------------------------- batching
+
+
+def _as_tensor(item: Any) -> torch.Tensor:
+    """One batch or sample from any supported container, as float32."""
+    if isinstance(item, (tuple, list)) and item:
+        item = item[0]  # (x, y) pairs: the input is first
+    if isinstance(item, dict):
+        for key in ("pixel_values", "images", "image", "x", "input"):
+            if key in item:
+                item = item[key]
+                break
+        else:
+            raise DataError(
+                f"batch dict has no image key (keys: {', '.join(map(str, item))}); "
+                "yield tensors or (x, y) pairs"
+            )
+    if isinstance(item, np.ndarray):
+        item = torch.from_numpy(np.ascontiguousarray(item))
+    if not isinstance(item, torch.Tensor):
+        raise DataError(
+            f"cannot use a {type(item).__name__} as model input; yield tensors, arrays or (x, y) pairs"
+        )
+    if item.ndim == 3:
+        item = item.unsqueeze(0)
+    if item.ndim < 2:
+        raise DataError(f"input of shape {tuple(item.shape)} has no batch axis; use (N, C, H, W)")
+    return item.to(torch.float32)
+
+
+def _stream(data: Any) -> Iterator[torch.Tensor]:
+    """Batches of whatever size the source yields."""
+    if isinstance(data, (torch.Tensor, np.ndarray)):
+        yield _as_tensor(data if data.ndim != 3 else data[None])
+        return
+    if isinstance(data, (str, Path)):
+        raise DataError(f"got a path {data!s}; load it with load_data() first")
+    if not isinstance(data, Iterable):
+        raise DataError(
+            f"cannot iterate over {type(data).__name__}; pass a tensor, array, "
+            "iterable of batches or DataLoader"
+        )
+    for item in data:
+        yield _as_tensor(item)
+
+
+def iter_batches(data: Any, batch_size: int) -> Iterator[torch.Tensor]:
+    """Re-batch any supported data source into float32 batches of ``batch_size``.
+
+    Accepts a tensor/array (N, C, H, W), an iterable of tensors/arrays or (x, y)
+    pairs, or a DataLoader; the last batch may be smaller.
+    """
+    if batch_size < 1:
+        raise UsageError(f"batch size {batch_size} must be at least 1")
+    pending: list[torch.Tensor] = []
+    count = 0
+    for chunk in _stream(data):
+        while len(chunk):
+            take = chunk[: batch_size - count]
+            chunk = chunk[len(take) :]
+            pending.append(take)
+            count += len(take)
+            if count == batch_size:
+                yield pending[0] if len(pending) == 1 else torch.cat(pending)
+                pending, count = [], 0
+    if count:
+        yield pending[0] if len(pending) == 1 else torch.cat(pending)
+
+
+def take_samples(data: Any, n: int | None, seed: int = 0) -> torch.Tensor:
+    """Gather up to ``n`` samples as one float32 tensor (``n=None``: all of them).
+
+    Arrays and tensors larger than ``n`` give a seeded random subset (kept in their
+    original order); streams give their first ``n`` samples.
+    """
+    if n is not None and n < 1:
+        raise UsageError(f"sample count {n} must be at least 1")
+    if isinstance(data, (torch.Tensor, np.ndarray)) and data.ndim == 4:
+        total = len(data)
+        if n is not None and total < n:
+            raise DataError(f"asked for {n} samples but found only {total}; lower n or add data")
+        x = _as_tensor(data)
+        if n is not None and n < total:
+            gen = torch.Generator().manual_seed(seed)
+            idx = torch.randperm(total, generator=gen)[:n].sort().values
+            x = x[idx]
+        _check_finite(x, "the data")
+        return x.contiguous()
+    parts: list[torch.Tensor] = []
+    got = 0
+    for batch in iter_batches(data, batch_size=256):
+        if n is not None:
+            batch = batch[: n - got]
+        parts.append(batch)
+        got += len(batch)
+        if n is not None and got >= n:
+            break
+    if got == 0:
+        raise DataError("the data yielded no samples; check the data source")
+    if n is not None and got < n:
+        raise DataError(f"asked for {n} samples but found only {got}; lower n or add data")
+    x = torch.cat(parts)
+    _check_finite(x, "the data")
+    return x
+
+
+# --------------------------------------------------------------------------- demo photos
+
+# Photographs that ship inside the scikit-image wheel (no download). Licences as
+# stated in each loader's docstring in skimage.data (the package's data/README.txt
+# states none). motorcycle_left/right are left out: no licence is stated for them.
+DEMO_PHOTOS: dict[str, dict[str, str]] = {
+    "astronaut": {
+        "file": "astronaut.png",
+        "split": "calibration",
+        "subject": "astronaut Eileen Collins, portrait",
+        "source": "NASA Great Images database (https://flic.kr/p/r9qvLn)",
+        "licence": "public domain (no known copyright restrictions)",
+    },
+    "coffee": {
+        "file": "coffee.png",
+        "split": "calibration",
+        "subject": "coffee cup on a wooden table",
+        "source": "Rachel Michetti, courtesy of Pikolo Espresso Bar",
+        "licence": "CC0",
+    },
+    "rocket": {
+        "file": "rocket.jpg",
+        "split": "calibration",
+        "subject": "Falcon 9 launch carrying DSCOVR",
+        "source": "SpaceX Photos on Flickr",
+        "licence": "public domain (released by SpaceX)",
+    },
+    "immunohistochemistry": {
+        "file": "ihc.png",
+        "split": "calibration",
+        "subject": "IHC-stained colonic glands (microscopy)",
+        "source": "Center for Microscopy And Molecular Imaging (CMMI)",
+        "licence": "no known copyright restrictions",
+    },
+    "chelsea": {
+        "file": "chelsea.png",
+        "split": "holdout",
+        "subject": "Chelsea the cat",
+        "source": "Stefan van der Walt",
+        "licence": "CC0",
+    },
+    "hubble_deep_field": {
+        "file": "hubble_deep_field.jpg",
+        "split": "holdout",
+        "subject": "Hubble eXtreme Deep Field",
+        "source": "NASA / HubbleSite",
+        "licence": "public domain (NASA)",
+    },
+    "retina": {
+        "file": "retina.jpg",
+        "split": "holdout",
+        "subject": "fundus photograph of a human retina",
+        "source": "Mikael Häggström, Wikimedia Commons",
+        "licence": "CC0 1.0",
+    },
+}
+
+
+def _skimage_data_dir() -> Path:
+    """The folder of bundled images, found without importing scikit-image."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError(
+            "scikit-image is not installed; run `pip install scikit-image` for demo photos"
+        )
+    return Path(next(iter(spec.submodule_search_locations))) / "data"
+
+
+def _demo_photo(name: str) -> Image.Image:
+    """One bundled photo as RGB."""
+    path = _skimage_data_dir() / DEMO_PHOTOS[name]["file"]
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except OSError as exc:
+        raise DataError(
+            f"bundled photo {path.name} is missing or unreadable; reinstall scikit-image"
+        ) from exc
+
+
+def _augmented_views(
+    names: list[str], count: int, size: int, rng: np.random.Generator
+) -> np.ndarray:
+    """``count`` views of the photos: one full centre crop each, then random crops."""
+    photos = [_demo_photo(n) for n in names]
+    out = np.empty((count, size, size, 3), dtype=np.uint8)
+    for i in range(count):
+        img = photos[i % len(photos)]
+        w, h = img.size
+        short = min(w, h)
+        if i < len(photos):
+            cw = ch = short
+            left, top, flip = (w - short) // 2, (h - short) // 2, False
+        else:
+            side = short * rng.uniform(0.35, 1.0)
+            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw = min(w, max(8, round(side * math.sqrt(aspect))))
+            ch = min(h, max(8, round(side / math.sqrt(aspect))))
+            left = int(rng.integers(0, w - cw + 1))
+            top = int(rng.integers(0, h - ch + 1))
+            flip = bool(rng.random() < 0.5)
+        view = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
+        if flip:
+            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        out[i] = np.asarray(view)
+    return out
+
+
+def demo_photos(
+    n_calib: int, n_holdout: int, size: int = 224, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real photos for a no-data demo: (calibration, holdout), "lite"-normalised.
+
+    The two sets come from different photos, so holdout numbers are not measured
+    on crops of the calibration images; each set has its own seeded stream, so
+    changing one count leaves the other set unchanged.
+    """
+    if n_calib < 0 or n_holdout < 0:
+        raise UsageError(f"sample counts must be >= 0, got {n_calib} and {n_holdout}")
+    if size < 8:
+        raise UsageError(f"size {size} is too small; use at least 8 pixels")
+    lite = PRESETS["lite"]
+    sets = []
+    for index, (split, count) in enumerate((("calibration", n_calib), ("holdout", n_holdout))):
+        names = [n for n, info in DEMO_PHOTOS.items() if info["split"] == split]
+        rng = np.random.default_rng([seed, index])
+        views = _augmented_views(names, count, size, rng)
+        sets.append(_normalize(views, lite))
+    return sets[0], sets[1]

@@ -1,0 +1,304 @@
+"""The quantized graph: the one contract between ``pipeline/`` and ``targets/``.
+
+A framework-neutral, serialisable description of an integer network. Nodes are in
+topological order and use a small canonical op set (``OPS``); tensors carry their
+shape, their stored data (integer weights, int32 bias) and, where quantized, the
+exact grid: bits, signedness, scale(s), zero point(s), channel axis and the
+power-of-two exponent where the profile demands one. Layout is NCHW; a target that
+needs NHWC transposes when it writes its file.
+
+On disk the graph is ``graph.json`` (structure and quantization, human readable)
+plus ``graph.npz`` (tensor data), versioned by ``FORMAT_VERSION``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import UsageError
+
+FORMAT_VERSION = 1
+
+#: op name -> (number of inputs or None for variadic, attributes it may carry)
+OPS: dict[str, tuple[int | None, frozenset[str]]] = {
+    "conv2d": (3, frozenset({"stride", "pads", "dilation", "groups", "activation"})),
+    "depthwise_conv2d": (3, frozenset({"stride", "pads", "dilation", "groups", "activation"})),
+    "linear": (3, frozenset({"activation"})),
+    "add": (2, frozenset({"activation"})),
+    "mul": (2, frozenset()),
+    "concat": (None, frozenset({"axis"})),
+    "relu": (1, frozenset()),
+    "relu6": (1, frozenset()),
+    "hardswish": (1, frozenset()),
+    "hardsigmoid": (1, frozenset()),
+    "sigmoid": (1, frozenset()),
+    "max_pool2d": (1, frozenset({"kernel", "stride", "pads"})),
+    "avg_pool2d": (1, frozenset({"kernel", "stride", "pads", "count_include_pad"})),
+    "global_avg_pool": (1, frozenset()),
+    "pad": (1, frozenset({"pads"})),
+    "slice": (1, frozenset({"axes", "starts", "ends", "steps"})),
+    "flatten": (1, frozenset()),
+    "reshape": (1, frozenset({"shape"})),
+}
+
+#: ops whose output grid is the input grid (they move or select codes, never rescale)
+SAME_GRID_OPS = frozenset({"max_pool2d", "pad", "slice", "flatten", "reshape"})
+#: ops with learnable weights (inputs[1] weight, inputs[2] bias)
+WEIGHTED_OPS = frozenset({"conv2d", "depthwise_conv2d", "linear"})
+ACTIVATIONS = ("none", "relu", "relu6")
+
+
+@dataclass(frozen=True)
+class TargetRules:
+    """What a target's runtime demands of the parameters, declared by the target.
+
+    ``rounding`` names the requantisation rule its integer kernels follow (see
+    ``simulate.ROUNDING``); ``shared_grid_ops`` are ops whose inputs and output must sit
+    on one grid; ``fixed_grids`` maps an op to the (scale, zero point, signed) its
+    output must use.
+    """
+
+    rounding: str = "float-half-even"
+    shared_grid_ops: frozenset[str] = frozenset()
+    fixed_grids: dict[str, tuple[float, int, bool]] = field(default_factory=dict)
+    max_weight_bits: int = 8
+    activation_bits: tuple[int, ...] = (8,)
+    per_tensor_weights: bool = True
+    asymmetric_activations: bool = True
+
+
+@dataclass
+class QParams:
+    """An integer grid: real = scale * (q - zero_point), q in [qmin, qmax].
+
+    ``scale`` and ``zero_point`` have one entry per channel along ``axis`` (per-channel)
+    or a single entry (``axis`` None). ``exponent`` is set where every scale is exactly
+    ``2**exponent`` (power-of-two hardware shifts).
+    """
+
+    bits: int
+    signed: bool
+    scale: np.ndarray  # float32, shape (C,) or (1,)
+    zero_point: np.ndarray  # int64, same shape
+    axis: int | None = None
+    narrow: bool = False
+    exponent: np.ndarray | None = None  # int64, same shape
+
+    def __post_init__(self) -> None:
+        self.scale = np.asarray(self.scale, dtype=np.float32).reshape(-1)
+        self.zero_point = np.asarray(self.zero_point, dtype=np.int64).reshape(-1)
+        if self.exponent is not None:
+            self.exponent = np.asarray(self.exponent, dtype=np.int64).reshape(-1)
+
+    @property
+    def qmin(self) -> int:
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.narrow else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+
+    @property
+    def per_channel(self) -> bool:
+        return self.axis is not None
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "bits": self.bits,
+            "signed": self.signed,
+            "narrow": self.narrow,
+            "axis": self.axis,
+            "scale": [float(s) for s in self.scale],
+            "zero_point": [int(z) for z in self.zero_point],
+            "qmin": self.qmin,
+            "qmax": self.qmax,
+        }
+        if self.exponent is not None:
+            d["power_of_two_exponent"] = [int(e) for e in self.exponent]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> QParams:
+        return cls(
+            bits=int(d["bits"]),
+            signed=bool(d["signed"]),
+            narrow=bool(d.get("narrow", False)),
+            axis=d.get("axis"),
+            scale=np.asarray(d["scale"], dtype=np.float32),
+            zero_point=np.asarray(d["zero_point"], dtype=np.int64),
+            exponent=(np.asarray(d["power_of_two_exponent"]) if "power_of_two_exponent" in d else None),
+        )
+
+
+@dataclass
+class TensorInfo:
+    """A tensor: ``kind`` is input, activation, weight or bias; ``data`` for constants."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str
+    quant: QParams | None = None
+    data: np.ndarray | None = None
+
+    @property
+    def dtype(self) -> str:
+        if self.data is not None:
+            return str(self.data.dtype)
+        return "float32" if self.quant is None else ("int" if self.quant.signed else "uint") + str(self.quant.bits)
+
+
+@dataclass
+class Node:
+    """One operation; ``source`` is where it sits in the original model (module path)."""
+
+    name: str
+    op: str
+    inputs: list[str]
+    outputs: list[str]
+    attrs: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+
+@dataclass
+class QuantGraph:
+    """Nodes in topological order plus every tensor they touch."""
+
+    nodes: list[Node]
+    tensors: dict[str, TensorInfo]
+    inputs: list[str]
+    outputs: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ queries
+    def producer(self) -> dict[str, Node]:
+        return {o: n for n in self.nodes for o in n.outputs}
+
+    def consumers(self) -> dict[str, list[Node]]:
+        out: dict[str, list[Node]] = {t: [] for t in self.tensors}
+        for n in self.nodes:
+            for i in n.inputs:
+                out.setdefault(i, []).append(n)
+        return out
+
+    def weighted_nodes(self) -> list[Node]:
+        return [n for n in self.nodes if n.op in WEIGHTED_OPS]
+
+    def activation_names(self) -> list[str]:
+        """Graph inputs and node outputs, in execution order."""
+        return list(self.inputs) + [o for n in self.nodes for o in n.outputs]
+
+    def op_list(self) -> list[str]:
+        return sorted({n.op for n in self.nodes})
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Bytes of stored constants: ``container`` (int8/int32 as stored), ``packed`` (at bit width)."""
+        container = packed = 0
+        for t in self.tensors.values():
+            if t.data is None or t.kind not in ("weight", "bias"):
+                continue
+            container += t.data.size * t.data.dtype.itemsize
+            bits = t.quant.bits if t.quant is not None else t.data.dtype.itemsize * 8
+            packed += (t.data.size * bits + 7) // 8
+        return {"container": container, "packed": packed}
+
+    def validate(self) -> None:
+        """Structural checks a loader runs on untrusted JSON."""
+        seen = set(self.inputs)
+        for n in self.nodes:
+            if n.op not in OPS:
+                raise UsageError(f"graph node {n.name!r} has unknown op {n.op!r}; known ops: {', '.join(sorted(OPS))}")
+            arity = OPS[n.op][0]
+            if arity is not None and len(n.inputs) != arity:
+                raise UsageError(f"graph node {n.name!r} ({n.op}) has {len(n.inputs)} inputs, expected {arity}")
+            for i in n.inputs:
+                if i not in self.tensors:
+                    raise UsageError(f"graph node {n.name!r} reads undeclared tensor {i!r}")
+                if i not in seen and self.tensors[i].data is None:
+                    raise UsageError(f"graph node {n.name!r} reads {i!r} before it is produced (nodes must be topological)")
+            seen.update(n.outputs)
+        for o in self.outputs:
+            if o not in seen:
+                raise UsageError(f"graph output {o!r} is never produced")
+
+    # ------------------------------------------------------------- serialise
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "eptq-deploy quantized graph",
+            "version": FORMAT_VERSION,
+            "layout": "NCHW",
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "meta": self.meta,
+            "tensors": {
+                name: {
+                    "shape": list(t.shape),
+                    "kind": t.kind,
+                    "dtype": t.dtype,
+                    "quant": None if t.quant is None else t.quant.to_json(),
+                    "has_data": t.data is not None,
+                }
+                for name, t in self.tensors.items()
+            },
+            "nodes": [
+                {"name": n.name, "op": n.op, "inputs": n.inputs, "outputs": n.outputs, "attrs": n.attrs, "source": n.source}
+                for n in self.nodes
+            ],
+        }
+
+    def save(self, folder: str | os.PathLike) -> tuple[Path, Path]:
+        """Write ``graph.json`` and ``graph.npz`` into ``folder``."""
+        folder = Path(folder)
+        jpath, npath = folder / "graph.json", folder / "graph.npz"
+        jpath.write_text(json.dumps(self.to_json(), indent=1))
+        arrays = {name: t.data for name, t in self.tensors.items() if t.data is not None}
+        with open(npath, "wb") as f:
+            np.savez(f, **arrays)
+        return jpath, npath
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> QuantGraph:
+        """Read a saved graph; the files are treated as untrusted (no pickle)."""
+        folder = Path(folder)
+        try:
+            doc = json.loads((folder / "graph.json").read_text())
+            with np.load(folder / "graph.npz", allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot read the quantized graph in {folder}: {e}; re-export the bundle") from None
+        return cls.from_json(doc, arrays)
+
+    @classmethod
+    def from_json(cls, doc: Any, arrays: dict[str, np.ndarray]) -> QuantGraph:
+        try:
+            if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+                raise UsageError(
+                    f"quantized graph version {doc.get('version') if isinstance(doc, dict) else None!r} "
+                    f"is not {FORMAT_VERSION}; re-export it with this eptq-deploy version"
+                )
+            tensors = {}
+            for name, t in doc["tensors"].items():
+                data = arrays.get(name)
+                if t["has_data"] and data is None:
+                    raise UsageError(f"tensor {name!r} has no data in graph.npz; the bundle is incomplete")
+                q = None if t["quant"] is None else QParams.from_json(t["quant"])
+                tensors[name] = TensorInfo(name, tuple(int(s) for s in t["shape"]), str(t["kind"]), q, data)
+            nodes = [
+                Node(str(n["name"]), str(n["op"]), [str(i) for i in n["inputs"]], [str(o) for o in n["outputs"]],
+                     dict(n["attrs"]), str(n.get("source", "")))
+                for n in doc["nodes"]
+            ]
+            g = cls(nodes, tensors, [str(i) for i in doc["inputs"]], [str(o) for o in doc["outputs"]], dict(doc.get("meta", {})))
+        except UsageError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise UsageError(f"malformed quantized graph JSON ({type(e).__name__}: {e}); re-export the bundle") from None
+        g.validate()
+        return g

@@ -1,0 +1,94 @@
+"""Export targets, looked up by name.
+
+A target writes the quantized graph it is given to its runtime's file format,
+loads that file in the runtime, runs and times it. It declares what its runtime
+demands (``rules``: rounding, shared or fixed grids, the bit widths it can
+express); it never decides parameters. Built-ins live in this package; another
+package adds one through the ``eptq_deploy.targets`` entry-point group (the entry
+point names a :class:`Target` subclass).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from importlib import import_module
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+
+from eptq_deploy.errors import UsageError
+from eptq_deploy.graph import QuantGraph, TargetRules
+
+TARGET_ENTRY_POINT_GROUP = "eptq_deploy.targets"
+_BUILTIN = {"onnx-qdq": "eptq_deploy.targets.onnx_qdq:OnnxQdqTarget"}
+
+
+class Runner(ABC):
+    """A model file loaded in its runtime: float NCHW in, float (dequantized) output out."""
+
+    threads: int = 1
+
+    @abstractmethod
+    def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def run_batched(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
+        return np.concatenate([self.run(x[i:i + batch]) for i in range(0, len(x), batch)])
+
+
+class Target(ABC):
+    """One backend: emit a file, load it in the backend's runtime."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    runtime: ClassVar[str]
+    rules: ClassVar[TargetRules]
+    model_file: ClassVar[str]  # file name of the integer model inside the target folder
+    float_model_file: ClassVar[str]
+
+    @abstractmethod
+    def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
+        """Write the model file(s) into ``folder``; returns the files written."""
+
+    @abstractmethod
+    def load(self, folder: Path, *, float_model: bool = False, threads: int = 1) -> Runner:
+        """Load the file written by ``emit`` in the runtime."""
+
+    def runtime_versions(self) -> dict[str, str]:
+        return {}
+
+    def inspect(self, folder: Path) -> dict:
+        """Runtime facts worth reporting (e.g. which layers run in integer)."""
+        return {}
+
+
+def _load(spec: str) -> type[Target]:
+    mod, _, attr = spec.partition(":")
+    return getattr(import_module(mod), attr)
+
+
+def _plugins() -> dict[str, object]:
+    return {ep.name: ep for ep in entry_points(group=TARGET_ENTRY_POINT_GROUP)}
+
+
+def list_targets() -> list[tuple[str, str]]:
+    """(name, one-line description) of every target, built-in and plugin."""
+    out = {name: _load(spec).description for name, spec in _BUILTIN.items()}
+    for name, ep in _plugins().items():
+        if name not in out:
+            try:
+                out[name] = ep.load().description
+            except Exception as e:  # a broken plugin must not hide the others
+                out[name] = f"(plugin failed to load: {type(e).__name__}: {e})"
+    return sorted(out.items())
+
+
+def get_target(name: str) -> Target:
+    if name in _BUILTIN:
+        return _load(_BUILTIN[name])()
+    plugins = _plugins()
+    if name in plugins:
+        return plugins[name].load()()
+    known = ", ".join(n for n, _ in list_targets())
+    raise UsageError(f"unknown target {name!r}; known targets: {known} (eptq-deploy targets lists them)")

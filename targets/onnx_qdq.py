@@ -1,0 +1,275 @@
+"""Target ``onnx-qdq``: QuantizeLinear/DequantizeLinear ONNX built with ``onnx.helper``.
+
+Layout chosen so onnxruntime fuses integer kernels (QLinearConv, QGemm, QLinearAdd):
+every activation is stored as uint8 (a signed grid with zero point z becomes uint8
+with z + 128, the same real values), weights are int8 initializers with per-channel
+scales (``axis=0``) and bias int32 initializers, so no optimisation pass can
+re-quantize float weights. Ops that only move codes (pads, slices, max pools,
+flatten, reshape) run on the uint8 tensor itself, without a DQ/Q pair around them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+from eptq_deploy.graph import SAME_GRID_OPS, Node, QParams, QuantGraph, TargetRules
+
+from . import Runner, Target
+
+OPSET = 17
+IR_VERSION = 8
+
+
+def u8_grid(qp: QParams) -> tuple[float, int]:
+    """(scale, uint8 zero point) of an activation grid in the uint8 container."""
+    shift = 128 if qp.signed else 0
+    return float(qp.scale[0]), int(qp.zero_point[0]) + shift
+
+
+class _Emitter:
+    def __init__(self, g: QuantGraph, quantized: bool) -> None:
+        self.g = g
+        self.q = quantized
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.dq_count: Counter[str] = Counter()
+        self.grid_inits: dict[str, tuple[str, str]] = {}
+
+    def init(self, name: str, arr: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.asarray(arr), name))
+        return name
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
+
+    # ---------------------------------------------------------------- grids
+    def grid(self, t: str) -> tuple[str, str]:
+        """Scale and uint8 zero-point initializers of activation ``t`` (one pair per tensor)."""
+        if t not in self.grid_inits:
+            s, z = u8_grid(self.g.tensors[t].quant)
+            self.grid_inits[t] = (self.init(f"{t}.scale", np.array(s, np.float32)),
+                                  self.init(f"{t}.zero_point", np.array(z, np.uint8)))
+        return self.grid_inits[t]
+
+    def quantize(self, src: str, t: str) -> str:
+        s, z = self.grid(t)
+        self.node("QuantizeLinear", [src, s, z], [f"{t}.q"], f"Q_{t}")
+        return f"{t}.q"
+
+    def float_in(self, t: str) -> str:
+        """Float view of activation ``t`` for one consumer (a DQ each, as ORT's QDQ fusion wants)."""
+        if not self.q:
+            return t
+        k = self.dq_count[t]
+        self.dq_count[t] += 1
+        s, z = self.grid(t)
+        out = f"{t}.dq{k}"
+        self.node("DequantizeLinear", [f"{t}.q", s, z], [out], f"DQ_{t}_{k}")
+        return out
+
+    def finish(self, src: str, t: str) -> None:
+        """Route float result ``src`` to activation ``t`` (quantize it in the QDQ graph)."""
+        if self.q:
+            self.quantize(src, t)
+        else:
+            self.node("Identity", [src], [t], f"Id_{t}")
+
+    def weight(self, n: Node) -> tuple[str, str]:
+        wt, bt = self.g.tensors[n.inputs[1]], self.g.tensors[n.inputs[2]]
+        if not self.q:
+            return self.init(wt.name, wt.data.astype(np.float32)), self.init(bt.name, bt.data.astype(np.float32))
+        c = wt.data.shape[0]
+        w = self.init(f"{wt.name}.int", wt.data.astype(np.int8))
+        ws = self.init(f"{wt.name}.scale", wt.quant.scale.astype(np.float32))
+        wz = self.init(f"{wt.name}.zero_point", np.zeros(c, np.int8))
+        self.node("DequantizeLinear", [w, ws, wz], [f"{wt.name}.dq"], f"DQ_{wt.name}", axis=0)
+        b = self.init(f"{bt.name}.int", bt.data.astype(np.int32))
+        bs = self.init(f"{bt.name}.scale", bt.quant.scale.astype(np.float32))
+        bz = self.init(f"{bt.name}.zero_point", np.zeros(c, np.int32))
+        self.node("DequantizeLinear", [b, bs, bz], [f"{bt.name}.dq"], f"DQ_{bt.name}", axis=0)
+        return f"{wt.name}.dq", f"{bt.name}.dq"
+
+    def activation(self, src: str, n: Node, out: str) -> str:
+        """Fused ReLU/ReLU6 as float ops before the Q (ORT folds them into the integer kernel)."""
+        act = n.attrs.get("activation", "none")
+        if act == "none":
+            return src
+        r = f"{out}.relu"
+        self.node("Relu", [src], [r], f"Relu_{out}")
+        if act == "relu6" and not self._clip_redundant(out):
+            if self.q:  # clip on the grid: Q, DQ, Clip, Q again - exact, and the conv still fuses
+                pre = f"{out}.pre6"
+                s, z = self.grid(out)
+                self.node("QuantizeLinear", [r, s, z], [f"{pre}.q"], f"Q_{pre}")
+                self.node("DequantizeLinear", [f"{pre}.q", s, z], [f"{pre}.dq"], f"DQ_{pre}")
+                r = f"{pre}.dq"
+            lo, hi = self.init(f"{out}.clip_lo", np.array(0.0, np.float32)), self.init(f"{out}.clip_hi", np.array(6.0, np.float32))
+            self.node("Clip", [r, lo, hi], [f"{out}.relu6"], f"Clip_{out}")
+            r = f"{out}.relu6"
+        return r
+
+    def _clip_redundant(self, out: str) -> bool:
+        if not self.q:
+            return False
+        qp = self.g.tensors[out].quant
+        return (qp.qmax - int(qp.zero_point[0])) * float(qp.scale[0]) <= 6.0
+
+    # ----------------------------------------------------------------- build
+    def build(self) -> onnx.ModelProto:
+        g = self.g
+        x = g.inputs[0]
+        if self.q:
+            self.quantize(x, x)
+        for n in g.nodes:
+            self.emit_node(n)
+        out = g.outputs[0]
+        if self.q:
+            s, z = self.grid(out)
+            self.node("DequantizeLinear", [f"{out}.q", s, z], ["output"], "DQ_output")
+        else:
+            self.node("Identity", [out], ["output"], "Id_output")
+        inp = g.tensors[x].shape
+        graph = helper.make_graph(
+            self.nodes, "eptq_deploy_" + ("qdq" if self.q else "float"),
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", *inp[1:]])],
+            [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", *g.tensors[out].shape[1:]])],
+            self.inits,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="eptq-deploy")
+        model.ir_version = IR_VERSION
+        onnx.checker.check_model(model)
+        return model
+
+    def emit_node(self, n: Node) -> None:
+        op, a, out = n.op, n.attrs, n.outputs[0]
+        T = self.g.tensors
+        same_grid = self.q and (op in SAME_GRID_OPS or (op == "concat" and all(
+            u8_grid(T[i].quant) == u8_grid(T[out].quant) for i in n.inputs)))
+        if same_grid:  # move uint8 codes directly
+            ins = [f"{i}.q" for i in n.inputs]
+            self.code_op(n, ins, f"{out}.q")
+            return
+        if not self.q and op in SAME_GRID_OPS | {"concat"}:
+            self.code_op(n, list(n.inputs), out)
+            return
+        if op in ("conv2d", "depthwise_conv2d"):
+            w, b = self.weight(n)
+            k = list(T[n.inputs[1]].shape[2:])
+            self.node("Conv", [self.float_in(n.inputs[0]), w, b], [f"{out}.f"], f"Conv_{out}", kernel_shape=k,
+                      strides=a["stride"], pads=a["pads"], dilations=a["dilation"], group=a["groups"])
+            self.finish(self.activation(f"{out}.f", n, out), out)
+        elif op == "linear":
+            w, b = self.weight(n)
+            self.node("Gemm", [self.float_in(n.inputs[0]), w, b], [f"{out}.f"], f"Gemm_{out}", transB=1)
+            self.finish(self.activation(f"{out}.f", n, out), out)
+        elif op == "add":
+            self.node("Add", [self.float_in(i) for i in n.inputs], [f"{out}.f"], f"Add_{out}")
+            self.finish(self.activation(f"{out}.f", n, out), out)
+        else:
+            ins = [self.float_in(i) for i in n.inputs]
+            simple = {"mul": "Mul", "relu": "Relu", "hardswish": "HardSwish", "sigmoid": "Sigmoid",
+                      "global_avg_pool": "GlobalAveragePool", "concat": "Concat"}
+            if op in simple:
+                attrs = {"axis": a["axis"]} if op == "concat" else {}
+                self.node(simple[op], ins, [f"{out}.f"], f"{simple[op]}_{out}", **attrs)
+            elif op == "hardsigmoid":
+                self.node("HardSigmoid", ins, [f"{out}.f"], f"HardSigmoid_{out}", alpha=1.0 / 6.0, beta=0.5)
+            elif op == "relu6":
+                lo, hi = self.init(f"{out}.clip_lo", np.array(0.0, np.float32)), self.init(f"{out}.clip_hi", np.array(6.0, np.float32))
+                self.node("Clip", [ins[0], lo, hi], [f"{out}.f"], f"Clip_{out}")
+            elif op == "avg_pool2d":
+                self.node("AveragePool", ins, [f"{out}.f"], f"AveragePool_{out}", kernel_shape=a["kernel"],
+                          strides=a["stride"], pads=a["pads"], count_include_pad=int(a["count_include_pad"]))
+            else:
+                raise NotImplementedError(f"onnx-qdq cannot emit op {op}")
+            self.finish(f"{out}.f", out)
+
+    def code_op(self, n: Node, ins: list[str], out: str) -> None:
+        """Ops that move values without arithmetic; on uint8 codes in the QDQ graph."""
+        op, a = n.op, n.attrs
+        if op == "max_pool2d":
+            self.node("MaxPool", ins, [out], f"MaxPool_{out}", kernel_shape=a["kernel"], strides=a["stride"], pads=a["pads"])
+        elif op == "pad":
+            p = self.init(f"{out}.pads", np.array(a["pads"], np.int64))
+            if self.q:
+                _, z = u8_grid(self.g.tensors[n.inputs[0]].quant)
+                v = self.init(f"{out}.pad_value", np.array(z, np.uint8))
+            else:
+                v = self.init(f"{out}.pad_value", np.array(0.0, np.float32))
+            self.node("Pad", [ins[0], p, v], [out], f"Pad_{out}", mode="constant")
+        elif op == "slice":
+            arrs = [np.array(a[k], np.int64) for k in ("starts", "ends", "axes", "steps")]
+            names = [self.init(f"{out}.{k}", v) for k, v in zip(("starts", "ends", "axes", "steps"), arrs, strict=True)]
+            self.node("Slice", [ins[0], *names], [out], f"Slice_{out}")
+        elif op == "flatten":
+            self.node("Flatten", ins, [out], f"Flatten_{out}", axis=1)
+        elif op == "reshape":
+            shp = self.init(f"{out}.shape", np.array([0] + list(a["shape"][1:]), np.int64))
+            self.node("Reshape", [ins[0], shp], [out], f"Reshape_{out}")
+        elif op == "concat":
+            self.node("Concat", ins, [out], f"Concat_{out}", axis=a["axis"])
+        else:
+            raise NotImplementedError(op)
+
+
+def build_model(g: QuantGraph, quantized: bool = True) -> onnx.ModelProto:
+    """The QDQ (or, with ``quantized=False``, the float) ONNX model of ``g``."""
+    return _Emitter(g, quantized).build()
+
+
+def session(path: Path, threads: int = 1, optimized_path: Path | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session with the default (full) graph optimisations."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    if optimized_path is not None:
+        so.optimized_model_filepath = str(optimized_path)
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+class OnnxRunner(Runner):
+    def __init__(self, path: Path, threads: int = 1) -> None:
+        self.sess = session(path, threads)
+        self.input = self.sess.get_inputs()[0].name
+        self.threads = threads
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        return self.sess.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+
+class OnnxQdqTarget(Target):
+    name = "onnx-qdq"
+    description = "ONNX QDQ (opset 17), uint8 activations and int8 per-channel weights, run on onnxruntime (CPU)"
+    runtime = "onnxruntime"
+    rules = TargetRules(rounding="float-half-even", max_weight_bits=8, activation_bits=(8,))
+    model_file = "model.onnx"
+    float_model_file = "model_float.onnx"
+
+    def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
+        path = Path(folder) / (self.model_file if quantized else self.float_model_file)
+        onnx.save(build_model(graph, quantized), str(path))
+        return [path]
+
+    def load(self, folder: Path, *, float_model: bool = False, threads: int = 1) -> Runner:
+        return OnnxRunner(Path(folder) / (self.float_model_file if float_model else self.model_file), threads)
+
+    def runtime_versions(self) -> dict[str, str]:
+        return {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
+
+    def inspect(self, folder: Path) -> dict:
+        """Which kernels onnxruntime actually runs after its graph optimisations."""
+        opt = Path(folder) / ".ort_optimized.onnx"
+        try:
+            session(Path(folder) / self.model_file, optimized_path=opt)
+            m = onnx.load(str(opt))
+        finally:
+            opt.unlink(missing_ok=True)
+        ops = Counter(n.op_type for n in m.graph.node)
+        float_convs = ops.get("Conv", 0) + ops.get("Gemm", 0) + ops.get("FusedConv", 0) + ops.get("MatMul", 0)
+        return {"runtime_ops": dict(sorted(ops.items())), "float_conv_or_gemm_nodes": float_convs}
