@@ -28,6 +28,8 @@ from .quantized import QuantizedModel
 from .targets import Runner, Target, get_target, list_targets
 
 METHODS = ("ptq",)
+#: representative samples taken when the caller does not say (the paper's 1,024)
+DEFAULT_SAMPLES = 1024
 
 
 def resolve_profile(profile: str | os.PathLike | Profile, weight_bits: int | None = None) -> Profile:
@@ -72,7 +74,10 @@ def check_pair(profile: Profile, target: Target) -> None:
 def _as_tensor(data: Any, samples: int | None, seed: int) -> torch.Tensor:
     from .data import take_samples
 
-    x = take_samples(data, samples, seed=seed)
+    if samples is None:
+        x = take_samples(data, DEFAULT_SAMPLES, seed=seed, at_most=True)
+    else:
+        x = take_samples(data, samples, seed=seed)
     if x.dim() != 4:
         raise DataError(f"representative data has shape {tuple(x.shape)}; expected images as (N, C, H, W)")
     if not torch.isfinite(x).all():
@@ -82,12 +87,13 @@ def _as_tensor(data: Any, samples: int | None, seed: int) -> torch.Tensor:
 
 def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "int8-pot",
              targets: str | list[str] | None = None, method: str = "ptq", weight_bits: int | None = None,
-             samples: int | None = 1024, seed: int = 0, batch_size: int = 64, progress: bool = True,
+             samples: int | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True,
              **options: Any) -> QuantizedModel:
     """Quantize ``model`` for ``targets`` under ``profile`` from unlabelled ``data``.
 
     ``data``: a tensor or array (N, C, H, W), an iterable of batches, or a DataLoader,
-    preprocessed as the model expects. ``targets`` (default: the profile's native
+    preprocessed as the model expects; ``samples`` of them are used (default: up to
+    1,024, fewer if fewer are given). ``targets`` (default: the profile's native
     target) are the files this model will be exported to; their rules shape the
     parameters, and an impossible profile/target pair fails here before any work.
     """

@@ -38,8 +38,12 @@ class ActStats:
             x = x[torch.randint(0, x.numel(), (per_batch,), generator=gen)]
         self.sample.append(x.clone())
 
-    def values(self) -> torch.Tensor:
-        return torch.cat(self.sample) if self.sample else torch.zeros(1)
+    def values(self, limit: int = 1 << 15, seed: int = 0) -> torch.Tensor:
+        """The sampled values, at most ``limit`` of them (a seeded random subset)."""
+        v = torch.cat(self.sample) if self.sample else torch.zeros(1)
+        if v.numel() > limit:
+            v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(seed))[:limit]]
+        return v
 
     def merge(self, other: ActStats) -> ActStats:
         return ActStats(min(self.lo, other.lo), max(self.hi, other.hi), (self.sample or []) + (other.sample or []))
@@ -47,8 +51,12 @@ class ActStats:
 
 def _quant_error(v: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
     """MSE of quantizing v (K values) on each candidate grid (scale, zp of shape (A,)) -> (A,)."""
-    q = torch.clamp(torch.round(v[None, :] / scale[:, None]) + zp[:, None], qmin, qmax)
-    return ((q - zp[:, None]) * scale[:, None] - v[None, :]).pow(2).mean(1)
+    out = []
+    for i in range(0, len(scale), 32):  # chunks keep the (candidates x values) matrix small
+        s, z = scale[i:i + 32, None], zp[i:i + 32, None]
+        q = torch.clamp(torch.round(v[None, :] / s) + z, qmin, qmax)
+        out.append(((q - z) * s - v[None, :]).pow(2).mean(1))
+    return torch.cat(out)
 
 
 def pow2_exponent(x: float) -> int:
@@ -83,8 +91,9 @@ def search_activation_grid(stats: ActStats, bits: int, *, symmetric: bool, power
         s = float(scales[i])
         return QParams(bits, signed, [s], [0], exponent=[int(exps[i])] if power_of_two else None)
     # asymmetric: shrink both ends independently, zero point rounds real zero onto the grid
-    a = torch.linspace(0.3, 1.0, 24, dtype=torch.float64)
-    his, los = (hi * a)[:, None].expand(24, 24).reshape(-1), (lo * a)[None, :].expand(24, 24).reshape(-1)
+    k = 20
+    a = torch.linspace(0.3, 1.0, k, dtype=torch.float64)
+    his, los = (hi * a)[:, None].expand(k, k).reshape(-1), (lo * a)[None, :].expand(k, k).reshape(-1)
     scales = ((his - los) / (qmax - qmin)).clamp_min(1e-12)
     scales = scales.float().double()  # the file stores float32 scales
     zps = torch.round(qmin - los / scales).clamp(qmin, qmax)

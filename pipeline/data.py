@@ -385,8 +385,10 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[torch.Tensor]:
         yield pending[0] if len(pending) == 1 else torch.cat(pending)
 
 
-def take_samples(data: Any, n: int | None, seed: int = 0) -> torch.Tensor:
-    """Gather up to ``n`` samples as one float32 tensor (``n=None``: all of them).
+def take_samples(data: Any, n: int | None, seed: int = 0, *, at_most: bool = False) -> torch.Tensor:
+    """Gather ``n`` samples as one float32 tensor (``n=None``: all of them).
+
+    Fewer than ``n`` available is an error unless ``at_most`` (then all are taken).
 
     Arrays and tensors larger than ``n`` give a seeded random subset (kept in their
     original order); streams give their first ``n`` samples.
@@ -395,6 +397,8 @@ def take_samples(data: Any, n: int | None, seed: int = 0) -> torch.Tensor:
         raise UsageError(f"sample count {n} must be at least 1")
     if isinstance(data, (torch.Tensor, np.ndarray)) and data.ndim == 4:
         total = len(data)
+        if at_most and n is not None:
+            n = min(n, total)
         if n is not None and total < n:
             raise DataError(f"asked for {n} samples but found only {total}; lower n or add data")
         x = _as_tensor(data)
@@ -415,7 +419,7 @@ def take_samples(data: Any, n: int | None, seed: int = 0) -> torch.Tensor:
             break
     if got == 0:
         raise DataError("the data yielded no samples; check the data source")
-    if n is not None and got < n:
+    if n is not None and got < n and not at_most:
         raise DataError(f"asked for {n} samples but found only {got}; lower n or add data")
     x = torch.cat(parts)
     _check_finite(x, "the data")
