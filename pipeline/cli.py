@@ -1,0 +1,226 @@
+"""The ``eptq-deploy`` command line, a thin layer over the Python API.
+
+Every user error ends as one line on stderr and exit code 2 (usage) or 1 (run
+time); never a traceback and never a half-written bundle.
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from . import __version__
+from .errors import EptqError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="EPTQ post-training quantization for edge targets: quantize, export, check.")
+T = TypeVar("T")
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run a command body; turn the project's errors into one line and an exit code."""
+    try:
+        return fn()
+    except EptqError as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        typer.echo("interrupted: stopped, no bundle was written", err=True)
+        raise typer.Exit(130) from None
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise UsageError(f"--{what} {text!r} is not a comma-separated list of numbers; e.g. 0.485,0.456,0.406") from None
+
+
+def _command_line() -> str:
+    return "eptq-deploy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+
+@app.command()
+def quantize(
+    model: Annotated[str | None, typer.Argument(help="module.py:factory, package.module:factory, torchvision:NAME, "
+                                                     "a built-in name (resnet20, efficientnet_lite0, ...) or a .pt2 "
+                                                     "program. Omit it to run the embedded demo.")] = None,
+    data: Annotated[Path | None, typer.Option(help="Representative images: a folder, or an .npz/.npy array "
+                                                   "(uint8 NHWC under 'images', or float NCHW used as is).")] = None,
+    profile: Annotated[str | None, typer.Option(help="Hardware profile name or YAML file (default: the target's "
+                                                     "native profile, or int8-pot).")] = None,
+    target: Annotated[str | None, typer.Option(help="Target name(s), comma-separated, or 'all' (default: the "
+                                                    "profile's native target).")] = None,
+    method: Annotated[str, typer.Option(help="Quantization method.")] = "ptq",
+    weight_bits: Annotated[int | None, typer.Option(help="Weight bit width, one the profile allows.")] = None,
+    weights: Annotated[Path | None, typer.Option(help="State-dict file for MODEL (loaded with weights_only=True).")] = None,
+    allow_pickle: Annotated[bool, typer.Option(help="Load a pickled full model: this RUNS CODE FROM THE FILE; only "
+                                                    "for files you trust.")] = False,
+    preset: Annotated[str | None, typer.Option(help="Preprocessing preset: imagenet, cifar or lite.")] = None,
+    resize: Annotated[int | None, typer.Option(help="Shorter side before the crop (overrides the preset).")] = None,
+    crop: Annotated[int | None, typer.Option(help="Centre crop size (overrides the preset).")] = None,
+    mean: Annotated[str | None, typer.Option(help="Per-channel mean, e.g. 0.485,0.456,0.406.")] = None,
+    std: Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225.")] = None,
+    samples: Annotated[int | None, typer.Option(help="Calibration samples (default: up to 1024).")] = None,
+    check_samples: Annotated[int, typer.Option(help="Held-out samples run on each runtime for the report.")] = 500,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same bundle).")] = 0,
+    out: Annotated[Path, typer.Option(help="Bundle folder to create.")] = Path("build/bundle"),
+    force: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
+    threads: Annotated[int, typer.Option(help="Threads for torch and the runtimes.")] = 2,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Quantize MODEL for a target and write a checked bundle."""
+
+    def body() -> None:
+        import torch
+
+        torch.set_num_threads(threads)
+        if model is None:
+            from .demo import run_demo
+
+            run_demo(out=out, force=force, threads=threads, progress=progress, command=_command_line())
+            return
+        run_quantize(model, data, profile, target, method, weight_bits, weights, allow_pickle, preset, resize, crop,
+                     _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
+                     progress)
+
+    _guard(body)
+
+
+def run_quantize(model: str, data: Path | None, profile: str | None, target: str | None, method: str,
+                 weight_bits: int | None, weights: Path | None, allow_pickle: bool, preset: str | None,
+                 resize: int | None, crop: int | None, mean: Any, std: Any, samples: int | None, check_samples: int,
+                 seed: int, out: Path, force: bool, threads: int, progress: bool) -> Path:
+    """Load, quantize, export: what ``eptq-deploy quantize MODEL`` does."""
+    from . import api
+    from .data import get_preset, load_data, load_labels
+    from .models import load_model
+
+    if data is None:
+        raise UsageError("--data is required with a MODEL: give an image folder or an .npz/.npy array")
+    if Path(out).exists() and not force:
+        raise UsageError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    prof_name = profile
+    if prof_name is None:
+        prof_name = _native_profile(target)
+    prof = api.resolve_profile(prof_name, weight_bits)
+    tgts = api.resolve_targets(target, prof)  # fail on impossible pairs before loading anything
+    for t in tgts:
+        api.check_pair(prof, t)
+    net, hints = load_model(model, str(weights) if weights else None, allow_pickle=allow_pickle)
+    pre = get_preset(preset or hints.get("preset"), resize=resize, crop=crop, mean=mean, std=std)
+    x = load_data(data, pre, skip_bad=True)
+    labels = load_labels(data)
+    n_cal = min(samples or api.DEFAULT_SAMPLES, len(x))
+    if samples is not None and samples > len(x):
+        raise UsageError(f"--samples {samples} but {data} holds only {len(x)} samples; lower --samples or add data")
+    calib = x[:n_cal]
+    held = x[n_cal:n_cal + check_samples]
+    held_labels = labels[n_cal:n_cal + check_samples] if labels is not None and len(labels) == len(x) else None
+    if len(held) == 0:
+        typer.echo(f"note: all {len(x)} samples were used for calibration; the runtime checks reuse the first "
+                   f"{min(check_samples, len(x))} of them (give more data for a held-out check)", err=True)
+        held = x[:check_samples]
+        held_labels = labels[:check_samples] if labels is not None and len(labels) == len(x) else None
+    t0 = time.perf_counter()
+    qm = api.quantize(net, calib, profile=prof, targets=[t.name for t in tgts], method=method, seed=seed,
+                      progress=progress)
+    qm.info["preprocessing"] = {"resize": pre.resize, "crop": pre.crop, "formula": "(x * scale - mean) / std on RGB 0..255",
+                                "scale": pre.scale, "mean": list(pre.mean), "std": list(pre.std)}
+    qm.info["model_name"] = hints.get("name", model)
+    typer.echo(f"quantized {model} ({prof.name}, {method}, {len(calib)} samples) in {time.perf_counter() - t0:.1f} s")
+    path = api.export(qm, out=out, data=held, labels=held_labels, force=force, command=_command_line(),
+                      threads=threads, check_samples=None)
+    print_summary(path)
+    return path
+
+
+def _native_profile(target: str | None) -> str:
+    """The profile a target is native to (tflite-int8 -> tflite-int8), else int8-pot."""
+    from .hw_profiles import list_profiles, load_profile
+
+    if target and "," not in target and target != "all":
+        for name, _ in list_profiles():
+            try:
+                if load_profile(name).native_target == target:
+                    return name
+            except EptqError:
+                continue
+    return "int8-pot"
+
+
+def print_summary(bundle: Path) -> None:
+    from .bundle import read_manifest
+
+    m = read_manifest(bundle)
+    typer.echo(f"bundle: {bundle}")
+    for name, t in m["targets"].items():
+        c, lat = t.get("checks"), t.get("latency")
+        if not c:
+            continue
+        f = c["fidelity_vs_float"]
+        line = (f"  {name:<12} {t['runtime']}: agreement with simulation {c['argmax_agreement_vs_simulation']:.2%}, "
+                f"max diff {c['max_abs_diff_lsb']:.0f} LSB; vs float: top-1 agreement {f['top1_agreement']:.2%}, "
+                f"top-5 {f['top5_agreement']:.2%}, SQNR {f['sqnr_db']} dB")
+        if "top1" in c:
+            line += f"; top-1 float {c['top1']['float']:.2%} runtime {c['top1']['runtime']:.2%}"
+        if lat:
+            line += f"; latency {lat['int8_ms']} ms (float {lat['float_ms']} ms, x{lat['speedup_vs_float']})"
+        typer.echo(line)
+
+
+@app.command()
+def profiles() -> None:
+    """List the hardware profiles (built-in and plugins)."""
+
+    def body() -> None:
+        from .hw_profiles import list_profiles
+
+        for name, desc in list_profiles():
+            typer.echo(f"{name:<16} {desc}")
+
+    _guard(body)
+
+
+@app.command()
+def targets() -> None:
+    """List the export targets (built-in and plugins)."""
+
+    def body() -> None:
+        from .targets import list_targets
+
+        for name, desc in list_targets():
+            typer.echo(f"{name:<16} {desc}")
+
+    _guard(body)
+
+
+@app.command()
+def ops() -> None:
+    """List the PyTorch (ATen) ops the graph capture understands."""
+    from .capture import supported_ops
+
+    for op in supported_ops():
+        typer.echo(op)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
