@@ -21,13 +21,16 @@ import torch
 from . import __version__
 from .bundle import read_manifest, write_bundle
 from .capture import capture
+from .eptq import EptqConfig, optimize
 from .errors import DataError, TargetError, UsageError
+from .graph import QuantGraph, TargetRules
+from .hessian import hessian_scores
 from .hw_profiles import Profile, load_profile
 from .ptq import collect_stats, ptq
 from .quantized import QuantizedModel
 from .targets import Runner, Target, get_target, list_targets
 
-METHODS = ("ptq",)
+METHODS = ("ptq", "eptq")
 #: representative samples taken when the caller does not say (the paper's 1,024)
 DEFAULT_SAMPLES = 1024
 
@@ -97,10 +100,9 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     target) are the files this model will be exported to; their rules shape the
     parameters, and an impossible profile/target pair fails here before any work.
     """
-    if options:
-        raise UsageError(f"unknown option(s) {', '.join(sorted(options))} for method {method!r}")
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
+    opts = method_options(method, options)
     prof = resolve_profile(profile, weight_bits)
     tgts = resolve_targets(targets, prof)
     for t in tgts:
@@ -112,14 +114,60 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     t_capture = time.perf_counter() - t0
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     stats = collect_stats(fg, batches, seed=seed, progress=progress)
-    qg = ptq(fg, stats, prof, [t.rules for t in tgts])
-    elapsed = time.perf_counter() - t0
-    info = {
-        "method": method, "seed": seed, "samples": int(len(x)), "tool_version": __version__,
-        "timings_s": {"capture": round(t_capture, 3), "total": round(elapsed, 3)},
-    }
+    timings = {"capture": round(t_capture, 3), "calibration": round(time.perf_counter() - t0 - t_capture, 3)}
+    info: dict[str, Any] = {"method": method, "seed": seed, "samples": int(len(x)), "tool_version": __version__,
+                            "options": opts}
+    rules = [t.rules for t in tgts]
+    if method == "ptq":
+        qg = ptq(fg, stats, prof, rules)
+    else:
+        qg = _eptq(fg, x, stats, prof, rules, opts, seed, progress, timings, info)
+    timings["total"] = round(time.perf_counter() - t0, 3)
+    info["timings_s"] = timings
     qg.meta.update({"profile": prof.name, "method": method, "targets": [t.name for t in tgts]})
     return QuantizedModel(qg, fg, prof, [t.name for t in tgts], {t.name: t.rules.rounding for t in tgts}, info)
+
+
+def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Validated options of ``method`` (EPTQ's knobs; PTQ takes none)."""
+    known: dict[str, Any] = {}
+    if method == "eptq":
+        cfg = EptqConfig()
+        known = {"iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.lr, "bias_lr": cfg.bias_lr,
+                 "reg_weight": cfg.reg_weight, "hessian": "eptq", "n_draws": 32, "hmse": True}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        allowed = ", ".join(sorted(known)) or "none"
+        raise UsageError(f"unknown option(s) {', '.join(unknown)} for method {method!r}; allowed: {allowed}")
+    out = {**known, **options}
+    if method == "eptq":
+        if out["hessian"] not in ("eptq", "none"):
+            raise UsageError(f"hessian={out['hessian']!r}; choose 'eptq' (label-free Hessian scores) or 'none' (uniform)")
+        for k in ("iters", "batch_size", "n_draws"):
+            if not isinstance(out[k], int) or out[k] < 1:
+                raise UsageError(f"{k}={out[k]!r} must be a positive integer")
+    return out
+
+
+def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: list[TargetRules], opts: dict[str, Any],
+          seed: int, progress: bool, timings: dict[str, float], info: dict[str, Any]) -> QuantGraph:
+    """Hessian scores, Hessian-weighted thresholds, then network-wise rounding optimisation."""
+    t = time.perf_counter()
+    scores = whess = None
+    if opts["hessian"] == "eptq" or opts["hmse"]:
+        hb = [x[i:i + 64] for i in range(0, len(x), 64)]
+        scores, whess = hessian_scores(fg, hb, n_draws=opts["n_draws"], seed=seed, weights=opts["hmse"],
+                                       progress=progress)
+        info["hessian_scores"] = {n.name: float(np.mean(scores[n.outputs[0]])) for n in fg.weighted_nodes()}
+    timings["hessian"] = round(time.perf_counter() - t, 3)
+    qg = ptq(fg, stats, prof, rules, hessians=whess if opts["hmse"] else None)
+    cfg = EptqConfig(iters=opts["iters"], batch_size=opts["batch_size"], lr=opts["lr"], bias_lr=opts["bias_lr"],
+                     reg_weight=opts["reg_weight"], seed=seed)
+    t = time.perf_counter()
+    qg, log = optimize(qg, fg, x, scores if opts["hessian"] == "eptq" else None, cfg, prof.bias_bits, progress)
+    timings["optimisation"] = round(time.perf_counter() - t, 3)
+    info["eptq_log"] = log
+    return qg
 
 
 def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: str | os.PathLike = "build/", *,

@@ -223,6 +223,9 @@ class QuantGraph:
                     raise UsageError(f"graph node {n.name!r} reads undeclared tensor {i!r}")
                 if i not in seen and self.tensors[i].data is None:
                     raise UsageError(f"graph node {n.name!r} reads {i!r} before it is produced (nodes must be topological)")
+            for o in n.outputs:
+                if o not in self.tensors:
+                    raise UsageError(f"graph node {n.name!r} writes undeclared tensor {o!r}")
             seen.update(n.outputs)
         for o in self.outputs:
             if o not in seen:
@@ -278,7 +281,8 @@ class QuantGraph:
     @classmethod
     def from_json(cls, doc: Any, arrays: dict[str, np.ndarray]) -> QuantGraph:
         try:
-            if not isinstance(doc, dict) or doc.get("version") != FORMAT_VERSION:
+            version = doc.get("version") if isinstance(doc, dict) else None
+            if type(version) is not int or version != FORMAT_VERSION:
                 raise UsageError(
                     f"quantized graph version {doc.get('version') if isinstance(doc, dict) else None!r} "
                     f"is not {FORMAT_VERSION}; re-export it with this eptq-deploy version"
@@ -298,7 +302,7 @@ class QuantGraph:
             g = cls(nodes, tensors, [str(i) for i in doc["inputs"]], [str(o) for o in doc["outputs"]], dict(doc.get("meta", {})))
         except UsageError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
             raise UsageError(f"malformed quantized graph JSON ({type(e).__name__}: {e}); re-export the bundle") from None
         g.validate()
         return g

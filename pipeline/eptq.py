@@ -1,0 +1,248 @@
+"""EPTQ: network-wise optimisation of the rounding, guided by label-free Hessian scores.
+
+Gordon, Cohen, Habi, Netzer, "EPTQ: Enhanced Post-Training Quantization via
+Hessian-guided Network-wise Optimization". Starting from the calibrated PTQ graph
+(grids fixed), every quantized weight tensor's rounding is learned at once:
+
+    w_q = s * clip(floor(w / s) + h(V), qmin, qmax),   h(V) = clip(1.2 sigmoid(V) - 0.1, 0, 1)
+
+The loss compares the quantized network's activation at every quantized layer l
+with the float network's, weighted per sample n by the sample-layer attention
+score w_{n,l} (``hessian.py``), plus AdaRound's rounding regulariser that pushes
+h(V) to 0 or 1 as beta anneals 20 -> 2 after a 20 % warm-up. Biases are learned
+too; activation quantization is switched on gradually (a rising fraction of
+elements, QDrop-style) and is complete for the last half. At the end the rounding
+is hard (h >= 0.5) and the result is an ordinary quantized graph.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .calibrate import quantize_bias
+from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph
+from .simulate import _conv, apply_activation, float_op, run_float
+
+#: iterations by default: chosen from the measured accuracy-vs-iterations curve (README)
+DEFAULT_ITERS = 500
+
+
+@dataclass
+class EptqConfig:
+    """Knobs of the optimisation; defaults are the measured sweet spot on a 2-core CPU."""
+
+    iters: int = DEFAULT_ITERS
+    batch_size: int = 32
+    lr: float = 3e-2  # Adam, rounding variables
+    bias_lr: float = 1e-3  # Adam, biases (relative to each layer's bias scale)
+    reg_weight: float = 0.01  # rounding regulariser, relative to the initial task loss
+    warmup: float = 0.2  # fraction of iterations without the regulariser
+    beta: tuple[float, float] = (20.0, 2.0)
+    act_ramp: float = 0.5  # fraction of iterations over which activation quantization reaches 100 %
+    seed: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------- the pieces
+def soft_rounding(v: torch.Tensor) -> torch.Tensor:
+    """AdaRound's rectified sigmoid h(V) in [0, 1]."""
+    return torch.clamp(torch.sigmoid(v) * 1.2 - 0.1, 0.0, 1.0)
+
+
+def init_rounding(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """V with h(V) equal to the fractional part of w / s (start at the float weight)."""
+    frac = (w / s - torch.floor(w / s)).clamp(0.01, 0.99)
+    p = (frac + 0.1) / 1.2
+    return torch.log(p / (1 - p))
+
+
+def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
+    """Mean of 1 - |2h - 1|^beta: zero only when every h is exactly 0 or 1."""
+    return (1 - (2 * h - 1).abs().pow(beta)).mean()
+
+
+def annealed_beta(step: int, cfg: EptqConfig) -> float | None:
+    """None during warm-up, then beta falling linearly from cfg.beta[0] to cfg.beta[1]."""
+    start = cfg.warmup * cfg.iters
+    if step < start:
+        return None
+    t = (step - start) / max(cfg.iters - start, 1)
+    return cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * t
+
+
+def eptq_loss(q_acts: dict[str, torch.Tensor], f_acts: dict[str, torch.Tensor], attention: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum over layers of the batch mean of w_{n,l} * ||a_q - a_f||^2 (per-element mean)."""
+    total = torch.zeros(())
+    for name, fa in f_acts.items():
+        err = (q_acts[name] - fa).pow(2).reshape(fa.shape[0], -1).mean(1)
+        total = total + (attention[name] * err).mean()
+    return total
+
+
+def fake_quant(x: torch.Tensor, qp: QParams, keep: float = 1.0, gen: torch.Generator | None = None) -> torch.Tensor:
+    """Quantize-dequantize with a straight-through rounding gradient (fixed grid).
+
+    ``keep`` < 1 quantizes only that random fraction of the elements (gradual
+    activation quantization); the rest stay float.
+    """
+    s, z = float(qp.scale[0]), float(qp.zero_point[0])
+    lo, hi = (qp.qmin - z) * s, (qp.qmax - z) * s
+    xc = torch.clamp(x, lo, hi)
+    q = xc + (torch.round(xc / s) * s - xc).detach()
+    if keep >= 1.0:
+        return q
+    if keep <= 0.0:
+        return x
+    mask = torch.rand(x.shape, generator=gen, device=x.device) < keep
+    return torch.where(mask, q, x)
+
+
+class FakeQuantNetwork(torch.nn.Module):
+    """The quantized graph with learnable rounding and biases, differentiable end to end."""
+
+    def __init__(self, qg: QuantGraph, fg: QuantGraph) -> None:
+        super().__init__()
+        self.qg = qg
+        self.V = torch.nn.ParameterDict()
+        self.bias = torch.nn.ParameterDict()
+        self.base: dict[str, torch.Tensor] = {}  # floor(w / s)
+        self.scale: dict[str, torch.Tensor] = {}
+        self.bias_scale: dict[str, torch.Tensor] = {}
+        self.key = {}
+        for i, n in enumerate(qg.nodes):
+            if n.op not in WEIGHTED_OPS:
+                continue
+            k = f"l{i}"
+            self.key[n.name] = k
+            wq = qg.tensors[n.inputs[1]].quant
+            w = torch.from_numpy(fg.tensors[n.inputs[1]].data.astype(np.float32))
+            shape = (-1,) + (1,) * (w.dim() - 1)
+            s = torch.from_numpy(wq.scale.astype(np.float32)).reshape(shape)
+            self.scale[k] = s
+            self.base[k] = torch.floor(w / s)
+            self.V[k] = torch.nn.Parameter(init_rounding(w, s))
+            b = torch.from_numpy(fg.tensors[n.inputs[2]].data.astype(np.float32))
+            self.bias_scale[k] = torch.from_numpy(qg.tensors[n.inputs[2]].quant.scale.astype(np.float32))
+            self.bias[k] = torch.nn.Parameter(b.clone())
+
+    def weight(self, k: str, n, hard: bool = False) -> torch.Tensor:
+        wq = self.qg.tensors[n.inputs[1]].quant
+        h = (self.V[k] >= 0).float() if hard else soft_rounding(self.V[k])
+        return self.scale[k] * torch.clamp(self.base[k] + h, wq.qmin, wq.qmax)
+
+    def forward(self, x: torch.Tensor, keep: float = 1.0, gen: torch.Generator | None = None,
+                layers: set[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        T = self.qg.tensors
+        env = {self.qg.inputs[0]: fake_quant(x, T[self.qg.inputs[0]].quant, 1.0)}
+        acts: dict[str, torch.Tensor] = {}
+        for n in self.qg.nodes:
+            xs = [env[i] for i in n.inputs if i in env]
+            if n.op in WEIGHTED_OPS:
+                k = self.key[n.name]
+                w, b = self.weight(k, n), self.bias[k]
+                y = F.linear(xs[0], w, b) if n.op == "linear" else _conv(n, xs[0], w, b)
+                y = apply_activation(y, n.attrs["activation"])
+            else:
+                y = float_op(n, xs)
+            out = n.outputs[0]
+            if n.op not in SAME_GRID_OPS:
+                y = fake_quant(y, T[out].quant, keep, gen)
+            env[out] = y
+            if layers is not None and out in layers:
+                acts[out] = y
+        return env[self.qg.outputs[0]], acts
+
+    def finalize(self, qg: QuantGraph, bias_bits: int) -> QuantGraph:
+        """Hard rounding and integer biases written into a copy of ``qg``."""
+        g = QuantGraph(copy.deepcopy(qg.nodes), {k: copy.copy(v) for k, v in qg.tensors.items()},
+                       list(qg.inputs), list(qg.outputs), dict(qg.meta))
+        with torch.no_grad():
+            for n in g.nodes:
+                if n.op not in WEIGHTED_OPS:
+                    continue
+                k = self.key[n.name]
+                wq = g.tensors[n.inputs[1]].quant
+                ints = torch.clamp(self.base[k] + (self.V[k] >= 0).float(), wq.qmin, wq.qmax)
+                g.tensors[n.inputs[1]].data = ints.numpy().astype(np.int8 if wq.bits <= 8 else np.int16)
+                s_in = float(g.tensors[n.inputs[0]].quant.scale[0])
+                qp, bq = quantize_bias(self.bias[k].detach().numpy(), s_in, wq.scale, bias_bits)
+                g.tensors[n.inputs[2]].quant, g.tensors[n.inputs[2]].data = qp, bq
+        return g
+
+
+def cache_float_activations(fg: QuantGraph, x: torch.Tensor, layers: list[str], batch_size: int = 128) -> dict[str, torch.Tensor]:
+    """The float network's activation at every quantized layer, for every sample, computed once."""
+    store: dict[str, list[torch.Tensor]] = {t: [] for t in layers}
+
+    def keep(name: str, y: torch.Tensor) -> None:
+        if name in store:
+            store[name].append(y)
+
+    with torch.no_grad():
+        for i in range(0, len(x), batch_size):
+            run_float(fg, x[i:i + batch_size], hook=keep)
+    return {t: torch.cat(v) for t, v in store.items()}
+
+
+def layer_attention(scores: dict[str, np.ndarray] | None, layers: list[str], n: int) -> dict[str, torch.Tensor]:
+    """Per-sample, per-layer weights normalised by the largest per-layer mean score (uniform if None)."""
+    if scores is None:
+        return {t: torch.ones(n) for t in layers}
+    norm = max(float(np.mean(scores[t])) for t in layers) or 1.0
+    return {t: torch.from_numpy(scores[t].astype(np.float32)) / norm for t in layers}
+
+
+def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, np.ndarray] | None,
+             cfg: EptqConfig, bias_bits: int = 32, progress: bool = True) -> tuple[QuantGraph, dict[str, Any]]:
+    """Learn every layer's rounding and bias at once; returns the new graph and a log."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    layers = [n.outputs[0] for n in qg.nodes if n.op in WEIGHTED_OPS]
+    layer_set = set(layers)
+    t0 = time.perf_counter()
+    f_acts = cache_float_activations(fg, x, layers)
+    attention = layer_attention(scores, layers, len(x))
+    net = FakeQuantNetwork(qg, fg)
+    opt = torch.optim.Adam([
+        {"params": list(net.V.values()), "lr": cfg.lr},
+        {"params": list(net.bias.values()), "lr": cfg.bias_lr},
+    ])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=0.0)
+    n_weights = sum(v.numel() for v in net.V.values())
+    # the task loss at the start (all activations quantized) sets the regulariser's scale
+    with torch.no_grad():
+        idx0 = torch.randperm(len(x), generator=gen)[: cfg.batch_size]
+        _, qa = net(x[idx0], 1.0, gen, layer_set)
+        loss0 = float(eptq_loss(qa, {t: f_acts[t][idx0] for t in layers}, {t: attention[t][idx0] for t in layers}))
+    loss0 = loss0 if loss0 > 0 and math.isfinite(loss0) else 1.0
+    log: dict[str, Any] = {"iters": cfg.iters, "initial_loss": loss0, "weights": n_weights, "curve": []}
+    bar = tqdm(range(cfg.iters), desc="eptq", unit="it", disable=not progress, leave=False)
+    for step in bar:
+        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+        keep = min(1.0, (step + 1) / max(cfg.act_ramp * cfg.iters, 1))
+        _, qa = net(x[idx], keep, gen, layer_set)
+        task = eptq_loss(qa, {t: f_acts[t][idx] for t in layers}, {t: attention[t][idx] for t in layers}) / loss0
+        beta = annealed_beta(step, cfg)
+        reg = torch.zeros(())
+        if beta is not None:
+            reg = sum(rounding_regularizer(soft_rounding(v), beta) * v.numel() for v in net.V.values()) / n_weights
+        loss = task + cfg.reg_weight * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == cfg.iters - 1:
+            log["curve"].append({"step": step, "task": round(float(task), 5), "reg": round(float(reg), 5)})
+            bar.set_postfix(task=f"{float(task):.4f}", reg=f"{float(reg):.3f}")
+    g = net.finalize(qg, bias_bits)
+    log["seconds"] = round(time.perf_counter() - t0, 2)
+    return g, log
