@@ -216,7 +216,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
         {"params": list(net.V.values()), "lr": cfg.lr},
         {"params": list(net.bias.values()), "lr": cfg.bias_lr},
     ])
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(cfg.iters, 1), eta_min=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if cfg.extra.get("constant_lr") else 0.5 * (1 + math.cos(math.pi * step / max(cfg.iters, 1))))
     n_weights = sum(v.numel() for v in net.V.values())
     # the task loss at the start (all activations quantized) sets the regulariser's scale
     with torch.no_grad():
@@ -241,8 +241,8 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
         opt.step()
         sched.step()
         if step % 25 == 0 or step == cfg.iters - 1:
-            log["curve"].append({"step": step, "task": round(float(task), 5), "reg": round(float(reg), 5)})
-            bar.set_postfix(task=f"{float(task):.4f}", reg=f"{float(reg):.3f}")
+            log["curve"].append({"step": step, "task": round(float(task.detach()), 5), "reg": round(float(reg.detach()), 5)})
+            bar.set_postfix(task=f"{float(task.detach()):.4f}", reg=f"{float(reg.detach()):.3f}")
     g = net.finalize(qg, bias_bits)
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return g, log

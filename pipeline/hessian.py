@@ -67,6 +67,7 @@ def hessian_scores(g: QuantGraph, batches: Iterable[torch.Tensor], *, n_draws: i
             if name in scores:
                 acts[name] = y
 
+        x = x.detach().clone().requires_grad_(True)  # gives every activation a grad_fn
         out = run_float(g, x, weights=params, hook=keep)
         vs = _draws(out, n_draws, gen)
         acc = {t: torch.zeros(x.shape[0], *acts[t].shape[1:]) for t in layers}

@@ -1,0 +1,118 @@
+"""EPTQ pieces on tiny models: Hessian scores, soft rounding, the optimisation loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import eptq_deploy
+from eptq_deploy.capture import capture
+from eptq_deploy.eptq import (
+    EptqConfig,
+    annealed_beta,
+    init_rounding,
+    rounding_regularizer,
+    soft_rounding,
+)
+from eptq_deploy.hessian import hessian_scores
+
+
+class Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c2(y) + y)
+        return self.fc(y.mean((2, 3)))
+
+
+def _data(n: int = 16) -> torch.Tensor:
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_hessian_scores_exact_for_small_outputs() -> None:
+    """With outputs <= draws, the score equals sum_k (J^T e_k)^2 computed sample by sample."""
+    m = Tiny().eval()
+    x = _data(4)
+    g = capture(m, x[:1], fusing=("conv+relu", "add+relu"))
+    scores, _ = hessian_scores(g, [x], n_draws=32, weights=False, progress=False)
+    layer = g.weighted_nodes()[0].outputs[0]
+    # brute force: per sample, per output class, the gradient wrt the first conv's output
+    for i in range(len(x)):
+        acts = {}
+
+        def keep(name, y, acts=acts):
+            if name == layer:
+                y.retain_grad()
+                acts[name] = y
+
+        from eptq_deploy.simulate import run_float
+
+        total = 0
+        for k in range(5):
+            acts.clear()
+            xi = x[i:i + 1].clone().requires_grad_(True)
+            out = run_float(g, xi, hook=keep)
+            out[0, k].backward()
+            total = total + acts[layer].grad[0] ** 2
+        want = float(total.mean((1, 2)).max())
+        assert scores[layer][i] == pytest.approx(want, rel=1e-4)
+
+
+def test_weight_hessian_is_nonnegative_and_shaped() -> None:
+    m = Tiny().eval()
+    x = _data(8)
+    g = capture(m, x[:1], fusing=("conv+relu", "add+relu"))
+    _, wh = hessian_scores(g, [x], n_draws=4, weights=True, progress=False)
+    for n in g.weighted_nodes():
+        h = wh[n.inputs[1]]
+        assert h.shape == g.tensors[n.inputs[1]].data.shape
+        assert (h >= 0).all() and h.sum() > 0
+
+
+def test_soft_rounding_starts_at_the_float_weight() -> None:
+    w = torch.randn(4, 9)
+    s = torch.full((4, 1), 0.1)
+    h = soft_rounding(init_rounding(w, s))
+    frac = (w / s - torch.floor(w / s)).clamp(0.01, 0.99)
+    assert torch.allclose(h, frac, atol=1e-5)
+
+
+def test_regularizer_and_beta_schedule() -> None:
+    assert float(rounding_regularizer(torch.tensor([0.0, 1.0]), 2.0)) == 0.0
+    assert float(rounding_regularizer(torch.tensor([0.5]), 2.0)) == 1.0
+    cfg = EptqConfig(iters=100, warmup=0.2, beta=(20.0, 2.0))
+    assert annealed_beta(10, cfg) is None
+    assert annealed_beta(20, cfg) == pytest.approx(20.0)
+    assert annealed_beta(100, cfg) == pytest.approx(2.0)
+
+
+def test_eptq_runs_is_deterministic_and_exports(tmp_path) -> None:
+    m = Tiny().eval()
+    x = _data(32)
+    kw = dict(profile="imx500", weight_bits=4, method="eptq", progress=False, iters=20, batch_size=8)
+    a = eptq_deploy.quantize(m, x, **kw)
+    b = eptq_deploy.quantize(m, x, **kw)
+    for name, t in a.graph.tensors.items():
+        if t.data is not None:
+            np.testing.assert_array_equal(t.data, b.graph.tensors[name].data)
+    for n in a.graph.weighted_nodes():
+        w = a.graph.tensors[n.inputs[1]]
+        assert w.data.min() >= -8 and w.data.max() <= 7
+    bundle = eptq_deploy.export(a, out=tmp_path / "b", data=x)
+    y = eptq_deploy.load(bundle).run(x.numpy())
+    np.testing.assert_allclose(y, a.simulate(x).numpy(), atol=float(a.graph.tensors[a.graph.outputs[0]].quant.scale[0]))
+
+
+def test_eptq_option_validation() -> None:
+    with pytest.raises(eptq_deploy.EptqError, match="allowed"):
+        eptq_deploy.quantize(Tiny().eval(), _data(8), method="eptq", progress=False, iterz=3)
+    with pytest.raises(eptq_deploy.EptqError, match="hessian"):
+        eptq_deploy.quantize(Tiny().eval(), _data(8), method="eptq", progress=False, hessian="maybe")
