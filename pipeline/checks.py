@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .quantized import QuantizedModel
 
@@ -38,7 +39,8 @@ def runtime_checks(qm: QuantizedModel, target: str, runner: Any, x: torch.Tensor
                    sim_out: np.ndarray | None = None) -> dict[str, Any]:
     """Run ``x`` on ``runner`` and compare with the simulation and the float graph."""
     xn = x.numpy().astype(np.float32)
-    rt = runner.run_batched(xn)
+    rt = np.concatenate([runner.run(xn[i:i + 64]) for i in tqdm(range(0, len(xn), 64), desc=f"{target} runtime",
+                                                                   unit="batch", leave=False, disable=len(xn) <= 256)])
     sim = qm.simulate(x, target).numpy() if sim_out is None else sim_out
     flt = qm.forward_float(x).numpy() if float_out is None else float_out
     lsb = float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0])

@@ -66,7 +66,11 @@ def init_rounding(w: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 
 
 def rounding_regularizer(h: torch.Tensor, beta: float) -> torch.Tensor:
-    """Mean of 1 - |2h - 1|^beta: zero only when every h is exactly 0 or 1."""
+    """Mean of 1 - |2h - 1|^beta: zero only when every h is exactly 0 or 1.
+
+    The optimisation weighs the sum over all weights (mean times count), so the
+    pull towards 0 or 1 on each weight does not depend on the network's size.
+    """
     return (1 - (2 * h - 1).abs().pow(beta)).mean()
 
 
@@ -139,6 +143,8 @@ class FakeQuantNetwork(torch.nn.Module):
         h = (self.V[k] >= 0).float() if hard else soft_rounding(self.V[k])
         return self.scale[k] * torch.clamp(self.base[k] + h, wq.qmin, wq.qmax)
 
+    hard = False  # evaluate with the final (hard) rounding instead of h(V)
+
     def forward(self, x: torch.Tensor, keep: float = 1.0, gen: torch.Generator | None = None,
                 layers: set[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         T = self.qg.tensors
@@ -148,7 +154,7 @@ class FakeQuantNetwork(torch.nn.Module):
             xs = [env[i] for i in n.inputs if i in env]
             if n.op in WEIGHTED_OPS:
                 k = self.key[n.name]
-                w, b = self.weight(k, n), self.bias[k]
+                w, b = self.weight(k, n, self.hard), self.bias[k]
                 y = F.linear(xs[0], w, b) if n.op == "linear" else _conv(n, xs[0], w, b)
                 y = apply_activation(y, n.attrs["activation"])
             else:
@@ -177,6 +183,23 @@ class FakeQuantNetwork(torch.nn.Module):
                 qp, bq = quantize_bias(self.bias[k].detach().numpy(), s_in, wq.scale, bias_bits)
                 g.tensors[n.inputs[2]].quant, g.tensors[n.inputs[2]].data = qp, bq
         return g
+
+
+@torch.no_grad()
+def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: dict[str, torch.Tensor],
+                    attention: dict[str, torch.Tensor], layers: list[str], loss0: float,
+                    gen: torch.Generator, n: int = 256) -> dict[str, float]:
+    """How decided the rounding is, and the task loss with soft versus hard rounding."""
+    h = torch.cat([soft_rounding(v).reshape(-1) for v in net.V.values()])
+    idx = torch.randperm(len(x), generator=gen)[:n]
+    out = {"undecided_fraction": round(float(((h > 0.05) & (h < 0.95)).float().mean()), 4)}
+    for mode in (False, True):
+        net.hard = mode
+        _, qa = net(x[idx], 1.0, gen, set(layers))
+        loss = eptq_loss(qa, {t: f_acts[t][idx] for t in layers}, {t: attention[t][idx] for t in layers}) / loss0
+        out["hard_task_loss" if mode else "soft_task_loss"] = round(float(loss), 5)
+    net.hard = False
+    return out
 
 
 def cache_float_activations(fg: QuantGraph, x: torch.Tensor, layers: list[str], batch_size: int = 128) -> dict[str, torch.Tensor]:
@@ -234,15 +257,17 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
         beta = annealed_beta(step, cfg)
         reg = torch.zeros(())
         if beta is not None:
-            reg = sum(rounding_regularizer(soft_rounding(v), beta) * v.numel() for v in net.V.values()) / n_weights
+            reg = sum(rounding_regularizer(soft_rounding(v), beta) * v.numel() for v in net.V.values())
         loss = task + cfg.reg_weight * reg
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
         if step % 25 == 0 or step == cfg.iters - 1:
-            log["curve"].append({"step": step, "task": round(float(task.detach()), 5), "reg": round(float(reg.detach()), 5)})
-            bar.set_postfix(task=f"{float(task.detach()):.4f}", reg=f"{float(reg.detach()):.3f}")
+            reg_mean = float(reg.detach()) / n_weights
+            log["curve"].append({"step": step, "task": round(float(task.detach()), 5), "reg": round(reg_mean, 5)})
+            bar.set_postfix(task=f"{float(task.detach()):.4f}", reg=f"{reg_mean:.3f}")
+    log.update(rounding_report(net, x, f_acts, attention, layers, loss0, gen))
     g = net.finalize(qg, bias_bits)
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return g, log

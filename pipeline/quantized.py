@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from .errors import UsageError
 from .graph import WEIGHTED_OPS, QuantGraph
@@ -44,7 +45,9 @@ class QuantizedModel:
         """Dequantized float32 output of the integer network as ``target`` computes it."""
         rule = self._rule(target)
         x = torch.as_tensor(x, dtype=torch.float32)
-        outs = [run_integer(self.graph, x[i:i + batch_size], rule) for i in range(0, len(x), batch_size)]
+        steps = range(0, len(x), batch_size)
+        outs = [run_integer(self.graph, x[i:i + batch_size], rule)
+                for i in tqdm(steps, desc="simulate", unit="batch", leave=False, disable=len(steps) <= 2)]
         return dequantize(torch.cat(outs), self.graph.tensors[self.graph.outputs[0]].quant)
 
     @torch.no_grad()

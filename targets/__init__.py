@@ -33,9 +33,6 @@ class Runner(ABC):
     @abstractmethod
     def run(self, x: np.ndarray) -> np.ndarray: ...
 
-    def run_batched(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
-        return np.concatenate([self.run(x[i:i + batch]) for i in range(0, len(x), batch)])
-
 
 class Target(ABC):
     """One backend: emit a file, load it in the backend's runtime."""
