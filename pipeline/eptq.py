@@ -33,7 +33,7 @@ from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph
 from .simulate import _conv, apply_activation, float_op, run_float
 
 #: iterations by default: chosen from the measured accuracy-vs-iterations curve (README)
-DEFAULT_ITERS = 500
+DEFAULT_ITERS = 800
 
 
 @dataclass
@@ -42,12 +42,13 @@ class EptqConfig:
 
     iters: int = DEFAULT_ITERS
     batch_size: int = 32
-    lr: float = 3e-2  # Adam, rounding variables
+    lr: float = 0.1  # Adam, rounding variables
     bias_lr: float = 1e-3  # Adam, biases (relative to each layer's bias scale)
-    reg_weight: float = 0.01  # rounding regulariser, relative to the initial task loss
+    reg_weight: float = 3.0  # rounding regulariser per weight, against the task loss normalised to 1 at the start
     warmup: float = 0.2  # fraction of iterations without the regulariser
     beta: tuple[float, float] = (20.0, 2.0)
     act_ramp: float = 0.5  # fraction of iterations over which activation quantization reaches 100 %
+    bias_tune: float = 0.1  # extra bias-only iterations after hard rounding, as a fraction of iters
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -267,6 +268,19 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
             reg_mean = float(reg.detach()) / n_weights
             log["curve"].append({"step": step, "task": round(float(task.detach()), 5), "reg": round(reg_mean, 5)})
             bar.set_postfix(task=f"{float(task.detach()):.4f}", reg=f"{reg_mean:.3f}")
+    # hard rounding, then a short bias-only phase absorbs the mean shift of the flips
+    net.hard = True
+    for v in net.V.values():
+        v.requires_grad_(False)
+    bias_opt = torch.optim.Adam(list(net.bias.values()), lr=cfg.bias_lr)
+    for _ in range(int(cfg.bias_tune * cfg.iters)):
+        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+        _, qa = net(x[idx], 1.0, gen, layer_set)
+        task = eptq_loss(qa, {t: f_acts[t][idx] for t in layers}, {t: attention[t][idx] for t in layers}) / loss0
+        bias_opt.zero_grad(set_to_none=True)
+        task.backward()
+        bias_opt.step()
+    net.hard = False
     log.update(rounding_report(net, x, f_acts, attention, layers, loss0, gen))
     g = net.finalize(qg, bias_bits)
     log["seconds"] = round(time.perf_counter() - t0, 2)
