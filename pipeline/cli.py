@@ -59,7 +59,9 @@ def quantize(
                                                      "native profile, or int8-pot).")] = None,
     target: Annotated[str | None, typer.Option(help="Target name(s), comma-separated, or 'all' (default: the "
                                                     "profile's native target).")] = None,
-    method: Annotated[str, typer.Option(help="Quantization method.")] = "ptq",
+    method: Annotated[str, typer.Option(help="Quantization method: ptq (calibrated round-to-nearest) or eptq "
+                                              "(Hessian-guided network-wise rounding optimisation).")] = "ptq",
+    iters: Annotated[int | None, typer.Option(help="EPTQ optimisation iterations (default 800).")] = None,
     weight_bits: Annotated[int | None, typer.Option(help="Weight bit width, one the profile allows.")] = None,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for MODEL (loaded with weights_only=True).")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Load a pickled full model: this RUNS CODE FROM THE FILE; only "
@@ -88,9 +90,10 @@ def quantize(
 
             run_demo(out=out, force=force, threads=threads, progress=progress, command=_command_line())
             return
+        options = {} if iters is None else {"iters": iters}
         run_quantize(model, data, profile, target, method, weight_bits, weights, allow_pickle, preset, resize, crop,
                      _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
-                     progress)
+                     progress, options)
 
     _guard(body)
 
@@ -98,7 +101,8 @@ def quantize(
 def run_quantize(model: str, data: Path | None, profile: str | None, target: str | None, method: str,
                  weight_bits: int | None, weights: Path | None, allow_pickle: bool, preset: str | None,
                  resize: int | None, crop: int | None, mean: Any, std: Any, samples: int | None, check_samples: int,
-                 seed: int, out: Path, force: bool, threads: int, progress: bool) -> Path:
+                 seed: int, out: Path, force: bool, threads: int, progress: bool,
+                 options: dict[str, Any] | None = None) -> Path:
     """Load, quantize, export: what ``eptq-deploy quantize MODEL`` does."""
     from . import api
     from .data import get_preset, load_data, load_labels
@@ -106,6 +110,8 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
 
     if data is None:
         raise UsageError("--data is required with a MODEL: give an image folder or an .npz/.npy array")
+    if not Path(data).exists():
+        raise UsageError(f"data path not found: {data}; give an image folder, .npz or .npy")
     if Path(out).exists() and not force:
         raise UsageError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
     prof_name = profile
@@ -132,7 +138,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
         held_labels = labels[:check_samples] if labels is not None and len(labels) == len(x) else None
     t0 = time.perf_counter()
     qm = api.quantize(net, calib, profile=prof, targets=[t.name for t in tgts], method=method, seed=seed,
-                      progress=progress)
+                      progress=progress, **(options or {}))
     qm.info["preprocessing"] = {"resize": pre.resize, "crop": pre.crop, "formula": "(x * scale - mean) / std on RGB 0..255",
                                 "scale": pre.scale, "mean": list(pre.mean), "std": list(pre.std)}
     qm.info["model_name"] = hints.get("name", model)
