@@ -82,12 +82,20 @@ def _plot_layers(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(rows)), 3.5))
-    vals = [min(r["sqnr_db"], 80) for r in rows]
-    ax.bar(range(len(rows)), vals, color="#3a6ea5")
-    ax.set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=90, fontsize=6)
+    hess = [r.get("hessian") for r in rows]
+    panels = 2 if any(h is not None for h in hess) else 1
+    fig, axes = plt.subplots(panels, 1, figsize=(max(6, 0.25 * len(rows)), 3.2 * panels + 0.6), sharex=True, squeeze=False)
+    ax = axes[0, 0]
+    ax.bar(range(len(rows)), [min(r["sqnr_db"], 80) for r in rows], color="#3a6ea5")
     ax.set_ylabel("SQNR vs float (dB)")
     ax.set_title("Per-layer output error of the integer network (higher is better)")
+    if panels == 2:
+        hx = axes[1, 0]
+        hx.bar(range(len(rows)), [h or 0.0 for h in hess], color="#a55a3a")
+        hx.set_yscale("log")
+        hx.set_ylabel("mean Hessian score")
+        hx.set_title("EPTQ sample-layer attention: mean label-free Hessian score per layer")
+    axes[-1, 0].set_xticks(range(len(rows)), [r["layer"] for r in rows], rotation=90, fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -118,7 +126,6 @@ def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: 
         "host": {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
                  "torch": torch.__version__},
         "command": command,
-        "check_command": f"eptq-deploy check {out.name}",
     }
 
 
@@ -134,12 +141,12 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
         f"- profile **{p['name']}** ({p['description']}), weights {p['weights']['default_bits']}-bit, "
         f"activations {p['activations']['bits']}-bit; method **{manifest['method']}**, seed {manifest['seed']}",
         f"- calibration: {manifest['calibration_samples']} unlabelled samples; quantization time "
-        f"{manifest['quantization_time_s']}",
+        + ", ".join(f"{k} {v:.1f} s" for k, v in (manifest["quantization_time_s"] or {}).items()),
         f"- weights: {manifest['memory']['weight_bytes']['container']} bytes as stored "
         f"({manifest['memory']['weight_bytes']['packed']} packed at bit width); peak activations "
         f"{manifest['memory']['peak_activation_bytes_batch1']} bytes at batch 1",
         f"- ops: {', '.join(manifest['ops'])}",
-        f"- made by: `{manifest['command']}`; re-check with: `{manifest['check_command']}`",
+        f"- made by: `{manifest['command']}`",
         "",
         "## On the real runtime",
         "",
@@ -159,8 +166,9 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
             f"{c['argmax_agreement_vs_float']:.2%} | {c['max_abs_diff_lsb']:.2f} | {tops} | "
             f"{lat['int8_ms'] if lat else ''} | {lat['float_ms'] if lat else ''} | {lat['speedup_vs_float'] if lat else ''} |")
     lines += ["", "## Per layer", "", "![per-layer SQNR](layer_sqnr.png)", "",
-              "| layer | op | source | weight bits | SQNR dB |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {r['layer']} | {r['op']} | {r['source']} | {r['weight_bits']} | {r['sqnr_db']} |" for r in layers]
+              "| layer | op | source | weight bits | SQNR dB | mean Hessian score |", "| --- | --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['layer']} | {r['op']} | {r['source']} | {r['weight_bits']} | {r['sqnr_db']} | "
+              f"{'' if r.get('hessian') is None else format(r['hessian'], '.3g')} |" for r in layers]
     path.write_text("\n".join(lines) + "\n")
 
 
@@ -203,7 +211,6 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
         if layers:
             _plot_layers(layers, tmp / "layer_sqnr.png")
         manifest = build_manifest(qm, entries, command, tmp)
-        manifest["check_command"] = f"eptq-deploy check {out}"
         manifest["layers"] = layers
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
         write_report(tmp / "report.md", qm, manifest, layers)
