@@ -21,7 +21,7 @@ import torch
 from . import __version__
 from .bundle import read_manifest, write_bundle
 from .capture import capture
-from .eptq import EptqConfig, optimize
+from .eptq import EptqConfig, optimize, optimize_layerwise
 from .errors import DataError, TargetError, UsageError
 from .graph import QuantGraph, TargetRules
 from .hessian import hessian_scores
@@ -30,7 +30,7 @@ from .ptq import collect_stats, ptq
 from .quantized import QuantizedModel
 from .targets import Runner, Target, get_target, list_targets
 
-METHODS = ("ptq", "eptq")
+METHODS = ("ptq", "eptq", "adaround")
 #: representative samples taken when the caller does not say (the paper's 1,024)
 DEFAULT_SAMPLES = 1024
 
@@ -131,7 +131,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
 def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Validated options of ``method`` (EPTQ's knobs; PTQ takes none)."""
     known: dict[str, Any] = {}
-    if method == "eptq":
+    if method in ("eptq", "adaround"):
         cfg = EptqConfig()
         known = {"iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.lr, "bias_lr": cfg.bias_lr,
                  "reg_weight": cfg.reg_weight, "hessian": "eptq", "n_draws": 32, "hmse": True, "constant_lr": False, "bias_tune": cfg.bias_tune}
@@ -140,7 +140,7 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         allowed = ", ".join(sorted(known)) or "none"
         raise UsageError(f"unknown option(s) {', '.join(unknown)} for method {method!r}; allowed: {allowed}")
     out = {**known, **options}
-    if method == "eptq":
+    if method in ("eptq", "adaround"):
         if out["hessian"] not in ("eptq", "none"):
             raise UsageError(f"hessian={out['hessian']!r}; choose 'eptq' (label-free Hessian scores) or 'none' (uniform)")
         for k in ("iters", "batch_size", "n_draws"):
@@ -154,7 +154,7 @@ def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: lis
     """Hessian scores, Hessian-weighted thresholds, then network-wise rounding optimisation."""
     t = time.perf_counter()
     scores = whess = None
-    if opts["hessian"] == "eptq" or opts["hmse"]:
+    if (opts["hessian"] == "eptq" and info["method"] == "eptq") or opts["hmse"]:
         hb = [x[i:i + 64] for i in range(0, len(x), 64)]
         scores, whess = hessian_scores(fg, hb, n_draws=opts["n_draws"], seed=seed, weights=opts["hmse"],
                                        progress=progress)
@@ -164,7 +164,10 @@ def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: lis
     cfg = EptqConfig(iters=opts["iters"], batch_size=opts["batch_size"], lr=opts["lr"], bias_lr=opts["bias_lr"],
                      reg_weight=opts["reg_weight"], bias_tune=opts["bias_tune"], seed=seed, extra={"constant_lr": opts["constant_lr"]})
     t = time.perf_counter()
-    qg, log = optimize(qg, fg, x, scores if opts["hessian"] == "eptq" else None, cfg, prof.bias_bits, progress)
+    if info["method"] == "adaround":
+        qg, log = optimize_layerwise(qg, fg, x, cfg, prof.bias_bits, progress)
+    else:
+        qg, log = optimize(qg, fg, x, scores if opts["hessian"] == "eptq" else None, cfg, prof.bias_bits, progress)
     timings["optimisation"] = round(time.perf_counter() - t, 3)
     info["eptq_log"] = log
     return qg

@@ -149,24 +149,28 @@ class FakeQuantNetwork(torch.nn.Module):
     def forward(self, x: torch.Tensor, keep: float = 1.0, gen: torch.Generator | None = None,
                 layers: set[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         T = self.qg.tensors
-        env = {self.qg.inputs[0]: fake_quant(x, T[self.qg.inputs[0]].quant, 1.0)}
-        acts: dict[str, torch.Tensor] = {}
+        first = self.qg.inputs[0]
+        env = {first: fake_quant(x, T[first].quant, 1.0)}
+        acts: dict[str, torch.Tensor] = {first: env[first]} if layers is not None and first in layers else {}
         for n in self.qg.nodes:
-            xs = [env[i] for i in n.inputs if i in env]
-            if n.op in WEIGHTED_OPS:
-                k = self.key[n.name]
-                w, b = self.weight(k, n, self.hard), self.bias[k]
-                y = F.linear(xs[0], w, b) if n.op == "linear" else _conv(n, xs[0], w, b)
-                y = apply_activation(y, n.attrs["activation"])
-            else:
-                y = float_op(n, xs)
-            out = n.outputs[0]
-            if n.op not in SAME_GRID_OPS:
-                y = fake_quant(y, T[out].quant, keep, gen)
-            env[out] = y
-            if layers is not None and out in layers:
-                acts[out] = y
+            y = self.node_forward(n, [env[i] for i in n.inputs if i in env], keep, gen)
+            env[n.outputs[0]] = y
+            if layers is not None and n.outputs[0] in layers:
+                acts[n.outputs[0]] = y
         return env[self.qg.outputs[0]], acts
+
+    def node_forward(self, n, xs: list[torch.Tensor], keep: float = 1.0, gen: torch.Generator | None = None) -> torch.Tensor:
+        """One node on fake-quantized inputs, its output fake-quantized."""
+        if n.op in WEIGHTED_OPS:
+            k = self.key[n.name]
+            w, b = self.weight(k, n, self.hard), self.bias[k]
+            y = F.linear(xs[0], w, b) if n.op == "linear" else _conv(n, xs[0], w, b)
+            y = apply_activation(y, n.attrs["activation"])
+        else:
+            y = float_op(n, xs)
+        if n.op not in SAME_GRID_OPS:
+            y = fake_quant(y, self.qg.tensors[n.outputs[0]].quant, keep, gen)
+        return y
 
     def finalize(self, qg: QuantGraph, bias_bits: int) -> QuantGraph:
         """Hard rounding and integer biases written into a copy of ``qg``."""
@@ -285,3 +289,47 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     g = net.finalize(qg, bias_bits)
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return g, log
+
+
+def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: EptqConfig, bias_bits: int = 32,
+                       progress: bool = True) -> tuple[QuantGraph, dict[str, Any]]:
+    """The AdaRound-style ablation: one layer at a time, each fitted to its own float output.
+
+    Same soft rounding, regulariser and per-layer iteration count as the network-wise
+    run has in total; each layer sees the quantized network's input to it (earlier
+    layers already hard-rounded), and its loss is its own output's squared error.
+    """
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    nodes = [n for n in qg.nodes if n.op in WEIGHTED_OPS]
+    f_acts = cache_float_activations(fg, x, [n.outputs[0] for n in nodes])
+    net = FakeQuantNetwork(qg, fg)
+    net.hard = True
+    log: dict[str, Any] = {"iters_per_layer": cfg.iters, "layers": []}
+    for n in tqdm(nodes, desc="adaround", unit="layer", disable=not progress, leave=False):
+        k = net.key[n.name]
+        with torch.no_grad():  # the quantized network's input to this layer, earlier layers final
+            xin = torch.cat([net(x[i:i + 128], 1.0, gen, {n.inputs[0]})[1][n.inputs[0]] for i in range(0, len(x), 128)])
+        target = f_acts[n.outputs[0]]
+        with torch.no_grad():  # this layer's error with round-to-nearest sets the loss scale, as in optimize()
+            loss0 = float((net.node_forward(n, [xin[:256]]) - target[:256]).pow(2).mean()) or 1.0
+        opt = torch.optim.Adam([{"params": [net.V[k]], "lr": cfg.lr}, {"params": [net.bias[k]], "lr": cfg.bias_lr}])
+        net.hard = False
+        for step in range(cfg.iters):
+            idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+            y = net.node_forward(n, [xin[idx]])
+            task = (y - target[idx]).pow(2).mean()
+            beta = annealed_beta(step, cfg)
+            reg = rounding_regularizer(soft_rounding(net.V[k]), beta) * net.V[k].numel() if beta is not None else 0.0
+            loss = task / loss0 + cfg.reg_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        net.hard = True
+        with torch.no_grad():
+            final = float((net.node_forward(n, [xin[:256]]) - target[:256]).pow(2).mean())
+        log["layers"].append({"layer": n.name, "mse": final})
+    net.hard = False
+    log["seconds"] = round(time.perf_counter() - t0, 2)
+    return net.finalize(qg, bias_bits), log

@@ -116,3 +116,14 @@ def test_eptq_option_validation() -> None:
         eptq_deploy.quantize(Tiny().eval(), _data(8), method="eptq", progress=False, iterz=3)
     with pytest.raises(eptq_deploy.EptqError, match="hessian"):
         eptq_deploy.quantize(Tiny().eval(), _data(8), method="eptq", progress=False, hessian="maybe")
+
+
+def test_adaround_ablation_runs_and_respects_the_grid() -> None:
+    m = Tiny().eval()
+    x = _data(16)
+    qm = eptq_deploy.quantize(m, x, profile="w4a8-pot", method="adaround", progress=False, iters=5, batch_size=8)
+    assert len(qm.info["eptq_log"]["layers"]) == 3
+    for n in qm.graph.weighted_nodes():
+        w = qm.graph.tensors[n.inputs[1]]
+        assert w.data.min() >= -8 and w.data.max() <= 7
+        assert np.all(np.log2(w.quant.scale) == np.round(np.log2(w.quant.scale)))
