@@ -49,6 +49,7 @@ class EptqConfig:
     beta: tuple[float, float] = (20.0, 2.0)
     act_ramp: float = 0.5  # fraction of iterations over which activation quantization reaches 100 %
     bias_tune: float = 0.1  # extra bias-only iterations after hard rounding, as a fraction of iters
+    device: str | None = None  # None: CUDA when available, else the CPU
     seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -86,7 +87,7 @@ def annealed_beta(step: int, cfg: EptqConfig) -> float | None:
 
 def eptq_loss(q_acts: dict[str, torch.Tensor], f_acts: dict[str, torch.Tensor], attention: dict[str, torch.Tensor]) -> torch.Tensor:
     """Sum over layers of the batch mean of w_{n,l} * ||a_q - a_f||^2 (per-element mean)."""
-    total = torch.zeros(())
+    total: torch.Tensor | float = 0.0
     for name, fa in f_acts.items():
         err = (q_acts[name] - fa).pow(2).reshape(fa.shape[0], -1).mean(1)
         total = total + (attention[name] * err).mean()
@@ -139,6 +140,13 @@ class FakeQuantNetwork(torch.nn.Module):
             self.bias_scale[k] = torch.from_numpy(qg.tensors[n.inputs[2]].quant.scale.astype(np.float32))
             self.bias[k] = torch.nn.Parameter(b.clone())
 
+    def to_device(self, device: torch.device) -> FakeQuantNetwork:
+        self.to(device)
+        for d in (self.base, self.scale, self.bias_scale):
+            for k in d:
+                d[k] = d[k].to(device)
+        return self
+
     def weight(self, k: str, n, hard: bool = False) -> torch.Tensor:
         wq = self.qg.tensors[n.inputs[1]].quant
         h = (self.V[k] >= 0).float() if hard else soft_rounding(self.V[k])
@@ -182,10 +190,10 @@ class FakeQuantNetwork(torch.nn.Module):
                     continue
                 k = self.key[n.name]
                 wq = g.tensors[n.inputs[1]].quant
-                ints = torch.clamp(self.base[k] + (self.V[k] >= 0).float(), wq.qmin, wq.qmax)
+                ints = torch.clamp(self.base[k] + (self.V[k] >= 0).float(), wq.qmin, wq.qmax).cpu()
                 g.tensors[n.inputs[1]].data = ints.numpy().astype(np.int8 if wq.bits <= 8 else np.int16)
                 s_in = float(g.tensors[n.inputs[0]].quant.scale[0])
-                qp, bq = quantize_bias(self.bias[k].detach().numpy(), s_in, wq.scale, bias_bits)
+                qp, bq = quantize_bias(self.bias[k].detach().cpu().numpy(), s_in, wq.scale, bias_bits)
                 g.tensors[n.inputs[2]].quant, g.tensors[n.inputs[2]].data = qp, bq
         return g
 
@@ -193,14 +201,14 @@ class FakeQuantNetwork(torch.nn.Module):
 @torch.no_grad()
 def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: dict[str, torch.Tensor],
                     attention: dict[str, torch.Tensor], layers: list[str], loss0: float,
-                    gen: torch.Generator, n: int = 256) -> dict[str, float]:
+                    gen: torch.Generator, mgen: torch.Generator, n: int = 256) -> dict[str, float]:
     """How decided the rounding is, and the task loss with soft versus hard rounding."""
     h = torch.cat([soft_rounding(v).reshape(-1) for v in net.V.values()])
     idx = torch.randperm(len(x), generator=gen)[:n]
     out = {"undecided_fraction": round(float(((h > 0.05) & (h < 0.95)).float().mean()), 4)}
     for mode in (False, True):
         net.hard = mode
-        _, qa = net(x[idx], 1.0, gen, set(layers))
+        _, qa = net(x[idx], 1.0, mgen, set(layers))
         loss = eptq_loss(qa, {t: f_acts[t][idx] for t in layers}, {t: attention[t][idx] for t in layers}) / loss0
         out["hard_task_loss" if mode else "soft_task_loss"] = round(float(loss), 5)
     net.hard = False
@@ -233,13 +241,16 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
              cfg: EptqConfig, bias_bits: int = 32, progress: bool = True) -> tuple[QuantGraph, dict[str, Any]]:
     """Learn every layer's rounding and bias at once; returns the new graph and a log."""
     torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    dev = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    gen = torch.Generator().manual_seed(cfg.seed)  # batches (CPU indices)
+    mgen = torch.Generator(device=dev).manual_seed(cfg.seed)  # activation-quantization masks
     layers = [n.outputs[0] for n in qg.nodes if n.op in WEIGHTED_OPS]
     layer_set = set(layers)
     t0 = time.perf_counter()
-    f_acts = cache_float_activations(fg, x, layers)
-    attention = layer_attention(scores, layers, len(x))
-    net = FakeQuantNetwork(qg, fg)
+    f_acts = {t: a.to(dev) for t, a in cache_float_activations(fg, x, layers).items()}
+    attention = {t: a.to(dev) for t, a in layer_attention(scores, layers, len(x)).items()}
+    x = x.to(dev)
+    net = FakeQuantNetwork(qg, fg).to_device(dev)
     opt = torch.optim.Adam([
         {"params": list(net.V.values()), "lr": cfg.lr},
         {"params": list(net.bias.values()), "lr": cfg.bias_lr},
@@ -249,18 +260,18 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     # the task loss at the start (all activations quantized) sets the regulariser's scale
     with torch.no_grad():
         idx0 = torch.randperm(len(x), generator=gen)[: cfg.batch_size]
-        _, qa = net(x[idx0], 1.0, gen, layer_set)
+        _, qa = net(x[idx0], 1.0, mgen, layer_set)
         loss0 = float(eptq_loss(qa, {t: f_acts[t][idx0] for t in layers}, {t: attention[t][idx0] for t in layers}))
     loss0 = loss0 if loss0 > 0 and math.isfinite(loss0) else 1.0
-    log: dict[str, Any] = {"iters": cfg.iters, "initial_loss": loss0, "weights": n_weights, "curve": []}
+    log: dict[str, Any] = {"iters": cfg.iters, "initial_loss": loss0, "weights": n_weights, "device": str(dev), "curve": []}
     bar = tqdm(range(cfg.iters), desc="eptq", unit="it", disable=not progress, leave=False)
     for step in bar:
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
         keep = min(1.0, (step + 1) / max(cfg.act_ramp * cfg.iters, 1))
-        _, qa = net(x[idx], keep, gen, layer_set)
+        _, qa = net(x[idx], keep, mgen, layer_set)
         task = eptq_loss(qa, {t: f_acts[t][idx] for t in layers}, {t: attention[t][idx] for t in layers}) / loss0
         beta = annealed_beta(step, cfg)
-        reg = torch.zeros(())
+        reg = torch.zeros((), device=dev)
         if beta is not None:
             reg = sum(rounding_regularizer(soft_rounding(v), beta) * v.numel() for v in net.V.values())
         loss = task + cfg.reg_weight * reg
@@ -279,13 +290,13 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     bias_opt = torch.optim.Adam(list(net.bias.values()), lr=cfg.bias_lr)
     for _ in range(int(cfg.bias_tune * cfg.iters)):
         idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
-        _, qa = net(x[idx], 1.0, gen, layer_set)
+        _, qa = net(x[idx], 1.0, mgen, layer_set)
         task = eptq_loss(qa, {t: f_acts[t][idx] for t in layers}, {t: attention[t][idx] for t in layers}) / loss0
         bias_opt.zero_grad(set_to_none=True)
         task.backward()
         bias_opt.step()
     net.hard = False
-    log.update(rounding_report(net, x, f_acts, attention, layers, loss0, gen))
+    log.update(rounding_report(net, x, f_acts, attention, layers, loss0, gen, mgen))
     g = net.finalize(qg, bias_bits)
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return g, log

@@ -289,6 +289,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"{'|'.join(METHODS)}; repeatable or comma list (default ptq)")
     p.add_argument("--opt", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="method option passed to quantize(**options); VALUE is read as JSON if it parses")
+    p.add_argument("--hessian", choices=("eptq", "none"), default=None,
+                   help="EPTQ ablation: 'none' replaces the Hessian scores by uniform layer weights (same as --opt hessian=none)")
+    p.add_argument("--iters", type=_positive, default=None, help="EPTQ/AdaRound iterations (same as --opt iters=N)")
     p.add_argument("--target", action="append", metavar="NAME",
                    help="target name(s) or 'all'; repeatable or comma list (default onnx-qdq)")
     p.add_argument("--eval-limit", type=_positive, default=None, help="evaluate on the first N test images")
@@ -319,6 +322,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     except EptqError as e:
         p.error(str(e))
     args.options = dict(args.opt)
+    if args.hessian is not None:
+        args.options["hessian"] = args.hessian
+    if args.iters is not None:
+        args.options["iters"] = args.iters
     return args
 
 
