@@ -183,30 +183,25 @@ def print_summary(bundle: Path) -> None:
         typer.echo(line)
 
 
+def _print_listing(rows: Callable[[], list[tuple[str, str]]]) -> None:
+    """Print (name, description) rows from a registry, one per line."""
+    _guard(lambda: [typer.echo(f"{name:<16} {desc}") for name, desc in rows()])
+
+
 @app.command()
 def profiles() -> None:
     """List the hardware profiles (built-in and plugins)."""
+    from .hw_profiles import list_profiles
 
-    def body() -> None:
-        from .hw_profiles import list_profiles
-
-        for name, desc in list_profiles():
-            typer.echo(f"{name:<16} {desc}")
-
-    _guard(body)
+    _print_listing(list_profiles)
 
 
 @app.command()
 def targets() -> None:
     """List the export targets (built-in and plugins)."""
+    from .targets import list_targets
 
-    def body() -> None:
-        from .targets import list_targets
-
-        for name, desc in list_targets():
-            typer.echo(f"{name:<16} {desc}")
-
-    _guard(body)
+    _print_listing(list_targets)
 
 
 @app.command()
