@@ -228,8 +228,9 @@ def session(path: Path, threads: int = 1, optimized_path: Path | None = None) ->
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    if optimized_path is not None:
+    if optimized_path is not None:  # (onnxruntime warns that such a dump is machine-specific: we only read it)
         so.optimized_model_filepath = str(optimized_path)
+        so.log_severity_level = 3
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
