@@ -26,7 +26,6 @@ class ActStats:
     lo: float = math.inf
     hi: float = -math.inf
     sample: list[torch.Tensor] | None = None
-    budget: int = 0
 
     def update(self, x: torch.Tensor, per_batch: int, gen: torch.Generator) -> None:
         x = x.detach().reshape(-1).float()

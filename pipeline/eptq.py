@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -43,7 +43,7 @@ class EptqConfig:
     iters: int = DEFAULT_ITERS
     batch_size: int = 32
     lr: float = 0.1  # Adam, rounding variables
-    bias_lr: float = 1e-3  # Adam, biases (relative to each layer's bias scale)
+    bias_lr: float = 1e-3  # Adam, biases
     reg_weight: float = 3.0  # rounding regulariser per weight, against the task loss normalised to 1 at the start
     warmup: float = 0.2  # fraction of iterations without the regulariser
     beta: tuple[float, float] = (20.0, 2.0)
@@ -51,7 +51,6 @@ class EptqConfig:
     bias_tune: float = 0.1  # extra bias-only iterations after hard rounding, as a fraction of iters
     device: str | None = None  # None: CUDA when available, else the CPU
     seed: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # --------------------------------------------------------------- the pieces
@@ -122,7 +121,6 @@ class FakeQuantNetwork(torch.nn.Module):
         self.bias = torch.nn.ParameterDict()
         self.base: dict[str, torch.Tensor] = {}  # floor(w / s)
         self.scale: dict[str, torch.Tensor] = {}
-        self.bias_scale: dict[str, torch.Tensor] = {}
         self.key = {}
         for i, n in enumerate(qg.nodes):
             if n.op not in WEIGHTED_OPS:
@@ -137,12 +135,11 @@ class FakeQuantNetwork(torch.nn.Module):
             self.base[k] = torch.floor(w / s)
             self.V[k] = torch.nn.Parameter(init_rounding(w, s))
             b = torch.from_numpy(fg.tensors[n.inputs[2]].data.astype(np.float32))
-            self.bias_scale[k] = torch.from_numpy(qg.tensors[n.inputs[2]].quant.scale.astype(np.float32))
             self.bias[k] = torch.nn.Parameter(b.clone())
 
     def to_device(self, device: torch.device) -> FakeQuantNetwork:
         self.to(device)
-        for d in (self.base, self.scale, self.bias_scale):
+        for d in (self.base, self.scale):
             for k in d:
                 d[k] = d[k].to(device)
         return self
@@ -255,7 +252,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
         {"params": list(net.V.values()), "lr": cfg.lr},
         {"params": list(net.bias.values()), "lr": cfg.bias_lr},
     ])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 if cfg.extra.get("constant_lr") else 0.5 * (1 + math.cos(math.pi * step / max(cfg.iters, 1))))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(cfg.iters, 1))))
     n_weights = sum(v.numel() for v in net.V.values())
     # the task loss at the start (all activations quantized) sets the regulariser's scale
     with torch.no_grad():
