@@ -17,7 +17,7 @@ it), so a long matrix survives an interrupted run. A summary table ends the outp
 Progress messages go to stderr. Without the shared benchmark data the script prints
 one line saying what is missing and exits 0 ("skipped").
 
-Peak RSS is measured by a psutil sampling thread (every 5 ms) while
+Peak RSS is measured by a psutil sampling thread (every 25 ms) while
 ``eptq_deploy.quantize`` runs: ``peak_rss_mib`` is the process's largest resident set
 in that window, ``quant_rss_delta_mib`` that peak minus the resident set just before
 the call (the test set and model are already loaded at that point).
@@ -98,7 +98,7 @@ def load_model(name: str) -> torch.nn.Module:
 class PeakRss:
     """Largest resident set of this process while the ``with`` block runs (sampled)."""
 
-    def __init__(self, interval_s: float = 0.005) -> None:
+    def __init__(self, interval_s: float = 0.025) -> None:
         self.interval_s = interval_s
         self.proc = psutil.Process()
         self.start = self.peak = 0
@@ -177,7 +177,7 @@ def run_row(model_name: str, model: torch.nn.Module, profile: str, weight_bits: 
         "profile_weight_bits": prof.weights.bits, "calibration_samples": manifest.get("calibration_samples"),
         "quant_time_s": round(quant_s, 3), "peak_rss_mib": round(rss.peak / 2**20, 1),
         "quant_rss_delta_mib": round((rss.peak - rss.start) / 2**20, 1),
-        "rss_method": "psutil sampling thread, 5 ms", "threads": threads,
+        "rss_method": "psutil sampling thread, 25 ms", "threads": threads,
         "tool_version": eptq_deploy.__version__, "torch": torch.__version__,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
