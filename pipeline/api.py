@@ -134,7 +134,7 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     if method in ("eptq", "adaround"):
         cfg = EptqConfig()
         known = {"iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.lr, "bias_lr": cfg.bias_lr,
-                 "reg_weight": cfg.reg_weight, "hessian": "eptq", "n_draws": 32, "hmse": True, "bias_tune": cfg.bias_tune}
+                 "reg_weight": cfg.reg_weight, "hessian": "eptq", "n_draws": 32, "hmse": True, "bias_tune": cfg.bias_tune, "act_ramp": cfg.act_ramp}
     unknown = sorted(set(options) - set(known))
     if unknown:
         allowed = ", ".join(sorted(known)) or "none"
@@ -162,7 +162,7 @@ def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: lis
     timings["hessian"] = round(time.perf_counter() - t, 3)
     qg = ptq(fg, stats, prof, rules, hessians=whess if opts["hmse"] else None)
     cfg = EptqConfig(iters=opts["iters"], batch_size=opts["batch_size"], lr=opts["lr"], bias_lr=opts["bias_lr"],
-                     reg_weight=opts["reg_weight"], bias_tune=opts["bias_tune"], seed=seed)
+                     reg_weight=opts["reg_weight"], bias_tune=opts["bias_tune"], act_ramp=opts["act_ramp"], seed=seed)
     t = time.perf_counter()
     if info["method"] == "adaround":
         qg, log = optimize_layerwise(qg, fg, x, cfg, prof.bias_bits, progress)
