@@ -172,13 +172,19 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
     path.write_text("\n".join(lines) + "\n")
 
 
+def refuse_existing(out: Path, force: bool) -> None:
+    """Fail before any work when ``out`` exists and may not be replaced."""
+    if Path(out).exists() and not force:
+        raise UsageError(f"output folder {Path(out).resolve()} already exists; pass --force (force=True) to replace it "
+                         "or choose another --out")
+
+
 def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.Tensor | None = None,
                  labels: np.ndarray | None = None, force: bool = False, command: str | None = None,
                  threads: int = 1) -> Path:
     """Emit every target, check each on its runtime, and move the finished bundle into ``out``."""
     out = Path(out).resolve()
-    if out.exists() and not force:
-        raise UsageError(f"output folder {out} already exists; pass --force (force=True) to replace it or choose another --out")
+    refuse_existing(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))

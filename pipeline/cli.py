@@ -105,15 +105,15 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
                  options: dict[str, Any] | None = None) -> Path:
     """Load, quantize, export: what ``eptq-deploy quantize MODEL`` does."""
     from . import api
-    from .data import get_preset, load_data, load_labels
+    from .bundle import refuse_existing
+    from .data import get_preset, load_data, load_labels, preset_info
     from .models import load_model
 
     if data is None:
         raise UsageError("--data is required with a MODEL: give an image folder or an .npz/.npy array")
     if not Path(data).exists():
         raise UsageError(f"data path not found: {data}; give an image folder, .npz or .npy")
-    if Path(out).exists() and not force:
-        raise UsageError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    refuse_existing(out, force)
     prof_name = profile
     if prof_name is None:
         prof_name = _native_profile(target)
@@ -139,8 +139,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     t0 = time.perf_counter()
     qm = api.quantize(net, calib, profile=prof, targets=[t.name for t in tgts], method=method, seed=seed,
                       progress=progress, **(options or {}))
-    qm.info["preprocessing"] = {"resize": pre.resize, "crop": pre.crop, "formula": "(x * scale - mean) / std on RGB 0..255",
-                                "scale": pre.scale, "mean": list(pre.mean), "std": list(pre.std)}
+    qm.info["preprocessing"] = preset_info(pre)
     qm.info["model_name"] = hints.get("name", model)
     typer.echo(f"quantized {model} ({prof.name}, {method}, {len(calib)} samples) in {time.perf_counter() - t0:.1f} s")
     path = api.export(qm, out=out, data=held, labels=held_labels, force=force, command=_command_line(),

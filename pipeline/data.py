@@ -105,6 +105,12 @@ def get_preset(
     return out
 
 
+def preset_info(p: Preset) -> dict[str, Any]:
+    """The preprocessing contract as the bundle's manifest states it."""
+    return {"resize": p.resize, "crop": p.crop, "formula": "(x * scale - mean) / std on RGB 0..255",
+            "scale": p.scale, "mean": list(p.mean), "std": list(p.std)}
+
+
 def _triple(values: tuple[float, ...], what: str) -> tuple[float, float, float]:
     """One value per RGB channel (a single value is repeated)."""
     vals = tuple(float(v) for v in values)

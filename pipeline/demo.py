@@ -24,13 +24,12 @@ DEMO_TARGET = "onnx-qdq"
 def run_demo(out: Path, *, force: bool = False, threads: int = 2, progress: bool = True,
              command: str | None = None, method: str = "ptq") -> Path:
     from . import api
+    from .bundle import refuse_existing
     from .cli import print_summary
-    from .data import PRESETS, demo_photos
-    from .errors import UsageError
+    from .data import PRESETS, demo_photos, preset_info
     from .zoo import efficientnet_lite0
 
-    if Path(out).exists() and not force:
-        raise UsageError(f"output folder {out} already exists; pass --force to replace it or choose another --out")
+    refuse_existing(out, force)
     t0 = time.perf_counter()
     typer.echo(f"demo: EfficientNet-Lite0 (ImageNet weights) under profile {DEMO_PROFILE} for {DEMO_TARGET}, "
                f"method {method}; {DEMO_CALIBRATION_SAMPLES} calibration crops of 4 photos, "
@@ -38,9 +37,7 @@ def run_demo(out: Path, *, force: bool = False, threads: int = 2, progress: bool
     model = efficientnet_lite0(pretrained=True)
     calib, held = demo_photos(DEMO_CALIBRATION_SAMPLES, DEMO_HOLDOUT_SAMPLES, size=224, seed=0)
     qm = api.quantize(model, calib, profile=DEMO_PROFILE, targets=DEMO_TARGET, method=method, progress=progress)
-    lite = PRESETS["lite"]
-    qm.info["preprocessing"] = {"resize": lite.resize, "crop": lite.crop, "formula": "(x * scale - mean) / std on RGB 0..255",
-                                "scale": lite.scale, "mean": list(lite.mean), "std": list(lite.std)}
+    qm.info["preprocessing"] = preset_info(PRESETS["lite"])
     qm.info["model_name"] = "efficientnet_lite0 (demo)"
     t_q = time.perf_counter() - t0
     typer.echo(f"quantized in {t_q:.1f} s")

@@ -17,7 +17,6 @@ is hard (h >= 0.5) and the result is an ordinary quantized graph.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass
@@ -28,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .calibrate import quantize_bias
 from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph
+from .ptq import set_bias
 from .simulate import _conv, apply_activation, float_op, run_float
 
 #: iterations by default: chosen from the measured accuracy-vs-iterations curve (README)
@@ -179,8 +178,7 @@ class FakeQuantNetwork(torch.nn.Module):
 
     def finalize(self, qg: QuantGraph, bias_bits: int) -> QuantGraph:
         """Hard rounding and integer biases written into a copy of ``qg``."""
-        g = QuantGraph(copy.deepcopy(qg.nodes), {k: copy.copy(v) for k, v in qg.tensors.items()},
-                       list(qg.inputs), list(qg.outputs), dict(qg.meta))
+        g = qg.copy()
         with torch.no_grad():
             for n in g.nodes:
                 if n.op not in WEIGHTED_OPS:
@@ -189,9 +187,7 @@ class FakeQuantNetwork(torch.nn.Module):
                 wq = g.tensors[n.inputs[1]].quant
                 ints = torch.clamp(self.base[k] + (self.V[k] >= 0).float(), wq.qmin, wq.qmax).cpu()
                 g.tensors[n.inputs[1]].data = ints.numpy().astype(np.int8 if wq.bits <= 8 else np.int16)
-                s_in = float(g.tensors[n.inputs[0]].quant.scale[0])
-                qp, bq = quantize_bias(self.bias[k].detach().cpu().numpy(), s_in, wq.scale, bias_bits)
-                g.tensors[n.inputs[2]].quant, g.tensors[n.inputs[2]].data = qp, bq
+                set_bias(g, n, self.bias[k].detach().cpu().numpy(), bias_bits)
         return g
 
 

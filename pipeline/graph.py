@@ -13,6 +13,7 @@ plus ``graph.npz`` (tensor data), versioned by ``FORMAT_VERSION``.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from dataclasses import dataclass, field
@@ -176,6 +177,11 @@ class QuantGraph:
     inputs: list[str]
     outputs: list[str]
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def copy(self) -> QuantGraph:
+        """Same structure, node list and tensor records copied (arrays shared until replaced)."""
+        return QuantGraph(copy.deepcopy(self.nodes), {k: copy.copy(v) for k, v in self.tensors.items()},
+                          list(self.inputs), list(self.outputs), dict(self.meta))
 
     # ------------------------------------------------------------------ queries
     def producer(self) -> dict[str, Node]:

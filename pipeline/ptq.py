@@ -126,8 +126,7 @@ def set_bias(g: QuantGraph, node, bias: np.ndarray, bias_bits: int) -> None:
 def ptq(fg: QuantGraph, stats: dict[str, ActStats], profile, rules: list[TargetRules],
         hessians: dict[str, np.ndarray] | None = None) -> QuantGraph:
     """The calibrated, round-to-nearest quantized graph."""
-    g = QuantGraph(copy.deepcopy(fg.nodes), {k: copy.copy(v) for k, v in fg.tensors.items()},
-                   list(fg.inputs), list(fg.outputs), dict(fg.meta))
+    g = fg.copy()
     assign_activation_grids(g, stats, profile, rules)
     quantize_weights(g, fg, profile, hessians)
     return g
