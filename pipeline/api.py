@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from . import __version__
-from .bundle import read_manifest, write_bundle
+from .bundle import read_manifest, verify_bundle, write_bundle
 from .capture import capture
+from .checks import latency, runtime_checks
 from .eptq import EptqConfig, optimize, optimize_layerwise
-from .errors import DataError, TargetError, UsageError
+from .errors import BundleError, DataError, TargetError, UsageError
 from .graph import QuantGraph, TargetRules
 from .hessian import hessian_scores
 from .hw_profiles import Profile, load_profile
@@ -175,7 +176,7 @@ def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: lis
 
 def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: str | os.PathLike = "build/", *,
            data: Any = None, labels: np.ndarray | None = None, force: bool = False, command: str | None = None,
-           threads: int = 1, check_samples: int | None = 500) -> Path:
+           threads: int = 1, check_samples: int | None = 500, data_hint: str = "DATA") -> Path:
     """Write the bundle for ``target`` (default: every target the model was quantized for) to ``out``.
 
     With ``data``, every file is run on its runtime and the report states agreement,
@@ -195,18 +196,95 @@ def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: s
             x = x[:check_samples]
             labels = None if labels is None else np.asarray(labels)[:check_samples]
     return write_bundle(qmodel, [get_target(n) for n in names], Path(out), x=x, labels=labels, force=force,
-                        command=command, threads=threads)
+                        command=command, threads=threads, data_hint=data_hint)
+
+
+def _pick_target(bundle_dir: Path, manifest: dict[str, Any], target: str | None) -> list[str]:
+    names = list(manifest["targets"])
+    if target is None or target == "all":
+        return names
+    if target not in names:
+        raise UsageError(f"bundle {bundle_dir} has no {target!r} model; it holds: {', '.join(names)}")
+    return [target]
 
 
 def load(bundle_dir: str | os.PathLike, target: str | None = None, threads: int = 1) -> Runner:
-    """A runner for the bundle's model file on its own runtime (``.run(x) -> y``, float in and out)."""
+    """A runner for the bundle's model file on its own runtime (``.run(x) -> y``, float in and out).
+
+    The bundle is verified first (manifest schema, every file's sha256).
+    """
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    names = list(manifest["targets"])
-    if target is None:
-        if len(names) != 1:
-            raise UsageError(f"bundle {bundle_dir} holds several targets ({', '.join(names)}); pass target=NAME")
-        target = names[0]
-    if target not in names:
-        raise UsageError(f"bundle {bundle_dir} has no {target!r} model; it holds: {', '.join(names)}")
-    return get_target(target).load(bundle_dir / target, threads=threads)
+    if target is None and len(manifest["targets"]) != 1:
+        raise UsageError(f"bundle {bundle_dir} holds several targets ({', '.join(manifest['targets'])}); "
+                         "pass target=NAME")
+    (name,) = _pick_target(bundle_dir, manifest, target)
+    verify_bundle(bundle_dir, name)
+    return get_target(name).load(bundle_dir / name, threads=threads)
+
+
+def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = None, target: str | None = None,
+          threads: int = 1) -> dict[str, dict[str, Any]]:
+    """Re-run a bundle's model file(s) on their runtimes: agreement, LSB distance, top-1.
+
+    The simulation is recomputed from the bundle's own quantized graph with the
+    rounding rule each target declared; "float" is the target's float model file on
+    the same runtime. The bundle is verified (schema, hashes) before anything loads.
+    """
+    from .data import take_samples
+    from .simulate import dequantize, get_rule, run_integer
+
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    names = _pick_target(bundle_dir, manifest, target)
+    for n in names:
+        verify_bundle(bundle_dir, n)
+    g = QuantGraph.load(bundle_dir)
+    x = take_samples(data, None)
+    expected = tuple(g.tensors[g.inputs[0]].shape[1:])
+    if tuple(x.shape[1:]) != expected:
+        raise UsageError(f"check data has sample shape {tuple(x.shape[1:])} but the bundle's model takes {expected}; "
+                         "pass images preprocessed as the manifest's input.preprocessing states")
+    out_q = g.tensors[g.outputs[0]].quant
+    results: dict[str, dict[str, Any]] = {}
+    sims: dict[str, np.ndarray] = {}
+    for n in names:
+        t = get_target(n)
+        rule_name = manifest["targets"][n]["rounding"]
+        try:
+            rule = get_rule(rule_name)
+        except ValueError as e:
+            raise UsageError(f"{e}; re-export the bundle with this version of eptq-deploy") from None
+        if rule_name not in sims:
+            with torch.no_grad():
+                sims[rule_name] = torch.cat([dequantize(run_integer(g, x[i:i + 256], rule), out_q)
+                                             for i in range(0, len(x), 256)]).numpy()
+        runner = t.load(bundle_dir / n, threads=threads)
+        float_runner = t.load(bundle_dir / n, float_model=True, threads=threads)
+        xn = x.numpy()
+        float_out = np.concatenate([float_runner.run(xn[i:i + 64]) for i in range(0, len(xn), 64)])
+        res = runtime_checks(n, runner, xn, sims[rule_name], float_out, float(out_q.scale[0]), labels)
+        res["float_reference"] = f"{t.float_model_file} on {t.runtime}"
+        res["latency"] = latency(runner, float_runner, xn[:1])
+        results[n] = {"runtime": t.runtime, "checks": res, "latency": res.pop("latency")}
+    return results
+
+
+def bench(bundle_dir: str | os.PathLike, target: str | None = None, threads: int = 1,
+          repeats: int = 100) -> dict[str, dict[str, Any]]:
+    """Median batch-1 latency of each model file and its float twin, on its own runtime."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    names = _pick_target(bundle_dir, manifest, target)
+    shape = [1, *manifest["input"]["shape"][1:]] if isinstance(manifest.get("input"), dict) else None
+    if not shape or not all(isinstance(d, int) and d > 0 for d in shape):
+        raise BundleError(f"manifest input.shape {shape!r} is not a list of sizes; re-export the bundle")
+    x1 = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out: dict[str, dict[str, Any]] = {}
+    for n in names:
+        verify_bundle(bundle_dir, n)
+        t = get_target(n)
+        out[n] = {"runtime": t.runtime,
+                  "latency": latency(t.load(bundle_dir / n, threads=threads),
+                                     t.load(bundle_dir / n, float_model=True, threads=threads), x1, repeats)}
+    return out

@@ -30,7 +30,7 @@ import torch
 
 from . import __version__
 from .checks import latency, runtime_checks
-from .errors import EptqError, UsageError
+from .errors import BundleError, EptqError, UsageError
 from .quantized import QuantizedModel
 
 MANIFEST_VERSION = 1
@@ -101,7 +101,30 @@ def _plot_layers(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: str | None, out: Path) -> dict[str, Any]:
+#: CPU features that select different integer kernels (and so can change results or speed)
+INTEGER_CPU_FEATURES = ("sse4_1", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
+                        "amx_bf16", "amx_int8", "asimddp", "i8mm")
+
+
+def cpu_features() -> dict[str, Any]:
+    """The host CPU's model and which integer-relevant features it has (Linux /proc/cpuinfo)."""
+    flags: set[str] = set()
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("flags", "Features") and not flags:
+                flags = set(value.split())
+            elif key == "model name":
+                model = value.strip()
+    except OSError:
+        pass
+    return {"model": model, **{f: f in flags for f in INTEGER_CPU_FEATURES}}
+
+
+def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: str | None, out: Path,
+                   check_command: str | None = None) -> dict[str, Any]:
     g = qm.graph
     inp, outp = g.tensors[g.inputs[0]], g.tensors[g.outputs[0]]
     return {
@@ -124,8 +147,9 @@ def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: 
         "graph_files": _files_at(out, ["graph.json", "graph.npz"]),
         "targets": target_entries,
         "host": {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
-                 "torch": torch.__version__},
+                 "torch": torch.__version__, "cpu_features": cpu_features()},
         "command": command,
+        "check_command": check_command,
     }
 
 
@@ -147,6 +171,7 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
         f"{manifest['memory']['peak_activation_bytes_batch1']} bytes at batch 1",
         f"- ops: {', '.join(manifest['ops'])}",
         f"- made by: `{manifest['command']}`",
+        f"- re-check on the runtimes: `{manifest['check_command']}`",
         "",
         "## On the real runtime",
         "",
@@ -181,7 +206,7 @@ def refuse_existing(out: Path, force: bool) -> None:
 
 def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.Tensor | None = None,
                  labels: np.ndarray | None = None, force: bool = False, command: str | None = None,
-                 threads: int = 1) -> Path:
+                 threads: int = 1, data_hint: str = "DATA") -> Path:
     """Emit every target, check each on its runtime, and move the finished bundle into ``out``."""
     out = Path(out).resolve()
     refuse_existing(out, force)
@@ -194,6 +219,7 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
         entries: dict[str, Any] = {}
         sim_cache: dict[str, np.ndarray] = {}
         float_out = qm.forward_float(x).numpy() if x is not None else None
+        out_lsb = float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0])
         qm.graph.save(tmp)
         for t in targets:
             folder = tmp / t.name
@@ -208,7 +234,7 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
                 rule = t.rules.rounding
                 if rule not in sim_cache:
                     sim_cache[rule] = qm.simulate(x, t.name).numpy()
-                entry["checks"] = runtime_checks(qm, t.name, runner, x, labels, float_out, sim_cache[rule])
+                entry["checks"] = runtime_checks(t.name, runner, x.numpy(), sim_cache[rule], float_out, out_lsb, labels)
                 entry["latency"] = latency(runner, t.load(folder, float_model=True, threads=threads), x[:1].numpy())
             entry["inspect"] = t.inspect(folder)
             entry["files"] = _files(folder, tmp)
@@ -216,7 +242,7 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
         layers = qm.layer_errors(x[:64] if x is not None else None) if x is not None else []
         if layers:
             _plot_layers(layers, tmp / "layer_sqnr.png")
-        manifest = build_manifest(qm, entries, command, tmp)
+        manifest = build_manifest(qm, entries, command, tmp, f"eptq-deploy check {out} --data {data_hint}")
         manifest["layers"] = layers
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
         write_report(tmp / "report.md", qm, manifest, layers)
@@ -246,6 +272,58 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(type(o).__name__)
+
+
+def _bundle_file(bundle: Path, rel: Any, what: str) -> Path:
+    """``bundle / rel`` for a path taken from an untrusted manifest, confined to the bundle."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute():
+        raise BundleError(f"manifest {what} {rel!r} is not a relative path; the manifest was edited, re-export the bundle")
+    root = Path(bundle).resolve()
+    path = (root / rel).resolve()
+    if not path.is_relative_to(root):
+        raise BundleError(f"manifest {what} {rel!r} points outside the bundle; refusing it, re-export the bundle")
+    return path
+
+
+def _check_files(bundle: Path, files: Any, what: str) -> None:
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"manifest has no file list for {what}; the manifest was edited, re-export the bundle")
+    for rel, meta in files.items():
+        path = _bundle_file(bundle, rel, f"{what} file")
+        if not isinstance(meta, dict) or not isinstance(meta.get("sha256"), str):
+            raise BundleError(f"manifest entry for {rel} has no sha256; the manifest was edited, re-export the bundle")
+        if not path.is_file():
+            raise BundleError(f"bundle file {rel} is missing; re-export the bundle")
+        if sha256(path) != meta["sha256"]:
+            raise BundleError(f"bundle file {rel} does not match its sha256 in manifest.json (changed after export); "
+                              "refusing to load it, re-export the bundle")
+
+
+def verify_bundle(bundle: Path, target: str | None = None) -> dict[str, Any]:
+    """The manifest, checked as untrusted input: schema, paths inside the bundle, every hash.
+
+    Nothing of the bundle is loaded before this passes, so a changed model file or an
+    edited manifest is refused with the reason instead of being run.
+    """
+    m = read_manifest(bundle)
+    if m.get("version") != MANIFEST_VERSION:
+        raise BundleError(f"manifest version {m.get('version')!r} is not {MANIFEST_VERSION}; re-export the bundle "
+                          f"with eptq-deploy {__version__}")
+    _check_files(bundle, m.get("graph_files"), "graph")
+    names = [target] if target is not None else list(m["targets"])
+    for name in names:
+        t = m["targets"].get(name)
+        if not isinstance(t, dict):
+            raise UsageError(f"bundle {bundle} has no {name!r} model; it holds: {', '.join(m['targets'])}")
+        files = t.get("files")
+        _check_files(bundle, files, name)
+        for key in ("model_file", "float_model_file"):
+            if t.get(key) not in files:
+                raise BundleError(f"manifest {name}.{key} {t.get(key)!r} is not among the hashed files; the manifest "
+                                  "was edited, re-export the bundle")
+        if not isinstance(t.get("rounding"), str):
+            raise BundleError(f"manifest {name}.rounding is missing; the manifest was edited, re-export the bundle")
+    return m
 
 
 def read_manifest(bundle: Path) -> dict[str, Any]:

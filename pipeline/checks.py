@@ -12,10 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
-
-from .quantized import QuantizedModel
 
 
 def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
@@ -34,30 +31,38 @@ def fidelity(ref: np.ndarray, got: np.ndarray) -> dict[str, float]:
     }
 
 
-def runtime_checks(qm: QuantizedModel, target: str, runner: Any, x: torch.Tensor,
-                   labels: np.ndarray | None = None, float_out: np.ndarray | None = None,
-                   sim_out: np.ndarray | None = None) -> dict[str, Any]:
-    """Run ``x`` on ``runner`` and compare with the simulation and the float graph."""
-    xn = x.numpy().astype(np.float32)
-    rt = np.concatenate([runner.run(xn[i:i + 64]) for i in tqdm(range(0, len(xn), 64), desc=f"{target} runtime",
+def runtime_checks(name: str, runner: Any, x: np.ndarray, sim_out: np.ndarray, float_out: np.ndarray, out_lsb: float,
+                   labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Run ``x`` on ``runner`` and compare with the simulation and the float model's outputs.
+
+    ``out_lsb`` is the output grid's scale, so differences are stated in integer steps.
+    """
+    xn = np.ascontiguousarray(x, dtype=np.float32)
+    rt = np.concatenate([runner.run(xn[i:i + 64]) for i in tqdm(range(0, len(xn), 64), desc=f"{name} runtime",
                                                                    unit="batch", leave=False, disable=len(xn) <= 256)])
-    sim = qm.simulate(x, target).numpy() if sim_out is None else sim_out
-    flt = qm.forward_float(x).numpy() if float_out is None else float_out
-    lsb = float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0])
-    diff = np.abs(rt.astype(np.float64) - sim) / lsb
+    diff = np.abs(rt.astype(np.float64) - sim_out) / out_lsb
     out: dict[str, Any] = {
         "samples": int(len(xn)),
-        "argmax_agreement_vs_simulation": float(np.mean(rt.argmax(1) == sim.argmax(1))),
-        "argmax_agreement_vs_float": float(np.mean(rt.argmax(1) == flt.argmax(1))),
+        "argmax_agreement_vs_simulation": float(np.mean(rt.argmax(1) == sim_out.argmax(1))),
+        "argmax_agreement_vs_float": float(np.mean(rt.argmax(1) == float_out.argmax(1))),
         "max_abs_diff_lsb": float(diff.max()),
         "exact_output_fraction": float(np.mean(diff < 0.5)),
-        "fidelity_vs_float": fidelity(flt, rt),
+        "diff_lsb_distribution": lsb_histogram(diff),
+        "fidelity_vs_float": fidelity(float_out, rt),
     }
     if labels is not None:
         lab = np.asarray(labels)[: len(xn)]
-        out["top1"] = {"float": float(np.mean(flt.argmax(1) == lab)), "simulation": float(np.mean(sim.argmax(1) == lab)),
+        out["top1"] = {"float": float(np.mean(float_out.argmax(1) == lab)),
+                       "simulation": float(np.mean(sim_out.argmax(1) == lab)),
                        "runtime": float(np.mean(rt.argmax(1) == lab))}
     return out
+
+
+def lsb_histogram(diff: np.ndarray) -> dict[str, float]:
+    """Fraction of output elements at 0, 1, 2 and more output LSBs from the simulation."""
+    r = np.rint(diff)
+    return {"0": float(np.mean(r == 0)), "1": float(np.mean(r == 1)), "2": float(np.mean(r == 2)),
+            ">2": float(np.mean(r > 2))}
 
 
 def median_latency_ms(fn: Callable[[], object], repeats: int = 50, warmup: int = 5) -> float:

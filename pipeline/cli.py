@@ -66,6 +66,8 @@ def quantize(
     weights: Annotated[Path | None, typer.Option(help="State-dict file for MODEL (loaded with weights_only=True).")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Load a pickled full model: this RUNS CODE FROM THE FILE; only "
                                                     "for files you trust.")] = False,
+    labels: Annotated[Path | None, typer.Option(help="Labels for the held-out check: a CSV (filename,class_index) "
+                                                     "for an image folder (an .npz's 'labels' are used by default).")] = None,
     preset: Annotated[str | None, typer.Option(help="Preprocessing preset: imagenet, cifar or lite.")] = None,
     resize: Annotated[int | None, typer.Option(help="Shorter side before the crop (overrides the preset).")] = None,
     crop: Annotated[int | None, typer.Option(help="Centre crop size (overrides the preset).")] = None,
@@ -93,7 +95,7 @@ def quantize(
         options = {} if iters is None else {"iters": iters}
         run_quantize(model, data, profile, target, method, weight_bits, weights, allow_pickle, preset, resize, crop,
                      _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
-                     progress, options)
+                     progress, options, labels)
 
     _guard(body)
 
@@ -102,7 +104,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
                  weight_bits: int | None, weights: Path | None, allow_pickle: bool, preset: str | None,
                  resize: int | None, crop: int | None, mean: Any, std: Any, samples: int | None, check_samples: int,
                  seed: int, out: Path, force: bool, threads: int, progress: bool,
-                 options: dict[str, Any] | None = None) -> Path:
+                 options: dict[str, Any] | None = None, labels_path: Path | None = None) -> Path:
     """Load, quantize, export: what ``eptq-deploy quantize MODEL`` does."""
     from . import api
     from .bundle import refuse_existing
@@ -123,8 +125,9 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
         api.check_pair(prof, t)
     net, hints = load_model(model, str(weights) if weights else None, allow_pickle=allow_pickle)
     pre = get_preset(preset or hints.get("preset"), resize=resize, crop=crop, mean=mean, std=std)
-    x = load_data(data, pre, skip_bad=True)
-    labels = load_labels(data)
+    names: list[str] = []
+    x = load_data(data, pre, skip_bad=True, names=names)
+    labels = load_labels(labels_path if labels_path is not None else data, names=names)
     n_cal = min(samples or api.DEFAULT_SAMPLES, len(x))
     if samples is not None and samples > len(x):
         raise UsageError(f"--samples {samples} but {data} holds only {len(x)} samples; lower --samples or add data")
@@ -143,7 +146,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     qm.info["model_name"] = hints.get("name", model)
     typer.echo(f"quantized {model} ({prof.name}, {method}, {len(calib)} samples) in {time.perf_counter() - t0:.1f} s")
     path = api.export(qm, out=out, data=held, labels=held_labels, force=force, command=_command_line(),
-                      threads=threads, check_samples=None)
+                      threads=threads, check_samples=None, data_hint=shlex.quote(str(data)))
     print_summary(path)
     return path
 
@@ -162,24 +165,101 @@ def _native_profile(target: str | None) -> str:
     return "int8-pot"
 
 
+def target_line(name: str, runtime: str, c: dict[str, Any] | None, lat: dict[str, Any] | None) -> str:
+    """One target's runtime checks and latency as one line (quantize, check and bench print it)."""
+    line = f"  {name:<12} {runtime}:"
+    if c:
+        f = c["fidelity_vs_float"]
+        line += (f" agreement with simulation {c['argmax_agreement_vs_simulation']:.2%}, max diff "
+                 f"{c['max_abs_diff_lsb']:.0f} LSB; vs float: top-1 agreement {f['top1_agreement']:.2%}, "
+                 f"top-5 {f['top5_agreement']:.2%}, SQNR {f['sqnr_db']} dB")
+        if "top1" in c:
+            line += f"; top-1 float {c['top1']['float']:.2%} sim {c['top1']['simulation']:.2%} runtime {c['top1']['runtime']:.2%}"
+    if lat:
+        line += (f"{';' if c else ''} latency {lat['int8_ms']} ms (float {lat['float_ms']} ms, x{lat['speedup_vs_float']}, "
+                 f"{lat['threads']} thread{'s' if lat['threads'] != 1 else ''})")
+    return line
+
+
 def print_summary(bundle: Path) -> None:
     from .bundle import read_manifest
 
     m = read_manifest(bundle)
     typer.echo(f"bundle: {bundle}")
     for name, t in m["targets"].items():
-        c, lat = t.get("checks"), t.get("latency")
-        if not c:
-            continue
-        f = c["fidelity_vs_float"]
-        line = (f"  {name:<12} {t['runtime']}: agreement with simulation {c['argmax_agreement_vs_simulation']:.2%}, "
-                f"max diff {c['max_abs_diff_lsb']:.0f} LSB; vs float: top-1 agreement {f['top1_agreement']:.2%}, "
-                f"top-5 {f['top5_agreement']:.2%}, SQNR {f['sqnr_db']} dB")
-        if "top1" in c:
-            line += f"; top-1 float {c['top1']['float']:.2%} runtime {c['top1']['runtime']:.2%}"
-        if lat:
-            line += f"; latency {lat['int8_ms']} ms (float {lat['float_ms']} ms, x{lat['speedup_vs_float']})"
-        typer.echo(line)
+        if t.get("checks") or t.get("latency"):
+            typer.echo(target_line(name, t["runtime"], t.get("checks"), t.get("latency")))
+    if m.get("check_command"):
+        typer.echo(f"re-check: {m['check_command']}")
+
+
+@app.command()
+def check(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by eptq-deploy quantize.")],
+    data: Annotated[Path, typer.Option(help="Images to run: a folder, or an .npz/.npy array (preprocessed as the "
+                                            "bundle's manifest states).")],
+    labels: Annotated[Path | None, typer.Option(help="Labels: a CSV (filename,class_index) for an image folder; "
+                                                     "an .npz's own 'labels' array is used by default.")] = None,
+    target: Annotated[str | None, typer.Option(help="Check one target (default: every target in the bundle).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N samples.")] = None,
+    min_agreement: Annotated[float, typer.Option(help="Fail (exit 1) when the runtime's argmax agrees with the "
+                                                      "simulation on fewer than this fraction of samples.")] = 0.99,
+    threads: Annotated[int, typer.Option(help="Runtime threads.")] = 2,
+) -> None:
+    """Re-run a bundle's model files on their runtimes and compare with its simulation."""
+
+    def body() -> None:
+        from . import api
+        from .bundle import read_manifest
+        from .data import Preset, load_data, load_labels
+
+        if not 0.0 <= min_agreement <= 1.0:
+            raise UsageError(f"--min-agreement {min_agreement} must be a fraction between 0 and 1, e.g. 0.995")
+        m = read_manifest(bundle)
+        pre = (m.get("input") or {}).get("preprocessing") if isinstance(m.get("input"), dict) else None
+        preset = None
+        if isinstance(pre, dict):
+            try:
+                preset = Preset(int(pre["resize"]), int(pre["crop"]), tuple(map(float, pre["mean"])),
+                                tuple(map(float, pre["std"])), float(pre["scale"]))
+            except (KeyError, TypeError, ValueError):
+                raise UsageError(f"{bundle}/manifest.json input.preprocessing is malformed; re-export the bundle") from None
+        names: list[str] = []
+        x = load_data(data, preset, limit=limit, names=names)
+        y = load_labels(labels if labels is not None else data, limit=limit, names=names)
+        results = api.check(bundle, x, y, target=target, threads=threads)
+        typer.echo(f"bundle: {bundle} ({len(x)} samples from {data})")
+        worst = 1.0
+        for name, r in results.items():
+            typer.echo(target_line(name, r["runtime"], r["checks"], r["latency"]))
+            worst = min(worst, r["checks"]["argmax_agreement_vs_simulation"])
+        if worst < min_agreement:
+            typer.echo(f"error: agreement with the simulation {worst:.2%} is below --min-agreement "
+                       f"{min_agreement:.2%}", err=True)
+            raise typer.Exit(1)
+
+    _guard(body)
+
+
+@app.command()
+def bench(
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by eptq-deploy quantize.")],
+    target: Annotated[str | None, typer.Option(help="Time one target (default: every target in the bundle).")] = None,
+    threads: Annotated[int, typer.Option(help="Runtime threads.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Timed batch-1 runs per model (the median is reported).")] = 100,
+) -> None:
+    """Median batch-1 latency of each model file and its float twin on its runtime."""
+
+    def body() -> None:
+        from . import api
+
+        if repeats < 1:
+            raise UsageError(f"--repeats {repeats} must be at least 1")
+        typer.echo(f"bundle: {bundle}")
+        for name, r in api.bench(bundle, target=target, threads=threads, repeats=repeats).items():
+            typer.echo(target_line(name, r["runtime"], None, r["latency"]))
+
+    _guard(body)
 
 
 def _print_listing(rows: Callable[[], list[tuple[str, str]]]) -> None:

@@ -231,8 +231,13 @@ def _read_npy(path: Path) -> np.ndarray:
         raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); re-save it") from exc
 
 
-def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool) -> torch.Tensor:
-    """Every readable image under ``root`` (sorted, recursive), preprocessed."""
+def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool,
+                 names: list[str] | None = None) -> torch.Tensor:
+    """Every readable image under ``root`` (sorted, recursive), preprocessed.
+
+    ``names`` (if given) receives the relative path of every image loaded, in order,
+    so labels can be matched to the images actually read.
+    """
     files = sorted(
         (p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")),
         key=lambda p: p.relative_to(root).as_posix(),
@@ -250,6 +255,8 @@ def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool) 
                     converted += 1
                     img = img.convert("RGB")
                 images.append(np.asarray(_resize_crop(img, preset.resize, preset.crop)))
+                if names is not None:
+                    names.append(path.relative_to(root).as_posix())
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
             if not skip_bad:
                 raise DataError(
@@ -282,11 +289,13 @@ def load_data(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     skip_bad: bool = True,
+    names: list[str] | None = None,
 ) -> torch.Tensor:
     """Load an image folder, ``.npz`` or ``.npy`` as float32 NCHW.
 
     uint8 NHWC arrays and image files get the preset's preprocessing (default
-    "imagenet"); float NCHW arrays are taken as already preprocessed.
+    "imagenet"); float NCHW arrays are taken as already preprocessed. For a folder,
+    ``names`` receives the loaded files' relative paths (see ``load_labels``).
     """
     path = Path(path)
     p = get_preset(preset, resize=resize, crop=crop, mean=mean, std=std)
@@ -295,7 +304,7 @@ def load_data(
     if not path.exists():
         raise DataError(f"data path not found: {path}; give an image folder, .npz or .npy")
     if path.is_dir():
-        return _load_folder(path, p, limit, skip_bad)
+        return _load_folder(path, p, limit, skip_bad, names)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         arr = _read_npz_images(path)
@@ -310,9 +319,16 @@ def load_data(
     return _array_to_tensor(arr, p, path.name)
 
 
-def load_labels(path: str | Path, *, limit: int | None = None) -> np.ndarray | None:
-    """The ``labels`` array of an .npz as int64, or None when there is none."""
+def load_labels(path: str | Path, *, limit: int | None = None, names: list[str] | None = None) -> np.ndarray | None:
+    """Class labels as int64: the ``labels`` array of an .npz, or a CSV matched to image files.
+
+    A CSV needs a ``filename`` column and a ``class_index`` (or ``label``) column;
+    ``names`` are the loaded images' paths (``load_data(..., names=...)``), matched by
+    file name. Returns None for an .npz without labels.
+    """
     path = Path(path)
+    if path.suffix.lower() == ".csv":
+        return _csv_labels(path, names or [])
     if path.suffix.lower() != ".npz" or not path.is_file():
         return None
     with np.load(path, allow_pickle=False) as npz:
@@ -320,6 +336,30 @@ def load_labels(path: str | Path, *, limit: int | None = None) -> np.ndarray | N
             return None
         labels = np.asarray(npz["labels"]).astype(np.int64).reshape(-1)
     return labels[:limit] if limit is not None else labels
+
+
+def _csv_labels(path: Path, names: list[str]) -> np.ndarray:
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise DataError(f"cannot read labels file {path}: {e}; give a CSV with filename,class_index columns") from None
+    cols = set(rows[0]) if rows else set()
+    col = "class_index" if "class_index" in cols else "label" if "label" in cols else None
+    if "filename" not in cols or col is None:
+        raise DataError(f"labels file {path} needs columns filename and class_index (or label); it has: "
+                        f"{', '.join(sorted(cols)) or 'none'}")
+    try:
+        by_name = {Path(r["filename"]).name: int(r[col]) for r in rows}
+    except (TypeError, ValueError):
+        raise DataError(f"labels file {path}: column {col} must hold integers") from None
+    missing = [n for n in names if Path(n).name not in by_name]
+    if missing:
+        raise DataError(f"labels file {path} has no row for {len(missing)} image(s) (first: {missing[0]}); "
+                        "add them or remove the images")
+    return np.array([by_name[Path(n).name] for n in names], dtype=np.int64)
 
 
 # --------------------------------------------------------------------------- batching

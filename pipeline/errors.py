@@ -38,3 +38,7 @@ class UnsupportedOpError(ModelError):
 
 class TargetError(EptqError):
     """A target that cannot express the quantized graph, or whose runtime failed."""
+
+
+class BundleError(EptqError):
+    """A bundle whose files or manifest changed after export (failed verification)."""

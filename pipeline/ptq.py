@@ -85,8 +85,7 @@ def assign_activation_grids(g: QuantGraph, stats: dict[str, ActStats], profile, 
                 if p is not None and p.op in r.fixed_grids:
                     fixed = r.fixed_grids[p.op]
         if fixed is not None:
-            scale, zp, signed = fixed
-            qp = QParams(a.bits, signed, [scale], [zp])
+            qp = fixed_grid(fixed, profile)
         else:
             merged = stats[ts[0]]
             for t in ts[1:]:
@@ -95,6 +94,23 @@ def assign_activation_grids(g: QuantGraph, stats: dict[str, ActStats], profile, 
                                         signedness=a.signedness)
         for t in ts:
             g.tensors[t].quant = copy.deepcopy(qp)
+
+
+def fixed_grid(fixed: tuple[float, int, bool], profile) -> QParams:
+    """A target's fixed output grid, written the way the profile writes grids.
+
+    A signed grid whose zero point is the lowest code is the same set of real values as
+    the unsigned grid with zero point 0; a symmetric or unsigned profile gets the latter.
+    A power-of-two scale carries its exponent where the profile demands power-of-two grids.
+    """
+    a = profile.activations
+    scale, zp, signed = fixed
+    half = 2 ** (a.bits - 1)
+    if signed and zp == -half and (a.symmetric or a.signedness == "unsigned"):
+        signed, zp = False, 0
+    e = np.log2(scale)
+    exponent = [int(e)] if a.power_of_two and e == np.round(e) else None
+    return QParams(a.bits, signed, [scale], [zp], exponent=exponent)
 
 
 def quantize_weights(g: QuantGraph, fg: QuantGraph, profile, hessians: dict[str, np.ndarray] | None = None) -> None:

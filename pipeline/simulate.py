@@ -144,6 +144,14 @@ class RoundingRule:
         """Float32 values to codes, as the runtime's quantize op does."""
         raise NotImplementedError
 
+    def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
+        """Output codes of a non-weighted op where the runtime has its own integer kernel for it.
+
+        ``xs`` are the input codes on grids ``qps``; None means the runtime dequantizes,
+        computes in float and quantizes (the default).
+        """
+        return None
+
 
 class FloatHalfEvenRule(RoundingRule):
     """onnxruntime: float32 multiplier, float32 product, round half to even."""
@@ -166,7 +174,203 @@ class FloatHalfEvenRule(RoundingRule):
         return q.clamp(qp.qmin, qp.qmax).double()
 
 
-ROUNDING: dict[str, RoundingRule] = {r.name: r for r in (FloatHalfEvenRule(),)}
+# ------------------------------------------------------ TFLite fixed point
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+
+
+def round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """``std::round`` (TfLiteRound): ties away from zero, exact for any float."""
+    t = torch.trunc(v)
+    return torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
+
+
+def quantize_multiplier(m: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """``tflite::QuantizeMultiplier``: real multipliers -> (Q31 multiplier, shift), int64 arrays."""
+    mant, shift = np.frexp(np.asarray(m, dtype=np.float64))
+    q = np.sign(mant) * np.floor(np.abs(mant) * 2.0**31 + 0.5)
+    top = q == 2.0**31
+    q, shift = np.where(top, q / 2, q), np.where(top, shift + 1, shift)
+    tiny = shift < -31
+    return np.where(tiny, 0, q).astype(np.int64), np.where(tiny, 0, shift).astype(np.int64)
+
+
+def _srdhm(a: torch.Tensor, b: torch.Tensor | int, bits: int = 32) -> torch.Tensor:
+    """gemmlowp SaturatingRoundingDoublingHighMul on int64 tensors holding int32 (or int16) values."""
+    lo = -(2 ** (bits - 1))
+    ab = a * b
+    half = 1 << (bits - 2)
+    r = torch.div(ab + torch.where(ab >= 0, half, 1 - half), 2 * half, rounding_mode="trunc")
+    return torch.where((a == lo) & (torch.as_tensor(b) == lo), -lo - 1, r)
+
+
+def _rdbpot(x: torch.Tensor, e: torch.Tensor | int) -> torch.Tensor:
+    """gemmlowp RoundingDivideByPOT: x / 2**e rounded half away from zero."""
+    e = torch.as_tensor(e, dtype=torch.int64)
+    mask = (1 << e) - 1
+    threshold = (mask >> 1) + (x < 0).long()
+    return (x >> e) + ((x & mask) > threshold).long()
+
+
+def multiply_by_quantized_multiplier(x: torch.Tensor, q: torch.Tensor | int, shift: torch.Tensor | int) -> torch.Tensor:
+    """``tflite::MultiplyByQuantizedMultiplier`` (double rounding, as the ai-edge-litert wheels are built)."""
+    shift = torch.as_tensor(shift, dtype=torch.int64)
+    left, right = shift.clamp(min=0), (-shift).clamp(min=0)
+    return _rdbpot(_srdhm(x * (1 << left), torch.as_tensor(q, dtype=torch.int64)), right)
+
+
+def _container_offset(qp: QParams) -> int:
+    """TFLite holds every 8-bit activation as int8: an unsigned grid's codes shift by -128."""
+    return 0 if qp.signed else 2 ** (qp.bits - 1)
+
+
+def hardsigmoid_as_depthwise(s_in: float) -> tuple[int, np.float32, int]:
+    """TFLite has no HARD_SIGMOID: x/6 + 1/2 runs as a 1x1 depthwise conv with these
+    (weight code, weight scale, int32 bias); the target writes them, the simulation runs them."""
+    w_scale = np.float32(1.0 / (6 * 127))
+    return 127, w_scale, int(np.round(0.5 / (np.float64(np.float32(s_in)) * np.float64(w_scale))))
+
+
+class TfliteRule(RoundingRule):
+    """TFLite int8 kernels (ai-edge-litert): Q31 fixed-point multipliers, ties away from zero.
+
+    Conv, depthwise and fully connected requantise with ``MultiplyByQuantizedMultiplier``
+    of double(s_in) * double(s_w) / double(s_out); ADD, MUL, MEAN, AVERAGE_POOL_2D,
+    RELU/RELU6, HARD_SWISH and LOGISTIC follow their own reference kernels
+    (``integer_op``), which work on int8 containers. ``multiplier`` returns the quantized
+    multiplier as the float64 value q * 2**(shift - 31), which holds both exactly.
+    """
+
+    name = "tflite"
+
+    def round(self, v: torch.Tensor) -> torch.Tensor:
+        return round_half_away(v)
+
+    def multiplier(self, s_in: np.ndarray, s_w: np.ndarray, s_out: np.ndarray) -> torch.Tensor:
+        m = np.float64(np.float32(s_in)) * np.asarray(s_w, np.float32).astype(np.float64) / np.float64(np.float32(s_out))
+        q, shift = quantize_multiplier(m)
+        return torch.from_numpy(np.ldexp(q.astype(np.float64), shift - 31))
+
+    def requantize(self, acc: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+        mant, e = torch.frexp(mult)
+        return multiply_by_quantized_multiplier(acc.long(), (mant * 2.0**31).long(), e.long()).double()
+
+    def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
+        s = torch.tensor(float(qp.scale[0]), dtype=torch.float32)
+        q = round_half_away(x.float() / s) + float(qp.zero_point[0])
+        return q.clamp(qp.qmin, qp.qmax).double()
+
+    def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
+        kernel = {"add": self._add, "mul": self._mul, "relu": self._relu, "relu6": self._relu,
+                  "global_avg_pool": self._global_avg_pool, "avg_pool2d": self._avg_pool2d, "hardswish": self._hardswish,
+                  "sigmoid": self._sigmoid, "hardsigmoid": self._hardsigmoid}.get(n.op)
+        if kernel is None:
+            return None
+        y = kernel(n, [x.long() for x in xs], qps, out)
+        return None if y is None else y.clamp(out.qmin, out.qmax).double()
+
+    # the kernels: int64 codes on the graph's grids in, int64 codes out (clamped by the caller)
+    @staticmethod
+    def _scalar_multiplier(m: float) -> tuple[int, int]:
+        q, shift = quantize_multiplier(m)
+        return int(q), int(shift)
+
+    def _add(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        s1, s2, so = (float(np.float32(p.scale[0])) for p in (*qps, out))
+        twice_max = 2.0 * max(s1, s2)
+        acc = 0
+        for x, qp, s in zip(xs, qps, (s1, s2), strict=True):
+            q, shift = self._scalar_multiplier(s / twice_max)
+            acc = acc + _rdbpot(_srdhm((x - int(qp.zero_point[0])) * (1 << 20), q), -shift)
+        q, shift = self._scalar_multiplier(twice_max / (2.0**20 * so))
+        return _rdbpot(_srdhm(acc, q), -shift) + int(out.zero_point[0])
+
+    def _mul(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        m = np.float32(qps[0].scale[0]) * np.float32(qps[1].scale[0]) / np.float32(out.scale[0])  # float, as mul.cc
+        q, shift = self._scalar_multiplier(float(m))
+        prod = (xs[0] - int(qps[0].zero_point[0])) * (xs[1] - int(qps[1].zero_point[0]))
+        return multiply_by_quantized_multiplier(prod, q, shift) + int(out.zero_point[0])
+
+    def _relu(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        q, shift = self._scalar_multiplier(float(np.float32(qps[0].scale[0]) / np.float32(out.scale[0])))
+        y = multiply_by_quantized_multiplier(xs[0] - int(qps[0].zero_point[0]), q, shift) + int(out.zero_point[0])
+        lo, hi = activation_bounds(n.op, out, self)
+        return y.clamp(int(lo), int(hi))
+
+    def _global_avg_pool(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """reference_ops::QuantizedMeanOrSum: the 1/N folds into the multiplier."""
+        count = xs[0].shape[2] * xs[0].shape[3]
+        q, shift = self._scalar_multiplier(float(np.float32(qps[0].scale[0])) / float(np.float32(out.scale[0])))
+        k = min(count.bit_length() - 1, 32, 31 + shift)
+        q, shift = (q << k) // count, shift - k
+        acc = (xs[0] - int(qps[0].zero_point[0])).sum((2, 3), keepdim=True)
+        return multiply_by_quantized_multiplier(acc, q, shift) + int(out.zero_point[0])
+
+    def _avg_pool2d(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
+        """reference_integer_ops::AveragePool on int8 codes; padding either skipped (SAME) or the zero point."""
+        if not _same_grid(qps[0], out):
+            return None
+        off, a = _container_offset(out), n.attrs
+        x = (xs[0] - off).double()
+        t, l, b, r = a["pads"]
+        if a["count_include_pad"]:  # an explicit PAD with the zero point, then a VALID pool
+            x, pad = F.pad(x, (l, r, t, b), value=float(out.zero_point[0] - off)), (0, 0)
+        elif (t, l) == (b, r):  # SAME: the pixels outside do not count
+            pad = (t, l)
+        else:
+            return None
+        total = F.avg_pool2d(x, a["kernel"], a["stride"], pad, divisor_override=1)
+        count = F.avg_pool2d(torch.ones_like(x[:1, :1]), a["kernel"], a["stride"], pad, divisor_override=1)
+        acc, count = total.long(), count.long()
+        y = torch.sign(acc) * torch.div(acc.abs() + count // 2, count, rounding_mode="floor")
+        return y + off
+
+    def _hardswish(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """reference_ops::HardSwish: int16 fixed point."""
+        hires = np.float32(1.0 / 128.0) * np.float32(qps[0].scale[0])
+        q_out, e_out = self._scalar_multiplier(float(hires / np.float32(out.scale[0])))
+        q_relu, e_relu = self._scalar_multiplier(float(hires / np.float32(3.0 / 32768.0)))
+        m_out, m_relu = _downscale_to_int16(q_out), _downscale_to_int16(q_relu)
+        x = (xs[0] - int(qps[0].zero_point[0])) * 128
+        pre_out = _srdhm(x, m_out, 16)
+        relu = x
+        if e_relu > 0:
+            relu = (relu * (1 << (e_relu - 1))).clamp(-32768, 32767)
+        relu = _srdhm(relu, m_relu, 16)
+        if e_relu > 0:
+            relu = (relu * 2).clamp(-32768, 32767)
+        if e_relu < 0:
+            relu = _rdbpot(relu, -e_relu)
+        relu = (relu + 32768) >> 1
+        prod = relu * pre_out
+        y = torch.where((relu == -32768) & (pre_out == -32768), 32767, torch.div(prod, 1 << 15, rounding_mode="trunc"))
+        return _rdbpot(y, -e_out) + int(out.zero_point[0])
+
+    def _sigmoid(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """LOGISTIC's 256-entry table, built in float32 as LUTPopulate does."""
+        qi, off_in, off_out = qps[0], _container_offset(qps[0]), _container_offset(out)
+        v = np.arange(-128, 128)
+        deq = np.float32(qi.scale[0]) * (v - (int(qi.zero_point[0]) - off_in)).astype(np.float32)
+        e = np.exp(-deq.astype(np.float64)).astype(np.float32)
+        y = np.float32(1.0) / (np.float32(1.0) + e)
+        r = round_half_away(torch.from_numpy(y * (np.float32(1.0) / np.float32(out.scale[0])))).numpy()
+        table = torch.from_numpy(np.clip(r + (int(out.zero_point[0]) - off_out), -128, 127).astype(np.int64))
+        return table[xs[0] - off_in + 128] + off_out
+
+    def _hardsigmoid(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """The 1x1 depthwise conv of ``hardsigmoid_as_depthwise`` with a fused RELU."""
+        w, w_scale, bias = hardsigmoid_as_depthwise(float(qps[0].scale[0]))
+        q, shift = quantize_multiplier(np.float64(np.float32(qps[0].scale[0])) * np.float64(w_scale) / np.float64(np.float32(out.scale[0])))
+        acc = (xs[0] - int(qps[0].zero_point[0])) * w + bias
+        y = multiply_by_quantized_multiplier(acc, int(q), int(shift)) + int(out.zero_point[0])
+        return y.clamp(min=int(out.zero_point[0]))
+
+
+def _downscale_to_int16(q: int) -> int:
+    """``DownScaleInt32ToInt16Multiplier``."""
+    return 32767 if q >= _I32_MAX - (1 << 15) else (q + (1 << 15)) >> 16
+
+
+ROUNDING: dict[str, RoundingRule] = {r.name: r for r in (FloatHalfEvenRule(), TfliteRule())}
 
 
 def get_rule(name: str) -> RoundingRule:
@@ -220,8 +424,10 @@ def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
         elif n.op == "concat" and all(_same_grid(T[i].quant, out) for i in n.inputs):
             y = float_op(n, [env[i] for i in n.inputs])
         else:
-            xs = [dequantize(env[i], T[i].quant) for i in n.inputs]
-            y = rule.quantize(float_op(n, xs), out)
+            y = rule.integer_op(n, [env[i] for i in n.inputs], [T[i].quant for i in n.inputs], out)
+            if y is None:
+                xs = [dequantize(env[i], T[i].quant) for i in n.inputs]
+                y = rule.quantize(float_op(n, xs), out)
             if n.op == "add" and n.attrs.get("activation", "none") != "none":
                 lo, hi = activation_bounds(n.attrs["activation"], out, rule)
                 y = y.clamp(lo, hi)
