@@ -22,7 +22,8 @@ from eptq_deploy.errors import UsageError
 from eptq_deploy.graph import QuantGraph, TargetRules
 
 TARGET_ENTRY_POINT_GROUP = "eptq_deploy.targets"
-_BUILTIN = {"onnx-qdq": "eptq_deploy.targets.onnx_qdq:OnnxQdqTarget"}
+_BUILTIN = {"onnx-qdq": "eptq_deploy.targets.onnx_qdq:OnnxQdqTarget",
+            "openvino-ir": "eptq_deploy.targets.openvino_ir:OpenVinoIrTarget"}
 
 
 class Runner(ABC):

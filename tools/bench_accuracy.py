@@ -1,4 +1,4 @@
-"""Accuracy benchmark: the CIFAR-10 ResNets, quantized and checked on the real runtime.
+"""Accuracy benchmark: the CIFAR-10 ResNets and EfficientNet-Lite0, quantized and checked on the real runtime.
 
 For each (model, profile, weight bits, method) the model is quantized once with the
 public API, calibrated on 1,024 JPEG training images (the first 1,024 of
@@ -6,7 +6,9 @@ public API, calibrated on 1,024 JPEG training images (the first 1,024 of
 then exported to every requested target with the labelled test set
 (``test_jpeg_q75.npz``, all 10,000 images unless ``--eval-limit``). Every accuracy and
 latency number is read back from the bundle's ``manifest.json``, i.e. measured on the
-target's own runtime, never taken from the simulation alone.
+target's own runtime, never taken from the simulation alone. EfficientNet-Lite0 runs on
+the 1,000 ImageNet validation samples of ``imagenet_samples/``: calibrated on one half
+(``RandomState(0).permutation(1000)[:500]``), top-1 against ``labels.csv`` on the other.
 
     python tools/bench_accuracy.py --model resnet20 --profile int8-pot --target onnx-qdq
     python tools/bench_accuracy.py --model all --target all --eval-limit 500
@@ -49,6 +51,9 @@ from eptq_deploy.targets import get_target, list_targets
 from eptq_deploy.zoo import BUILTIN_MODELS, load_cifar_resnet, shared_data_dir
 
 CIFAR_MODELS = [name for name, spec in BUILTIN_MODELS.items() if spec.preset == "cifar"]
+IMAGENET_MODELS = ["efficientnet_lite0"]
+MODELS = CIFAR_MODELS + IMAGENET_MODELS
+IMAGENET_DIR = "imagenet_samples"
 CALIB_FILE = "cifar10/train_subset5000_jpeg_q75.npz"
 TEST_FILE = "cifar10/test_jpeg_q75.npz"
 CALIB_SAMPLES = 1024
@@ -85,7 +90,37 @@ def load_cifar(eval_limit: int | None) -> tuple[torch.Tensor, torch.Tensor, np.n
     return calib, preprocess_uint8(images, "cifar"), np.asarray(labels, dtype=np.int64)
 
 
+def load_imagenet_samples(eval_limit: int | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(calibration half, evaluation half, its labels) of the ImageNet samples, "lite" preprocessing."""
+    from eptq_deploy.data import load_data, load_labels
+
+    root = shared_data_dir()
+    folder = root / IMAGENET_DIR if root is not None else None
+    if folder is None or not (folder / "labels.csv").is_file():
+        raise Skip(f"ImageNet samples not found ({IMAGENET_DIR}/images and labels.csv under the data folder)")
+    names: list[str] = []
+    x = load_data(folder / "images", "lite", names=names)
+    y = load_labels(folder / "labels.csv", names=names)
+    order = np.random.RandomState(CALIB_SEED).permutation(len(x))
+    half = len(x) // 2
+    calib, ev = order[:half], order[half:]
+    if eval_limit is not None:
+        ev = ev[:eval_limit]
+    return x[calib], x[ev], y[ev]
+
+
+def family(model: str) -> str:
+    """Which dataset a model is benchmarked on."""
+    return "imagenet" if model in IMAGENET_MODELS else "cifar"
+
+
+def load_dataset(model: str, eval_limit: int | None) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    return load_imagenet_samples(eval_limit) if family(model) == "imagenet" else load_cifar(eval_limit)
+
+
 def load_model(name: str) -> torch.nn.Module:
+    if name in IMAGENET_MODELS:
+        return BUILTIN_MODELS[name].factory()
     path = BUILTIN_MODELS[name].default_weights()
     if path is None:
         raise Skip(f"{name} weights not found (models/resnet_cifar10/{name}-*.th under the data folder)")
@@ -162,7 +197,7 @@ def run_row(model_name: str, model: torch.nn.Module, profile: str, weight_bits: 
     with PeakRss() as rss:
         t0 = time.perf_counter()
         qm = eptq_deploy.quantize(model, calib, profile=prof, targets=ok, method=method, weight_bits=None,
-                                  samples=CALIB_SAMPLES, seed=CALIB_SEED, progress=False, **options)
+                                  samples=min(CALIB_SAMPLES, len(calib)), seed=CALIB_SEED, progress=False, **options)
         quant_s = time.perf_counter() - t0
     print(f".. quantized in {quant_s:.1f} s; exporting and evaluating {len(test_x)} images",
           file=sys.stderr, flush=True)
@@ -281,7 +316,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", action="append", metavar="NAME",
-                   help=f"{'|'.join(CIFAR_MODELS)}|all; repeatable or comma list (default resnet20)")
+                   help=f"{'|'.join(MODELS)}|all; repeatable or comma list (default resnet20)")
     p.add_argument("--profile", action="append", metavar="NAME",
                    help="hardware profile name or YAML path; repeatable or comma list (default int8-pot)")
     p.add_argument("--weight-bits", type=_positive, default=None, help="override the profile's weight bits")
@@ -303,10 +338,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
 
     models = _names(args.model, ["resnet20"])
-    args.models = CIFAR_MODELS if "all" in models else models
-    bad = [m for m in args.models if m not in CIFAR_MODELS]
+    args.models = MODELS if "all" in models else models
+    bad = [m for m in args.models if m not in MODELS]
     if bad:
-        p.error(f"unknown model(s) {', '.join(bad)}; choose from {', '.join(CIFAR_MODELS)} or all")
+        p.error(f"unknown model(s) {', '.join(bad)}; choose from {', '.join(MODELS)} or all")
     args.methods = _names(args.method, ["ptq"])
     bad = [m for m in args.methods if m not in METHODS]
     if bad:
@@ -333,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        data = load_cifar(args.eval_limit)
+        datasets = {f: load_dataset(m, args.eval_limit) for f, m in {family(m): m for m in args.models}.items()}
     except Skip as e:
         print(f"bench_accuracy: skipped: {e}")
         return 0
@@ -344,6 +379,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     try:
         for model_name in args.models:
+            data = datasets[family(model_name)]
             model = None
             for profile in args.profiles:
                 for method in args.methods:
