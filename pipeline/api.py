@@ -135,7 +135,9 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     if method in ("eptq", "adaround"):
         cfg = EptqConfig()
         known = {"iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.lr, "bias_lr": cfg.bias_lr,
-                 "reg_weight": cfg.reg_weight, "hessian": "eptq", "n_draws": 32, "hmse": True, "bias_tune": cfg.bias_tune, "act_ramp": cfg.act_ramp}
+                 "reg_weight": cfg.reg_weight, "hessian": "eptq", "n_draws": 32, "hmse": True, "bias_tune": cfg.bias_tune, "act_ramp": cfg.act_ramp,
+                 "max_memory": cfg.max_memory, "checkpoint_dir": cfg.checkpoint_dir, "resume": cfg.resume,
+                 "checkpoint_every": cfg.checkpoint_every}
     unknown = sorted(set(options) - set(known))
     if unknown:
         allowed = ", ".join(sorted(known)) or "none"
@@ -147,6 +149,8 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         for k in ("iters", "batch_size", "n_draws"):
             if not isinstance(out[k], int) or out[k] < 1:
                 raise UsageError(f"{k}={out[k]!r} must be a positive integer")
+        if out["max_memory"] is not None and (not isinstance(out["max_memory"], int) or out["max_memory"] < 1):
+            raise UsageError(f"max_memory={out['max_memory']!r} must be a number of bytes, e.g. 4000000000")
     return out
 
 
@@ -163,7 +167,9 @@ def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: lis
     timings["hessian"] = round(time.perf_counter() - t, 3)
     qg = ptq(fg, stats, prof, rules, hessians=whess if opts["hmse"] else None)
     cfg = EptqConfig(iters=opts["iters"], batch_size=opts["batch_size"], lr=opts["lr"], bias_lr=opts["bias_lr"],
-                     reg_weight=opts["reg_weight"], bias_tune=opts["bias_tune"], act_ramp=opts["act_ramp"], seed=seed)
+                     reg_weight=opts["reg_weight"], bias_tune=opts["bias_tune"], act_ramp=opts["act_ramp"], seed=seed,
+                     max_memory=opts["max_memory"], checkpoint_dir=opts["checkpoint_dir"], resume=bool(opts["resume"]),
+                     checkpoint_every=opts["checkpoint_every"])
     t = time.perf_counter()
     if info["method"] == "adaround":
         qg, log = optimize_layerwise(qg, fg, x, cfg, prof.bias_bits, progress)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import shlex
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -23,10 +24,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 T = TypeVar("T")
 
 
+def _warning_line(message: Warning | str, category: type[Warning], *_: Any, **__: Any) -> None:
+    """Show a warning as one ``warning:`` line (not Python's file:line plus source line)."""
+    text = " ".join(str(message).split())
+    typer.echo(f"warning: {text}", err=True)
+
+
 def _guard(fn: Callable[[], T]) -> T:
     """Run a command body; turn the project's errors into one line and an exit code."""
     try:
-        return fn()
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_line
+            return fn()
     except EptqError as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(e.exit_code) from None
@@ -42,6 +51,19 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.split(","))
     except ValueError:
         raise UsageError(f"--{what} {text!r} is not a comma-separated list of numbers; e.g. 0.485,0.456,0.406") from None
+
+
+def _bytes(text: str) -> int:
+    """'4G', '512M', '100000' -> bytes."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        value = -1
+    if value < 1:
+        raise UsageError(f"--max-memory {text!r} is not a size; write e.g. 4G, 512M or a number of bytes")
+    return int(value)
 
 
 def _command_line() -> str:
@@ -62,6 +84,12 @@ def quantize(
     method: Annotated[str, typer.Option(help="Quantization method: ptq (calibrated round-to-nearest) or eptq "
                                               "(Hessian-guided network-wise rounding optimisation).")] = "ptq",
     iters: Annotated[int | None, typer.Option(help="EPTQ optimisation iterations (default 800).")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="Memory for EPTQ's float-activation cache, e.g. 4G or "
+                                                        "512M (default: half the available RAM); above it the "
+                                                        "activations are recomputed per batch instead.")] = None,
+    checkpoint_dir: Annotated[Path | None, typer.Option(help="Save the EPTQ optimisation state here as it runs "
+                                                             "(kept on Ctrl-C; outside the bundle).")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue an interrupted EPTQ run from --checkpoint-dir.")] = False,
     weight_bits: Annotated[int | None, typer.Option(help="Weight bit width, one the profile allows.")] = None,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for MODEL (loaded with weights_only=True).")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Load a pickled full model: this RUNS CODE FROM THE FILE; only "
@@ -75,6 +103,9 @@ def quantize(
     std: Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225.")] = None,
     samples: Annotated[int | None, typer.Option(help="Calibration samples (default: up to 1024).")] = None,
     check_samples: Annotated[int, typer.Option(help="Held-out samples run on each runtime for the report.")] = 500,
+    skip_bad_data: Annotated[bool, typer.Option("--skip-bad-data/--strict-data",
+                                                help="Skip unreadable or non-image files in a --data folder "
+                                                     "(counted in one warning), or refuse the folder.")] = True,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same bundle).")] = 0,
     out: Annotated[Path, typer.Option(help="Bundle folder to create.")] = Path("build/bundle"),
     force: Annotated[bool, typer.Option(help="Replace an existing bundle folder.")] = False,
@@ -92,10 +123,16 @@ def quantize(
 
             run_demo(out=out, force=force, threads=threads, progress=progress, command=_command_line())
             return
-        options = {} if iters is None else {"iters": iters}
+        options: dict[str, Any] = {} if iters is None else {"iters": iters}
+        if max_memory is not None:
+            options["max_memory"] = _bytes(max_memory)
+        if checkpoint_dir is not None or resume:
+            if method != "eptq":
+                raise UsageError(f"--checkpoint-dir/--resume apply to --method eptq, not {method}; drop them or use eptq")
+            options.update(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=resume)
         run_quantize(model, data, profile, target, method, weight_bits, weights, allow_pickle, preset, resize, crop,
                      _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
-                     progress, options, labels)
+                     progress, options, labels, skip_bad=skip_bad_data)
 
     _guard(body)
 
@@ -104,7 +141,8 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
                  weight_bits: int | None, weights: Path | None, allow_pickle: bool, preset: str | None,
                  resize: int | None, crop: int | None, mean: Any, std: Any, samples: int | None, check_samples: int,
                  seed: int, out: Path, force: bool, threads: int, progress: bool,
-                 options: dict[str, Any] | None = None, labels_path: Path | None = None) -> Path:
+                 options: dict[str, Any] | None = None, labels_path: Path | None = None,
+                 skip_bad: bool = True) -> Path:
     """Load, quantize, export: what ``eptq-deploy quantize MODEL`` does."""
     from . import api
     from .bundle import refuse_existing
@@ -126,7 +164,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     net, hints = load_model(model, str(weights) if weights else None, allow_pickle=allow_pickle)
     pre = get_preset(preset or hints.get("preset"), resize=resize, crop=crop, mean=mean, std=std)
     names: list[str] = []
-    x = load_data(data, pre, skip_bad=True, names=names)
+    x = load_data(data, pre, skip_bad=skip_bad, names=names)
     labels = load_labels(labels_path if labels_path is not None else data, names=names)
     n_cal = min(samples or api.DEFAULT_SAMPLES, len(x))
     if samples is not None and samples > len(x):

@@ -17,9 +17,15 @@ is hard (h >= 0.5) and the result is an ordinary quantized graph.
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
+import signal
+import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -27,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .errors import EptqError, UsageError
 from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph
 from .ptq import set_bias
 from .simulate import _conv, apply_activation, float_op, run_float
@@ -50,6 +57,10 @@ class EptqConfig:
     bias_tune: float = 0.1  # extra bias-only iterations after hard rounding, as a fraction of iters
     device: str | None = None  # None: CUDA when available, else the CPU
     seed: int = 0
+    max_memory: int | None = None  # bytes for the float-activation cache; None: half the available RAM
+    checkpoint_dir: str | None = None  # save the optimisation state here (survives Ctrl-C)
+    checkpoint_every: int = 50  # iterations between checkpoints
+    resume: bool = False  # continue from checkpoint_dir's state
 
 
 # --------------------------------------------------------------- the pieces
@@ -193,7 +204,7 @@ class FakeQuantNetwork(torch.nn.Module):
 
 
 @torch.no_grad()
-def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: dict[str, torch.Tensor],
+def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: FloatActivations,
                     attention: dict[str, torch.Tensor], layers: list[str], loss0: float,
                     gen: torch.Generator, mgen: torch.Generator, n: int = 256) -> dict[str, float]:
     """How decided the rounding is, and the task loss with soft versus hard rounding."""
@@ -203,7 +214,7 @@ def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: dict[str, to
     for mode in (False, True):
         net.hard = mode
         _, qa = net(x[idx], 1.0, mgen, set(layers))
-        loss = eptq_loss(qa, {t: f_acts[t][idx] for t in layers}, {t: attention[t][idx] for t in layers}) / loss0
+        loss = eptq_loss(qa, f_acts(idx), {t: attention[t][idx] for t in layers}) / loss0
         out["hard_task_loss" if mode else "soft_task_loss"] = round(float(loss), 5)
     net.hard = False
     return out
@@ -223,12 +234,120 @@ def cache_float_activations(fg: QuantGraph, x: torch.Tensor, layers: list[str], 
     return {t: torch.cat(v) for t, v in store.items()}
 
 
+def cache_bytes(fg: QuantGraph, layers: list[str], n: int) -> int:
+    """Bytes the float-activation cache takes for ``n`` samples (float32)."""
+    return 4 * n * sum(int(np.prod(fg.tensors[t].shape[1:])) for t in layers)
+
+
+def memory_budget(max_memory: int | None) -> int:
+    """The cache budget: ``max_memory`` bytes, or half the RAM available now."""
+    if max_memory is not None:
+        return max_memory
+    import psutil
+
+    return psutil.virtual_memory().available // 2
+
+
+class FloatActivations:
+    """The float targets of the loss: cached once when they fit the budget, else recomputed per batch.
+
+    Streaming costs one float forward pass per step but no memory beyond the batch,
+    and gives the cache's targets up to float summation order.
+    """
+
+    def __init__(self, fg: QuantGraph, x: torch.Tensor, layers: list[str], budget: int, device: torch.device) -> None:
+        self.fg, self.x, self.layers, self.device = fg, x.cpu(), layers, device
+        self.bytes = cache_bytes(fg, layers, len(x))
+        self.streamed = self.bytes > budget
+        self.cache = None if self.streamed else {t: a.to(device) for t, a in
+                                                 cache_float_activations(fg, x.cpu(), layers).items()}
+
+    def __call__(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        if self.cache is not None:
+            return {t: self.cache[t][idx] for t in self.layers}
+        acts = cache_float_activations(self.fg, self.x[idx.cpu()].cpu(), self.layers, batch_size=len(idx))
+        return {t: a.to(self.device) for t, a in acts.items()}
+
+
 def layer_attention(scores: dict[str, np.ndarray] | None, layers: list[str], n: int) -> dict[str, torch.Tensor]:
     """Per-sample, per-layer weights normalised by the largest per-layer mean score (uniform if None)."""
     if scores is None:
         return {t: torch.ones(n) for t in layers}
     norm = max(float(np.mean(scores[t])) for t in layers) or 1.0
     return {t: torch.from_numpy(scores[t].astype(np.float32)) / norm for t in layers}
+
+
+class Interrupted(EptqError):
+    """Ctrl-C during the optimisation, honoured at a step boundary."""
+
+    exit_code = 130
+
+
+@contextmanager
+def interrupt_at_step_boundary():
+    """Turn SIGINT into a flag the loop checks once per step (main thread only)."""
+    flag = {"hit": False}
+
+    def handler(signum, frame) -> None:
+        if flag["hit"]:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        flag["hit"] = True
+
+    try:
+        old = signal.signal(signal.SIGINT, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield flag
+        return
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, old)
+
+
+class Checkpoint:
+    """The optimisation state in ``folder/eptq_state.pt``, tied to one graph and config.
+
+    Written atomically (temporary file, then rename) and read with
+    ``weights_only=True``; a checkpoint made for another model or other options is
+    refused rather than silently mixed in.
+    """
+
+    def __init__(self, folder: str | os.PathLike, qg: QuantGraph, x: torch.Tensor, cfg: EptqConfig) -> None:
+        self.path = Path(folder) / "eptq_state.pt"
+        h = hashlib.sha256()
+        for n in qg.nodes:
+            if n.op in WEIGHTED_OPS:
+                h.update(qg.tensors[n.inputs[1]].data.tobytes())
+                h.update(qg.tensors[n.inputs[1]].quant.scale.tobytes())
+        h.update(x[:: max(1, len(x) // 16)].numpy().tobytes())
+        keep = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume", "max_memory", "device")}
+        h.update(repr(sorted(keep.items())).encode())
+        self.key = h.hexdigest()
+
+    def save(self, state: dict[str, Any]) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=".eptq_state-", dir=self.path.parent)
+            with os.fdopen(fd, "wb") as f:
+                torch.save({"key": self.key, **state}, f)
+            os.replace(tmp, self.path)
+        except OSError as e:
+            raise EptqError(f"cannot write the EPTQ checkpoint to {self.path.parent}: {e.strerror or e}; "
+                            "choose a writable --checkpoint-dir with free space") from None
+
+    def load(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            raise UsageError(f"--resume but there is no checkpoint in {self.path.parent}; run once with "
+                             "--checkpoint-dir first, or drop --resume")
+        try:
+            state = torch.load(self.path, weights_only=True, map_location="cpu")
+        except Exception as e:  # truncated or foreign file: one line, no traceback
+            raise UsageError(f"cannot read the EPTQ checkpoint {self.path}: {type(e).__name__}; delete it and "
+                             "start again without --resume") from None
+        if not isinstance(state, dict) or state.get("key") != self.key:
+            raise UsageError(f"the checkpoint in {self.path.parent} was made for another model, data or options; "
+                             "use the same command as the interrupted run, or drop --resume")
+        return state
 
 
 def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, np.ndarray] | None,
@@ -241,7 +360,10 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     layers = [n.outputs[0] for n in qg.nodes if n.op in WEIGHTED_OPS]
     layer_set = set(layers)
     t0 = time.perf_counter()
-    f_acts = {t: a.to(dev) for t, a in cache_float_activations(fg, x, layers).items()}
+    ckpt = Checkpoint(cfg.checkpoint_dir, qg, x, cfg) if cfg.checkpoint_dir else None
+    if cfg.resume and ckpt is None:
+        raise UsageError("--resume needs --checkpoint-dir (where the interrupted run saved its state)")
+    float_acts = FloatActivations(fg, x, layers, memory_budget(cfg.max_memory), dev)
     attention = {t: a.to(dev) for t, a in layer_attention(scores, layers, len(x)).items()}
     x = x.to(dev)
     net = FakeQuantNetwork(qg, fg).to_device(dev)
@@ -251,49 +373,89 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     ])
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * step / max(cfg.iters, 1))))
     n_weights = sum(v.numel() for v in net.V.values())
-    # the task loss at the start (all activations quantized) sets the regulariser's scale
-    with torch.no_grad():
-        idx0 = torch.randperm(len(x), generator=gen)[: cfg.batch_size]
-        _, qa = net(x[idx0], 1.0, mgen, layer_set)
-        loss0 = float(eptq_loss(qa, {t: f_acts[t][idx0] for t in layers}, {t: attention[t][idx0] for t in layers}))
-    loss0 = loss0 if loss0 > 0 and math.isfinite(loss0) else 1.0
-    log: dict[str, Any] = {"iters": cfg.iters, "initial_loss": loss0, "weights": n_weights, "device": str(dev), "curve": []}
-    bar = tqdm(range(cfg.iters), desc="eptq", unit="it", disable=not progress, leave=False)
-    for step in bar:
-        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
-        keep = min(1.0, (step + 1) / max(cfg.act_ramp * cfg.iters, 1))
+
+    def task_loss(idx: torch.Tensor, keep: float) -> torch.Tensor:
+        """The EPTQ loss on one batch, relative to the loss at the start."""
         _, qa = net(x[idx], keep, mgen, layer_set)
-        task = eptq_loss(qa, {t: f_acts[t][idx] for t in layers}, {t: attention[t][idx] for t in layers}) / loss0
-        beta = annealed_beta(step, cfg)
-        reg = torch.zeros((), device=dev)
-        if beta is not None:
-            reg = sum(rounding_regularizer(soft_rounding(v), beta) * v.numel() for v in net.V.values())
-        loss = task + cfg.reg_weight * reg
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 25 == 0 or step == cfg.iters - 1:
-            reg_mean = float(reg.detach()) / n_weights
-            log["curve"].append({"step": step, "task": round(float(task.detach()), 5), "reg": round(reg_mean, 5)})
-            bar.set_postfix(task=f"{float(task.detach()):.4f}", reg=f"{reg_mean:.3f}")
-    # hard rounding, then a short bias-only phase absorbs the mean shift of the flips
-    net.hard = True
-    for v in net.V.values():
-        v.requires_grad_(False)
-    bias_opt = torch.optim.Adam(list(net.bias.values()), lr=cfg.bias_lr)
-    for _ in range(int(cfg.bias_tune * cfg.iters)):
-        idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
-        _, qa = net(x[idx], 1.0, mgen, layer_set)
-        task = eptq_loss(qa, {t: f_acts[t][idx] for t in layers}, {t: attention[t][idx] for t in layers}) / loss0
-        bias_opt.zero_grad(set_to_none=True)
-        task.backward()
-        bias_opt.step()
+        return eptq_loss(qa, float_acts(idx), {t: attention[t][idx] for t in layers}) / loss0
+
+    # the task loss at the start (all activations quantized) sets the regulariser's scale
+    loss0 = 1.0
+    with torch.no_grad():
+        loss0 = float(task_loss(torch.randperm(len(x), generator=gen)[: cfg.batch_size], 1.0))
+    loss0 = loss0 if loss0 > 0 and math.isfinite(loss0) else 1.0
+    log: dict[str, Any] = {"iters": cfg.iters, "initial_loss": loss0, "weights": n_weights, "device": str(dev),
+                           "float_activations": "streamed" if float_acts.streamed else "cached",
+                           "float_activation_bytes": float_acts.bytes, "curve": []}
+    start = 0
+
+    def state(step: int) -> dict[str, Any]:
+        return {"step": step, "net": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                "opt": opt.state_dict(), "sched": sched.state_dict(), "gen": gen.get_state(),
+                "mgen": mgen.get_state().cpu(), "loss0": loss0, "curve": log["curve"]}
+
+    if cfg.resume:
+        st = ckpt.load()
+        net.load_state_dict({k: v.to(dev) for k, v in st["net"].items()})
+        opt.load_state_dict(st["opt"])
+        sched.load_state_dict(st["sched"])
+        gen.set_state(st["gen"])
+        mgen.set_state(st["mgen"].to(mgen.get_state().device))
+        loss0, start, log["curve"] = float(st["loss0"]), int(st["step"]), list(st["curve"])
+        log["resumed_from_step"] = start
+    bar = tqdm(range(start, cfg.iters), desc="eptq", unit="it", disable=not progress, leave=False,
+               initial=start, total=cfg.iters)
+    with interrupt_at_step_boundary() as stop:
+        for step in bar:
+            if stop["hit"]:
+                raise _interrupted(step, ckpt, state)
+            if ckpt is not None and step > start and step % cfg.checkpoint_every == 0:
+                ckpt.save(state(step))
+            idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+            task = task_loss(idx, min(1.0, (step + 1) / max(cfg.act_ramp * cfg.iters, 1)))
+            beta = annealed_beta(step, cfg)
+            reg = torch.zeros((), device=dev)
+            if beta is not None:
+                reg = sum(rounding_regularizer(soft_rounding(v), beta) * v.numel() for v in net.V.values())
+            loss = task + cfg.reg_weight * reg
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % 25 == 0 or step == cfg.iters - 1:
+                reg_mean = float(reg.detach()) / n_weights
+                log["curve"].append({"step": step, "task": round(float(task.detach()), 5), "reg": round(reg_mean, 5)})
+                bar.set_postfix(task=f"{float(task.detach()):.4f}", reg=f"{reg_mean:.3f}")
+        if ckpt is not None:
+            ckpt.save(state(cfg.iters))
+        # hard rounding, then a short bias-only phase absorbs the mean shift of the flips
+        net.hard = True
+        for v in net.V.values():
+            v.requires_grad_(False)
+        bias_opt = torch.optim.Adam(list(net.bias.values()), lr=cfg.bias_lr)
+        for _ in range(int(cfg.bias_tune * cfg.iters)):
+            if stop["hit"]:
+                raise _interrupted(cfg.iters, ckpt, None)
+            task = task_loss(torch.randint(0, len(x), (cfg.batch_size,), generator=gen), 1.0)
+            bias_opt.zero_grad(set_to_none=True)
+            task.backward()
+            bias_opt.step()
     net.hard = False
-    log.update(rounding_report(net, x, f_acts, attention, layers, loss0, gen, mgen))
+    log.update(rounding_report(net, x, float_acts, attention, layers, loss0, gen, mgen))
     g = net.finalize(qg, bias_bits)
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return g, log
+
+
+def _interrupted(step: int, ckpt: Checkpoint | None, state) -> Interrupted:
+    """Save the state at this step boundary (if checkpointing) and say how to go on."""
+    if ckpt is None:
+        return Interrupted(f"interrupted at EPTQ step {step}; nothing was written (pass --checkpoint-dir DIR to be "
+                           "able to --resume an interrupted run)")
+    if state is not None:
+        ckpt.save(state(step))
+    return Interrupted(f"interrupted at EPTQ step {step}; state saved in {ckpt.path.parent}, no bundle was written; "
+                       "run the same command with --resume to continue")
 
 
 def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: EptqConfig, bias_bits: int = 32,

@@ -127,3 +127,64 @@ def test_adaround_ablation_runs_and_respects_the_grid() -> None:
         w = qm.graph.tensors[n.inputs[1]]
         assert w.data.min() >= -8 and w.data.max() <= 7
         assert np.all(np.log2(w.quant.scale) == np.round(np.log2(w.quant.scale)))
+
+
+def _graph_bytes(qm) -> bytes:
+    g = qm.graph
+    return b"".join(g.tensors[n.inputs[i]].data.tobytes() for n in g.weighted_nodes() for i in (1, 2))
+
+
+def test_interrupt_and_resume_give_the_same_graph(tmp_path, monkeypatch) -> None:
+    """Ctrl-C at step 13 saves the state; --resume finishes bit-identical to an uninterrupted run."""
+    import os
+    import signal
+
+    from eptq_deploy import eptq as E
+
+    m, x = Tiny().eval(), _data(32)
+    kw = dict(profile="imx500", weight_bits=4, method="eptq", progress=False, iters=30, batch_size=8)
+    straight = eptq_deploy.quantize(m, x, **kw)
+
+    real_beta = E.annealed_beta
+
+    def ctrl_c_at_13(step, cfg):
+        if step == 13:
+            os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, as Ctrl-C sends
+        return real_beta(step, cfg)
+
+    monkeypatch.setattr(E, "annealed_beta", ctrl_c_at_13)
+    ck = tmp_path / "ck"
+    with pytest.raises(E.Interrupted, match="step 14.*--resume") as err:
+        eptq_deploy.quantize(m, x, checkpoint_dir=str(ck), checkpoint_every=5, **kw)
+    assert err.value.exit_code == 130
+    assert (ck / "eptq_state.pt").is_file()
+    monkeypatch.setattr(E, "annealed_beta", real_beta)
+    resumed = eptq_deploy.quantize(m, x, checkpoint_dir=str(ck), resume=True, **kw)
+    assert resumed.info["eptq_log"]["resumed_from_step"] == 14
+    assert _graph_bytes(resumed) == _graph_bytes(straight)
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tmp_path) -> None:
+    m, x = Tiny().eval(), _data(16)
+    kw = dict(profile="imx500", weight_bits=4, method="eptq", progress=False, batch_size=8)
+    eptq_deploy.quantize(m, x, iters=6, checkpoint_dir=str(tmp_path), **kw)
+    with pytest.raises(eptq_deploy.EptqError, match="made for another model, data or options"):
+        eptq_deploy.quantize(m, x, iters=7, checkpoint_dir=str(tmp_path), resume=True, **kw)
+    with pytest.raises(eptq_deploy.EptqError, match="no checkpoint"):
+        eptq_deploy.quantize(m, x, iters=6, checkpoint_dir=str(tmp_path / "empty"), resume=True, **kw)
+    (tmp_path / "eptq_state.pt").write_bytes(b"garbage")
+    with pytest.raises(eptq_deploy.EptqError, match="cannot read the EPTQ checkpoint"):
+        eptq_deploy.quantize(m, x, iters=6, checkpoint_dir=str(tmp_path), resume=True, **kw)
+
+
+def test_streamed_float_activations_when_the_cache_exceeds_the_budget() -> None:
+    m, x = Tiny().eval(), _data(16)
+    kw = dict(profile="imx500", weight_bits=4, method="eptq", progress=False, iters=10, batch_size=8)
+    cached = eptq_deploy.quantize(m, x, **kw)
+    streamed = eptq_deploy.quantize(m, x, max_memory=1000, **kw)
+    assert cached.info["eptq_log"]["float_activations"] == "cached"
+    assert streamed.info["eptq_log"]["float_activations"] == "streamed"
+    assert streamed.info["eptq_log"]["float_activation_bytes"] > 1000
+    # same targets up to float summation order: the learned rounding agrees almost everywhere
+    a, b = np.frombuffer(_graph_bytes(cached), np.int8), np.frombuffer(_graph_bytes(streamed), np.int8)
+    assert np.mean(a == b) > 0.99
