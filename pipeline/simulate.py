@@ -144,6 +144,12 @@ class RoundingRule:
         """Float32 values to codes, as the runtime's quantize op does."""
         raise NotImplementedError
 
+    def requantize_node(self, n: Node, acc: torch.Tensor, s_in: np.ndarray, s_w: np.ndarray,
+                        s_out: np.ndarray) -> torch.Tensor:
+        """The accumulator of weighted node ``n`` on the output grid, before the zero point."""
+        mult = self.multiplier(s_in, s_w, s_out)
+        return self.requantize(acc, mult.reshape((1, -1) + (1,) * (acc.dim() - 2)))
+
     def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
         """Output codes of a non-weighted op where the runtime has its own integer kernel for it.
 
@@ -218,7 +224,12 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, q: torch.Tensor | int, shi
     return _rdbpot(_srdhm(x * (1 << left), torch.as_tensor(q, dtype=torch.int64)), right)
 
 
-def _container_offset(qp: QParams) -> int:
+def real_multiplier(s_in: float, s_w: np.ndarray, s_out: float) -> np.ndarray:
+    """double(s_in) * double(s_w) / double(s_out) of the float32 scales, as TFLite's conv and FC prepare it."""
+    return np.float64(np.float32(s_in)) * np.asarray(s_w, np.float32).astype(np.float64) / np.float64(np.float32(s_out))
+
+
+def int8_container_offset(qp: QParams) -> int:
     """TFLite holds every 8-bit activation as int8: an unsigned grid's codes shift by -128."""
     return 0 if qp.signed else 2 ** (qp.bits - 1)
 
@@ -233,8 +244,9 @@ def hardsigmoid_as_depthwise(s_in: float) -> tuple[int, np.float32, int]:
 class TfliteRule(RoundingRule):
     """TFLite int8 kernels (ai-edge-litert): Q31 fixed-point multipliers, ties away from zero.
 
-    Conv, depthwise and fully connected requantise with ``MultiplyByQuantizedMultiplier``
-    of double(s_in) * double(s_w) / double(s_out); ADD, MUL, MEAN, AVERAGE_POOL_2D,
+    Conv and depthwise requantise with ``MultiplyByQuantizedMultiplier`` of
+    double(s_in) * double(s_w) / double(s_out), fully connected (reference kernel) with
+    that multiplier in double and std::round; ADD, MUL, MEAN, AVERAGE_POOL_2D,
     RELU/RELU6, HARD_SWISH and LOGISTIC follow their own reference kernels
     (``integer_op``), which work on int8 containers. ``multiplier`` returns the quantized
     multiplier as the float64 value q * 2**(shift - 31), which holds both exactly.
@@ -246,13 +258,20 @@ class TfliteRule(RoundingRule):
         return round_half_away(v)
 
     def multiplier(self, s_in: np.ndarray, s_w: np.ndarray, s_out: np.ndarray) -> torch.Tensor:
-        m = np.float64(np.float32(s_in)) * np.asarray(s_w, np.float32).astype(np.float64) / np.float64(np.float32(s_out))
-        q, shift = quantize_multiplier(m)
+        q, shift = quantize_multiplier(real_multiplier(s_in, s_w, s_out))
         return torch.from_numpy(np.ldexp(q.astype(np.float64), shift - 31))
 
     def requantize(self, acc: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
         mant, e = torch.frexp(mult)
         return multiply_by_quantized_multiplier(acc.long(), (mant * 2.0**31).long(), e.long()).double()
+
+    def requantize_node(self, n: Node, acc: torch.Tensor, s_in: np.ndarray, s_w: np.ndarray,
+                        s_out: np.ndarray) -> torch.Tensor:
+        """FULLY_CONNECTED's reference kernel rescales in double: round(acc * s_in * s_w / s_out)."""
+        if n.op != "linear":
+            return super().requantize_node(n, acc, s_in, s_w, s_out)
+        m = torch.from_numpy(real_multiplier(s_in, s_w, s_out))
+        return round_half_away(acc.double() * m.reshape((1, -1) + (1,) * (acc.dim() - 2)))
 
     def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
         s = torch.tensor(float(qp.scale[0]), dtype=torch.float32)
@@ -309,7 +328,7 @@ class TfliteRule(RoundingRule):
         """reference_integer_ops::AveragePool on int8 codes; padding either skipped (SAME) or the zero point."""
         if not _same_grid(qps[0], out):
             return None
-        off, a = _container_offset(out), n.attrs
+        off, a = int8_container_offset(out), n.attrs
         x = (xs[0] - off).double()
         t, l, b, r = a["pads"]
         if a["count_include_pad"]:  # an explicit PAD with the zero point, then a VALID pool
@@ -347,7 +366,7 @@ class TfliteRule(RoundingRule):
 
     def _sigmoid(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
         """LOGISTIC's 256-entry table, built in float32 as LUTPopulate does."""
-        qi, off_in, off_out = qps[0], _container_offset(qps[0]), _container_offset(out)
+        qi, off_in, off_out = qps[0], int8_container_offset(qps[0]), int8_container_offset(out)
         v = np.arange(-128, 128)
         deq = np.float32(qi.scale[0]) * (v - (int(qi.zero_point[0]) - off_in)).astype(np.float32)
         e = np.exp(-deq.astype(np.float64)).astype(np.float32)
@@ -359,10 +378,9 @@ class TfliteRule(RoundingRule):
     def _hardsigmoid(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
         """The 1x1 depthwise conv of ``hardsigmoid_as_depthwise`` with a fused RELU."""
         w, w_scale, bias = hardsigmoid_as_depthwise(float(qps[0].scale[0]))
-        q, shift = quantize_multiplier(np.float64(np.float32(qps[0].scale[0])) * np.float64(w_scale) / np.float64(np.float32(out.scale[0])))
         acc = (xs[0] - int(qps[0].zero_point[0])) * w + bias
-        y = multiply_by_quantized_multiplier(acc, int(q), int(shift)) + int(out.zero_point[0])
-        return y.clamp(min=int(out.zero_point[0]))
+        y = self.requantize(acc, self.multiplier(qps[0].scale[0], np.array([w_scale]), out.scale[0])).long()
+        return (y + int(out.zero_point[0])).clamp(min=int(out.zero_point[0]))
 
 
 def _downscale_to_int16(q: int) -> int:
@@ -413,9 +431,7 @@ def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
             xc = env[n.inputs[0]] - float(xq.zero_point[0])
             acc = integer_accumulate(n, xc, wt.data, xq) + torch.from_numpy(bt.data.astype(np.float64)).reshape(
                 (1, -1) + (1,) * (xc.dim() - 2))
-            mult = rule.multiplier(xq.scale[0], wt.quant.scale, out.scale[0])
-            shape = (1, -1) + (1,) * (acc.dim() - 2)
-            y = rule.requantize(acc, mult.reshape(shape)) + float(out.zero_point[0])
+            y = rule.requantize_node(n, acc, xq.scale[0], wt.quant.scale, out.scale[0]) + float(out.zero_point[0])
             lo, hi = activation_bounds(n.attrs["activation"], out, rule)
             y = y.clamp(lo, hi)
         elif n.op in SAME_GRID_OPS:

@@ -1,0 +1,525 @@
+"""Target ``tflite-int8``: a TFLite flatbuffer written directly, run on ai-edge-litert.
+
+The file is built with the flatbuffer schema module that ships inside ``ai-edge-litert``
+(no TensorFlow converter), so every int8 weight, int32 bias, scale and zero point in it
+is the one the quantized graph holds: a converter re-derives weight scales and lands an
+ulp off. Layout is NHWC; every 8-bit activation is an int8 tensor (an unsigned grid with
+zero point z becomes int8 with z - 128, the same real values); weights are int8 per
+channel (axis 0, axis 3 for DEPTHWISE_CONV_2D's [1, H, W, C*mult]), zero point 0, bias
+int32 at s_in * s_w. Torch padding that SAME cannot express becomes an explicit PAD.
+Ops that only move codes (pads, slices, pools, concatenation, reshapes) need one grid on
+their inputs and output, and LOGISTIC a fixed one: ``rules`` declares both, so the grids
+are chosen that way. The simulation rule ``tflite`` reproduces the reference kernels.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from importlib.metadata import version
+from pathlib import Path
+
+import flatbuffers
+import numpy as np
+import torch
+from ai_edge_litert import schema_py_generated as S
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+from eptq_deploy.errors import TargetError, UnsupportedOpError
+from eptq_deploy.graph import Node, QParams, QuantGraph, TargetRules
+from eptq_deploy.simulate import (
+    dequantize,
+    get_rule,
+    hardsigmoid_as_depthwise,
+    int8_container_offset,
+)
+
+from . import Runner, Target
+
+BO, TT, ACT = S.BuiltinOperator, S.TensorType, S.ActivationFunctionType
+OP_NAMES = {v: k for k, v in vars(BO).items() if not k.startswith("_")}
+_TYPE_NAMES = {v: k for k, v in vars(TT).items() if not k.startswith("_")}
+#: op versions the converter writes for int8 tensors (float files use version 1)
+INT8_VERSIONS = {BO.CONV_2D: 3, BO.DEPTHWISE_CONV_2D: 3, BO.FULLY_CONNECTED: 4, BO.ADD: 2, BO.MUL: 2,
+                 BO.CONCATENATION: 2, BO.MAX_POOL_2D: 2, BO.AVERAGE_POOL_2D: 2, BO.MEAN: 2, BO.PAD: 2,
+                 BO.PADV2: 2, BO.STRIDED_SLICE: 2, BO.TRANSPOSE: 2, BO.LOGISTIC: 2, BO.RELU: 2, BO.RELU6: 2}
+#: LOGISTIC's int8 output grid (the kernel demands it); hardsigmoid's lowering uses it too
+UNIT_GRID = (1.0 / 256.0, -128, True)
+#: op-resolver choices of ``load``: XNNPACK, the optimized builtins, the reference kernels
+KERNELS = {"auto": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
+           "reference": OpResolverType.BUILTIN_REF}
+_NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
+
+
+def i8_grid(qp: QParams) -> tuple[float, int]:
+    """(scale, int8 zero point) of an 8-bit activation grid in TFLite's int8 container."""
+    return float(qp.scale[0]), int(qp.zero_point[0]) - int8_container_offset(qp)
+
+
+def nhwc(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0], shape[2], shape[3], shape[1]) if len(shape) == 4 else tuple(shape)
+
+
+def same_padding(size: int, k: int, stride: int, dilation: int, before: int, after: int) -> bool:
+    """Does TFLite SAME read exactly the windows torch's padding (before, after) reads?"""
+    keff = dilation * (k - 1) + 1
+    out = -(-size // stride)
+    total = max((out - 1) * stride + keff - size, 0)
+    return (size + before + after - keff) // stride + 1 == out and total // 2 == before
+
+
+def _memory_order_kept(shape: tuple[int, ...]) -> bool:
+    """NCHW and NHWC hold a 4-D tensor in the same order when C == 1 or H * W == 1."""
+    return len(shape) != 4 or shape[1] == 1 or shape[2] * shape[3] == 1
+
+
+class _Emitter:
+    def __init__(self, g: QuantGraph, quantized: bool) -> None:
+        self.g = g
+        self.q = quantized
+        self.model = S.ModelT()
+        self.model.version = 3
+        self.model.description = "eptq-deploy " + ("int8" if quantized else "float32")
+        self.model.buffers = [S.BufferT()]  # buffer 0: the empty sentinel
+        self.model.operatorCodes = []
+        self.sg = S.SubGraphT()
+        self.sg.tensors, self.sg.operators = [], []
+        self.model.subgraphs = [self.sg]
+        self.codes: dict[int, int] = {}
+        self.index: dict[str, int] = {}  # graph activation -> tensor index (NHWC)
+
+    # --------------------------------------------------------------- tensors
+    def tensor(self, name: str, shape: tuple[int, ...], ttype: int, data: np.ndarray | None = None,
+               scale: np.ndarray | float | None = None, zero_point: np.ndarray | int | None = None, axis: int = 0) -> int:
+        t = S.TensorT()
+        t.name, t.shape, t.type, t.buffer = name, [int(s) for s in shape], ttype, 0
+        if data is not None:
+            b = S.BufferT()
+            b.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+            self.model.buffers.append(b)
+            t.buffer = len(self.model.buffers) - 1
+        if scale is not None:
+            qp = S.QuantizationParametersT()
+            qp.scale = [float(s) for s in np.atleast_1d(np.asarray(scale, np.float32))]
+            qp.zeroPoint = [int(z) for z in np.atleast_1d(zero_point)]
+            qp.quantizedDimension = axis
+            t.quantization = qp
+        self.sg.tensors.append(t)
+        return len(self.sg.tensors) - 1
+
+    def const_i32(self, name: str, values: list[int] | np.ndarray) -> int:
+        arr = np.asarray(values, np.int32)
+        return self.tensor(name, arr.shape, TT.INT32, arr)
+
+    def act_tensor(self, name: str, shape: tuple[int, ...], grid: str) -> int:
+        """An activation tensor (NHWC ``shape``) on the grid of graph tensor ``grid``."""
+        if not self.q:
+            return self.tensor(name, shape, TT.FLOAT32)
+        s, z = i8_grid(self.qp(grid))
+        return self.tensor(name, shape, TT.INT8, scale=s, zero_point=z)
+
+    def output(self, t: str) -> int:
+        """The tensor of graph activation ``t``, created on first use."""
+        if t not in self.index:
+            self.index[t] = self.act_tensor(t, nhwc(self.g.tensors[t].shape), t)
+        return self.index[t]
+
+    def qp(self, t: str) -> QParams:
+        qp = self.g.tensors[t].quant
+        if qp is None or qp.bits != 8:
+            raise TargetError(f"tflite-int8 needs an 8-bit grid on every activation; {t!r} has "
+                              f"{'none' if qp is None else f'{qp.bits} bits'}; quantize with an 8-bit-activation profile")
+        return qp
+
+    def op(self, code: int, inputs: list[int], outputs: list[int], opt_type: int = 0, opt: object = None) -> None:
+        if code not in self.codes:
+            c = S.OperatorCodeT()
+            c.builtinCode, c.deprecatedBuiltinCode = code, min(code, 127)
+            c.version = INT8_VERSIONS.get(code, 1) if self.q else 1
+            self.model.operatorCodes.append(c)
+            self.codes[code] = len(self.model.operatorCodes) - 1
+        o = S.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = self.codes[code], list(inputs), list(outputs)
+        o.builtinOptionsType, o.builtinOptions = opt_type, opt
+        self.sg.operators.append(o)
+
+    # ---------------------------------------------------------------- checks
+    def same_grid(self, n: Node) -> None:
+        """TFLite's int8 kernel for ``n`` moves codes: every input must be on the output's grid."""
+        if not self.q:
+            return
+        want = i8_grid(self.qp(n.outputs[0]))
+        for i in n.inputs:
+            if i8_grid(self.qp(i)) != want:
+                raise TargetError(f"TFLite's int8 {n.op} ({n.name}) needs its inputs on its output grid but {i!r} "
+                                  "has another; quantize with targets including tflite-int8 so its rules shape the grids")
+
+    def fixed_grid(self, n: Node) -> None:
+        if self.q and i8_grid(self.qp(n.outputs[0])) != UNIT_GRID[:2]:
+            raise TargetError(f"TFLite's int8 {n.op} ({n.name}) needs the output grid scale 1/256, zero point -128; "
+                              "quantize with targets including tflite-int8 so its rules fix that grid")
+
+    # ----------------------------------------------------------------- build
+    def build(self) -> bytes:
+        g = self.g
+        if len(g.inputs) != 1 or len(g.outputs) != 1:
+            raise TargetError("tflite-int8 writes single-input, single-output graphs")
+        x = self.output(g.inputs[0])
+        for n in g.nodes:
+            self.emit_node(n)
+        y = self.output(g.outputs[0])
+        self.sg.inputs, self.sg.outputs = [x], [y]
+        sig = S.SignatureDefT()
+        sig.signatureKey, sig.subgraphIndex = "serving_default", 0
+        sig.inputs, sig.outputs = [], []
+        for lst, idx in ((sig.inputs, x), (sig.outputs, y)):
+            tm = S.TensorMapT()
+            tm.name, tm.tensorIndex = self.sg.tensors[idx].name, idx
+            lst.append(tm)
+        self.model.signatureDefs = [sig]
+        b = flatbuffers.Builder(1 << 16)
+        b.Finish(self.model.Pack(b), file_identifier=b"TFL3")
+        return bytes(b.Output())
+
+    def emit_node(self, n: Node) -> None:
+        op = n.op
+        if op in ("conv2d", "depthwise_conv2d"):
+            self.conv(n)
+        elif op == "linear":
+            self.fully_connected(n)
+        elif op in ("add", "mul"):
+            self.binary(n)
+        elif op == "concat":
+            self.same_grid(n)
+            o = S.ConcatenationOptionsT()
+            o.axis = _NHWC_AXIS[n.attrs["axis"]] if len(self.g.tensors[n.outputs[0]].shape) == 4 else n.attrs["axis"]
+            self.op(BO.CONCATENATION, [self.output(i) for i in n.inputs], [self.output(n.outputs[0])],
+                    S.BuiltinOptions.ConcatenationOptions, o)
+        elif op in ("relu", "relu6", "hardswish", "sigmoid"):
+            code = {"relu": BO.RELU, "relu6": BO.RELU6, "hardswish": BO.HARD_SWISH, "sigmoid": BO.LOGISTIC}[op]
+            if op == "sigmoid":
+                self.fixed_grid(n)
+            if op == "hardswish" and self.q:
+                self.check_hardswish(n)
+            self.op(code, [self.output(n.inputs[0])], [self.output(n.outputs[0])])
+        elif op == "hardsigmoid":
+            self.hardsigmoid(n)
+        elif op in ("max_pool2d", "avg_pool2d"):
+            self.pool(n)
+        elif op == "global_avg_pool":
+            self.mean(n)
+        elif op == "pad":
+            self.pad(n)
+        elif op == "slice":
+            self.strided_slice(n)
+        elif op in ("flatten", "reshape"):
+            self.same_grid(n)
+            self.reshape(n.inputs[0], n.outputs[0])
+        else:
+            raise UnsupportedOpError(f"tflite-int8 cannot write op {op} ({n.name}); use another target for this model")
+
+    # ---------------------------------------------------------------- weights
+    def weights(self, n: Node, layout: tuple[int, ...], axis: int) -> tuple[int, int]:
+        """Weight (transposed to ``layout``) and bias tensors: int8/int32 with their grids, or float32."""
+        wt, bt = self.g.tensors[n.inputs[1]], self.g.tensors[n.inputs[2]]
+        w = np.transpose(wt.data, layout) if layout else wt.data
+        if not self.q:
+            return (self.tensor(wt.name, w.shape, TT.FLOAT32, w.astype(np.float32)),
+                    self.tensor(bt.name, bt.data.shape, TT.FLOAT32, bt.data.astype(np.float32)))
+        if wt.quant.bits > 8 or np.any(wt.quant.zero_point != 0):
+            raise TargetError(f"tflite-int8 stores symmetric weights of at most 8 bits; {wt.name} has "
+                              f"{wt.quant.bits} bits; quantize with a profile of 8-bit (or fewer) weights")
+        c = w.shape[axis]
+        return (self.tensor(wt.name, w.shape, TT.INT8, w.astype(np.int8), wt.quant.scale, np.zeros(c, np.int64), axis),
+                self.tensor(bt.name, bt.data.shape, TT.INT32, bt.data.astype(np.int32), bt.quant.scale,
+                            np.zeros(c, np.int64), 0))
+
+    def padding(self, src: str, x: int, kernel: list[int], stride: list[int], dilation: list[int],
+                pads: list[int], value: str = "zero") -> tuple[int, int]:
+        """(SAME or VALID, input tensor): torch's padding as TFLite's, an explicit PAD where SAME differs."""
+        if not any(pads):
+            return S.Padding.VALID, x
+        t, l, b, r = pads
+        shape = self.g.tensors[src].shape
+        if all(same_padding(shape[2 + i], kernel[i], stride[i], dilation[i], (t, l)[i], (b, r)[i]) for i in (0, 1)):
+            return S.Padding.SAME, x
+        return S.Padding.VALID, self.explicit_pad(src, x, pads, value)
+
+    def explicit_pad(self, src: str, x: int, pads: list[int], value: str) -> int:
+        """PAD ``x`` spatially; ``value`` "zero" pads with the zero point (conv, average pool),
+        "lowest" with the lowest code (max pool: the padding never wins)."""
+        t, l, b, r = pads
+        name = f"{src}/padded_{len(self.sg.tensors)}"
+        n, c, h, w = self.g.tensors[src].shape
+        xp = self.act_tensor(name, (n, h + t + b, w + l + r, c), src)
+        paddings = self.const_i32(f"{name}/paddings", [[0, 0], [t, b], [l, r], [0, 0]])
+        if value == "zero":
+            self.op(BO.PAD, [x, paddings], [xp], S.BuiltinOptions.PadOptions, S.PadOptionsT())
+            return xp
+        if self.q:
+            s, z = i8_grid(self.qp(src))
+            v = self.tensor(f"{name}/value", (), TT.INT8, np.array(-128, np.int8), s, z)
+        else:
+            v = self.tensor(f"{name}/value", (), TT.FLOAT32, np.array(np.finfo(np.float32).min, np.float32))
+        self.op(BO.PADV2, [x, paddings, v], [xp], S.BuiltinOptions.PadV2Options, S.PadV2OptionsT())
+        return xp
+
+    # -------------------------------------------------------------------- ops
+    def conv(self, n: Node) -> None:
+        a, src = n.attrs, n.inputs[0]
+        cin = self.g.tensors[src].shape[1]
+        o_ch, _, kh, kw = self.g.tensors[n.inputs[1]].shape
+        depthwise = n.op == "depthwise_conv2d"
+        if not depthwise and a["groups"] != 1:
+            raise UnsupportedOpError(f"tflite-int8 cannot write grouped convolution {n.name} ({a['groups']} groups)")
+        padding, x = self.padding(src, self.output(src), [kh, kw], a["stride"], a["dilation"], a["pads"])
+        if depthwise:
+            w, b = self.weights(n, (1, 2, 3, 0), 3)  # [1, kh, kw, C*mult]
+            o = S.DepthwiseConv2DOptionsT()
+            o.depthMultiplier = o_ch // cin
+            code, ot = BO.DEPTHWISE_CONV_2D, S.BuiltinOptions.DepthwiseConv2DOptions
+        else:
+            w, b = self.weights(n, (0, 2, 3, 1), 0)  # [O, kh, kw, I]
+            o = S.Conv2DOptionsT()
+            code, ot = BO.CONV_2D, S.BuiltinOptions.Conv2DOptions
+        o.padding, o.strideH, o.strideW = padding, a["stride"][0], a["stride"][1]
+        o.dilationHFactor, o.dilationWFactor = a["dilation"][0], a["dilation"][1]
+        o.fusedActivationFunction = self.fused(n)
+        self.op(code, [x, w, b], [self.output(n.outputs[0])], ot, o)
+
+    def fully_connected(self, n: Node) -> None:
+        w, b = self.weights(n, (), 0)
+        o = S.FullyConnectedOptionsT()
+        o.fusedActivationFunction = self.fused(n)
+        self.op(BO.FULLY_CONNECTED, [self.output(n.inputs[0]), w, b], [self.output(n.outputs[0])],
+                S.BuiltinOptions.FullyConnectedOptions, o)
+
+    @staticmethod
+    def fused(n: Node) -> int:
+        return {"none": ACT.NONE, "relu": ACT.RELU, "relu6": ACT.RELU6}[n.attrs.get("activation", "none")]
+
+    def binary(self, n: Node) -> None:
+        ranks = {len(self.g.tensors[i].shape) for i in n.inputs}
+        if len(ranks) != 1:
+            raise UnsupportedOpError(f"tflite-int8 cannot write {n.op} {n.name} of tensors of different ranks "
+                                     "(NHWC broadcasting differs from NCHW)")
+        if n.op == "add":
+            o, ot, code = S.AddOptionsT(), S.BuiltinOptions.AddOptions, BO.ADD
+            o.fusedActivationFunction = self.fused(n)
+        else:
+            o, ot, code = S.MulOptionsT(), S.BuiltinOptions.MulOptions, BO.MUL
+        self.op(code, [self.output(i) for i in n.inputs], [self.output(n.outputs[0])], ot, o)
+
+    def check_hardswish(self, n: Node) -> None:
+        s_in, s_out = (np.float32(self.qp(t).scale[0]) for t in (n.inputs[0], n.outputs[0]))
+        if np.float32(1.0 / 128.0) * s_in / s_out >= 1.0:  # HardSwishPrepare requires a right shift
+            raise TargetError(f"TFLite's int8 HARD_SWISH ({n.name}) needs an output scale above 1/128 of the input "
+                              "scale; this graph's grids break that, use another target")
+
+    def hardsigmoid(self, n: Node) -> None:
+        """x/6 + 1/2 clamped to [0, 1] as a 1x1 depthwise conv (TFLite has no HARD_SIGMOID).
+
+        The int8 file lands on LOGISTIC's grid, whose int8 range is the clamp; the float
+        file clamps with RELU_N1_TO_1 then RELU. 2-D tensors run as (N, 1, 1, C) views.
+        """
+        self.fixed_grid(n)
+        src, dst = n.inputs[0], n.outputs[0]
+        shape = self.g.tensors[src].shape
+        if len(shape) not in (2, 4):
+            raise UnsupportedOpError(f"tflite-int8 writes hardsigmoid on 2-D or 4-D tensors only ({n.name})")
+        c = shape[1]
+        view = nhwc(shape) if len(shape) == 4 else (shape[0], 1, 1, c)
+        x = self.output(src)
+        if len(shape) == 2:
+            x4 = self.act_tensor(f"{src}/as4d_{len(self.sg.tensors)}", view, src)
+            self.reshape_op(x, x4, view)
+            x = x4
+        if self.q:
+            code, w_scale, bias = hardsigmoid_as_depthwise(float(self.qp(src).scale[0]))
+            s_in = np.float64(np.float32(self.qp(src).scale[0]))
+            w = self.tensor(f"{n.name}/weight", (1, 1, 1, c), TT.INT8, np.full((1, 1, 1, c), code, np.int8),
+                            np.full(c, w_scale), np.zeros(c, np.int64), 3)
+            b = self.tensor(f"{n.name}/bias", (c,), TT.INT32, np.full(c, bias, np.int32),
+                            np.full(c, np.float32(s_in * np.float64(w_scale))), np.zeros(c, np.int64), 0)
+        else:
+            w = self.tensor(f"{n.name}/weight", (1, 1, 1, c), TT.FLOAT32, np.full((1, 1, 1, c), 1 / 6, np.float32))
+            b = self.tensor(f"{n.name}/bias", (c,), TT.FLOAT32, np.full(c, 0.5, np.float32))
+        o = S.DepthwiseConv2DOptionsT()
+        o.padding, o.strideH, o.strideW, o.depthMultiplier = S.Padding.VALID, 1, 1, 1
+        o.fusedActivationFunction = ACT.RELU if self.q else ACT.RELU_N1_TO_1
+        steps = [(BO.DEPTHWISE_CONV_2D, [w, b], S.BuiltinOptions.DepthwiseConv2DOptions, o)]
+        if not self.q:
+            steps.append((BO.RELU, [], 0, None))
+        for k, (code_op, extra, ot, opt) in enumerate(steps):
+            last = k == len(steps) - 1 and len(shape) == 4
+            y = self.output(dst) if last else self.act_tensor(f"{dst}/step{k}", view, dst)
+            self.op(code_op, [x, *extra], [y], ot, opt)
+            x = y
+        if len(shape) == 2:
+            self.reshape_op(x, self.output(dst), shape)
+
+    def pool(self, n: Node) -> None:
+        a, src = n.attrs, n.inputs[0]
+        self.same_grid(n)
+        x, pads = self.output(src), list(a["pads"])
+        if n.op == "max_pool2d":
+            code = BO.MAX_POOL_2D
+            padding, x = self.padding(src, x, a["kernel"], a["stride"], [1, 1], pads, value="lowest")
+        elif not any(pads):
+            code, padding = BO.AVERAGE_POOL_2D, S.Padding.VALID
+        elif a["count_include_pad"]:  # the padding counts: PAD with the zero point, then VALID
+            code, padding, x = BO.AVERAGE_POOL_2D, S.Padding.VALID, self.explicit_pad(src, x, pads, "zero")
+        else:  # SAME averages the pixels inside only, as count_include_pad=False does
+            code, padding, x = BO.AVERAGE_POOL_2D, *self.padding(src, x, a["kernel"], a["stride"], [1, 1], pads)
+            if padding != S.Padding.SAME:
+                raise UnsupportedOpError(
+                    f"tflite-int8 cannot write average pool {n.name}: count_include_pad=False with padding TFLite's "
+                    "SAME does not reproduce; use count_include_pad=True or pad explicitly")
+        o = S.Pool2DOptionsT()
+        o.padding, o.strideH, o.strideW = padding, a["stride"][0], a["stride"][1]
+        o.filterHeight, o.filterWidth = a["kernel"][0], a["kernel"][1]
+        self.op(code, [x], [self.output(n.outputs[0])], S.BuiltinOptions.Pool2DOptions, o)
+
+    def mean(self, n: Node) -> None:
+        """MEAN over H, W without kept dims (the reference and optimized kernels then agree), reshaped back."""
+        src, dst = n.inputs[0], n.outputs[0]
+        shape = self.g.tensors[dst].shape
+        flat = self.act_tensor(f"{dst}/mean", (shape[0], shape[1]), dst)
+        o = S.ReducerOptionsT()
+        o.keepDims = False
+        self.op(BO.MEAN, [self.output(src), self.const_i32(f"{n.name}/axes", [1, 2])], [flat],
+                S.BuiltinOptions.ReducerOptions, o)
+        self.reshape_op(flat, self.output(dst), nhwc(shape))
+
+    def pad(self, n: Node) -> None:
+        self.same_grid(n)
+        shape = self.g.tensors[n.inputs[0]].shape
+        rank, p = len(shape), n.attrs["pads"]
+        pairs = [[p[d], p[rank + d]] for d in range(rank)]
+        if rank == 4:
+            pairs = [pairs[d] for d in (0, 2, 3, 1)]
+        paddings = self.const_i32(f"{n.name}/paddings", pairs)
+        self.op(BO.PAD, [self.output(n.inputs[0]), paddings], [self.output(n.outputs[0])],
+                S.BuiltinOptions.PadOptions, S.PadOptionsT())
+
+    def strided_slice(self, n: Node) -> None:
+        self.same_grid(n)
+        shape = self.g.tensors[n.inputs[0]].shape
+        rank, a = len(shape), n.attrs
+        begin, end, step = [0] * rank, list(shape), [1] * rank
+        for ax, s, e, st in zip(a["axes"], a["starts"], a["ends"], a["steps"], strict=True):
+            if ax % rank == 0:
+                raise UnsupportedOpError(f"tflite-int8 does not slice the batch axis ({n.name})")
+            begin[ax % rank], end[ax % rank], step[ax % rank] = s, min(e, shape[ax % rank]), st
+        order = (0, 2, 3, 1) if rank == 4 else tuple(range(rank))
+        o = S.StridedSliceOptionsT()
+        o.beginMask = o.endMask = 1  # the batch axis whole, whatever the batch size
+        ins = [self.output(n.inputs[0])] + [self.const_i32(f"{n.name}/{k}", [v[d] for d in order])
+                                            for k, v in (("begin", begin), ("end", end), ("strides", step))]
+        self.op(BO.STRIDED_SLICE, ins, [self.output(n.outputs[0])], S.BuiltinOptions.StridedSliceOptions, o)
+
+    def reshape(self, src: str, dst: str) -> None:
+        """NCHW reshape semantics on NHWC tensors: transpose around it unless the order is kept."""
+        s_in, s_out = self.g.tensors[src].shape, self.g.tensors[dst].shape
+        x = self.output(src)
+        if not _memory_order_kept(s_in):
+            nchw = self.act_tensor(f"{src}/nchw", s_in, src)
+            self.op(BO.TRANSPOSE, [x, self.const_i32(f"{src}/to_nchw", [0, 3, 1, 2])], [nchw])
+            x = nchw
+        if _memory_order_kept(s_out):
+            self.reshape_op(x, self.output(dst), nhwc(s_out))
+            return
+        y = self.act_tensor(f"{dst}/nchw", s_out, dst)
+        self.reshape_op(x, y, s_out)
+        self.op(BO.TRANSPOSE, [y, self.const_i32(f"{dst}/to_nhwc", [0, 2, 3, 1])], [self.output(dst)])
+
+    def reshape_op(self, x: int, y: int, shape: tuple[int, ...]) -> None:
+        new = [-1, *shape[1:]]  # any batch size
+        o = S.ReshapeOptionsT()
+        o.newShape = new
+        self.op(BO.RESHAPE, [x, self.const_i32(f"{self.sg.tensors[y].name}/shape", new)], [y],
+                S.BuiltinOptions.ReshapeOptions, o)
+
+
+def build_model(g: QuantGraph, quantized: bool = True) -> bytes:
+    """The int8 (or, with ``quantized=False``, the float32) TFLite flatbuffer of ``g``."""
+    return _Emitter(g, quantized).build()
+
+
+def interpreter(path: Path, threads: int = 1, kernels: str = "auto") -> Interpreter:
+    """An ai-edge-litert interpreter; ``kernels``: auto (XNNPACK), builtin, or reference."""
+    if kernels not in KERNELS:
+        raise TargetError(f"unknown TFLite kernel set {kernels!r}; choose one of: {', '.join(KERNELS)}")
+    it = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=KERNELS[kernels])
+    it.allocate_tensors()
+    return it
+
+
+class TfliteRunner(Runner):
+    """Float NCHW in, float (dequantized) NCHW out; the int8 input is quantized as the simulation does."""
+
+    def __init__(self, path: Path, threads: int = 1, kernels: str = "auto") -> None:
+        self.it = interpreter(path, threads, kernels)
+        self.threads = threads
+        self.rule = get_rule("tflite")
+        self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
+
+    @staticmethod
+    def _grid(detail: dict) -> QParams:
+        s, z = detail["quantization"]
+        return QParams(8, True, [s], [z])
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 4:
+            x = np.transpose(x, (0, 2, 3, 1))
+        if tuple(self.inp["shape"]) != x.shape:
+            self.it.resize_tensor_input(self.inp["index"], list(x.shape))
+            self.it.allocate_tensors()
+            self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
+        if self.inp["dtype"] == np.int8:
+            x = self.rule.quantize(torch.from_numpy(np.ascontiguousarray(x)), self._grid(self.inp)).numpy()
+        self.it.set_tensor(self.inp["index"], np.ascontiguousarray(x, dtype=self.inp["dtype"]))
+        self.it.invoke()
+        y = self.it.get_tensor(self.out["index"])
+        if self.out["dtype"] == np.int8:
+            y = dequantize(torch.from_numpy(y.astype(np.float64)), self._grid(self.out)).numpy()
+        return np.ascontiguousarray(np.transpose(y, (0, 3, 1, 2)) if y.ndim == 4 else y)
+
+
+class TfliteInt8Target(Target):
+    name = "tflite-int8"
+    description = "TFLite int8 flatbuffer written directly (per-channel int8 weights, int8 activations), run on ai-edge-litert"
+    runtime = "ai-edge-litert"
+    rules = TargetRules(
+        rounding="tflite",
+        shared_grid_ops=frozenset({"max_pool2d", "avg_pool2d", "pad", "slice", "flatten", "reshape", "concat"}),
+        fixed_grids={"sigmoid": UNIT_GRID, "hardsigmoid": UNIT_GRID},
+        max_weight_bits=8, activation_bits=(8,))
+    model_file = "model.tflite"
+    float_model_file = "model_float.tflite"
+
+    def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
+        path = Path(folder) / (self.model_file if quantized else self.float_model_file)
+        path.write_bytes(build_model(graph, quantized))
+        return [path]
+
+    def load(self, folder: Path, *, float_model: bool = False, threads: int = 1, kernels: str = "auto") -> Runner:
+        """``kernels``: "auto" (XNNPACK, the default), "builtin" or "reference" (bit-exact with the simulation)."""
+        return TfliteRunner(Path(folder) / (self.float_model_file if float_model else self.model_file), threads, kernels)
+
+    def runtime_versions(self) -> dict[str, str]:
+        return {"ai-edge-litert": version("ai-edge-litert"), "flatbuffers": version("flatbuffers")}
+
+    def inspect(self, folder: Path) -> dict:
+        """The ops (and their versions) and tensors the integer file holds."""
+        path = Path(folder) / self.model_file
+        m = S.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+        sg = m.subgraphs[0]
+        codes = [(OP_NAMES.get(c.builtinCode, str(c.builtinCode)), c.version) for c in m.operatorCodes]
+        ops = Counter(codes[o.opcodeIndex][0] for o in sg.operators)
+        types = Counter(_TYPE_NAMES.get(t.type, str(t.type)) for t in sg.tensors)
+        details = interpreter(path, kernels="auto")._get_ops_details()  # XNNPACK's partitions show as DELEGATE nodes
+        return {"runtime_ops": dict(sorted(ops.items())), "op_versions": dict(sorted(codes)),
+                "tensors": len(sg.tensors), "tensor_types": dict(sorted(types.items())), "file_bytes": path.stat().st_size,
+                "xnnpack_partitions": sum(d["op_name"] == "DELEGATE" for d in details)}
+
