@@ -16,6 +16,7 @@ run leaves nothing behind and an existing bundle is only replaced with ``force``
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
@@ -214,7 +215,7 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     except OSError as e:
-        raise EptqError(f"cannot write to {out.parent}: {e.strerror or e}; choose a writable --out with free space") from None
+        raise _write_error(out, e) from None
     try:
         entries: dict[str, Any] = {}
         sim_cache: dict[str, np.ndarray] = {}
@@ -249,18 +250,35 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
         _replace(tmp, out, force)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise EptqError(f"cannot write the bundle to {out}: {e.strerror or e}; choose a writable --out with free space") from None
+        raise _write_error(out, e) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+def _write_error(where: Path, e: OSError) -> EptqError:
+    """A failed write as one line: the OS's reason and the fix that reason calls for."""
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space there or choose another --out"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "choose a writable --out (a folder you may write to)"
+    else:
+        fix = "choose a writable --out with free space"
+    return EptqError(f"cannot write the bundle to {where}: {reason}; {fix}; nothing was written")
+
+
 def _replace(tmp: Path, out: Path, force: bool) -> None:
+    """Move the finished bundle into place; a replaced bundle comes back if the move fails."""
     if out.exists() and force:
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.replace(out, old)
-        os.replace(tmp, out)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            os.replace(old, out)  # nothing lost: the previous bundle is put back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, out)

@@ -10,13 +10,19 @@ and no quantization yet: the input of calibration.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import io
+import logging
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
 
-from .errors import ModelError, UnsupportedOpError
+from .errors import DataError, ModelError, UnsupportedOpError
 from .graph import WEIGHTED_OPS, Node, QuantGraph, TensorInfo
 
 _IDENTITY = {
@@ -28,18 +34,114 @@ _FUSE_KIND = {"conv2d": "conv", "depthwise_conv2d": "conv", "linear": "linear", 
 
 
 def export_model(model: torch.nn.Module | torch.export.ExportedProgram, example: torch.Tensor) -> torch.export.ExportedProgram:
-    """Trace with ``torch.export``; a model it cannot capture gets one line saying why."""
+    """Trace with ``torch.export``; a model it cannot capture gets one line saying why.
+
+    torch logs tracebacks and prints partial graphs to stderr when tracing fails;
+    that noise is held back so the user sees only the one-line error.
+    """
     if isinstance(model, torch.export.ExportedProgram):
+        _check_program_input(model, example)
         return model
     model = model.eval()
     try:
-        return torch.export.export(model, (example,))
+        with _quiet_torch() as noise:
+            ep = torch.export.export(model, (example,))
     except Exception as e:  # torch raises many types here; the user needs the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ModelError(
-            f"torch.export could not capture the model ({type(e).__name__}: {first[:300]}); "
-            "make forward() free of data-dependent Python control flow, or save a torch.export program (.pt2) and pass that"
-        ) from None
+        _diagnose_input(model, example)
+        raise ModelError(_export_failure(e)) from None
+    sys.stderr.write(noise.getvalue())  # a successful export's own messages are kept
+    return ep
+
+
+@contextlib.contextmanager
+def _quiet_torch() -> Iterator[io.StringIO]:
+    """Hold back torch's stderr prints and log records (up to ERROR) while tracing."""
+    noise = io.StringIO()
+    previous = logging.root.manager.disable
+    logging.disable(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(noise):
+            yield noise
+    finally:
+        logging.disable(previous)
+
+
+def _export_failure(e: BaseException) -> str:
+    """Why torch.export failed, where in the user's code, and what to try."""
+    text = str(e)
+    lines = text.strip().splitlines()
+    first = lines[0].strip() if lines else type(e).__name__
+    if len(first) > 200:
+        first = first[:199] + "…"
+    calls = re.findall(r'File "([^"]+)", line (\d+), in \w+\n\s*(.+)', text)
+    where = ""
+    if calls:
+        path, line, code = calls[-1]
+        where = f" at {os.path.basename(path)}:{line} `{code.strip()[:80]}`"
+    if "data-dependent" in text or "GuardOnDataDependentSymNode" in type(e).__name__:
+        return (f"torch.export could not capture the model: forward() branches on a tensor's value{where} "
+                f"({type(e).__name__}); replace the Python `if` on tensor values with tensor ops "
+                "(torch.where) or torch.cond, or export a .pt2 program yourself and pass that")
+    return (f"torch.export could not capture the model{where} ({type(e).__name__}: {first}); make forward() "
+            "traceable (no data-dependent Python control flow, no unsupported Python calls on tensors), "
+            "or export a .pt2 program yourself and pass that")
+
+
+def _first_layer(model: torch.nn.Module) -> tuple[str, torch.nn.Module] | None:
+    """The first convolution or linear layer in definition order (what the input meets first)."""
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Conv2d | torch.nn.Linear):
+            return name, m
+    return None
+
+
+def _diagnose_input(model: torch.nn.Module, example: torch.Tensor) -> None:
+    """When export fails, run the model eagerly: if that fails too, the data does not fit it."""
+    try:
+        with torch.no_grad():
+            model(example)
+        return
+    except Exception as e:
+        detail = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        error = e
+    sample = tuple(example.shape[1:])
+    if not isinstance(error, RuntimeError | ValueError | IndexError):  # torch reports shape clashes as these
+        raise ModelError(f"the model's forward() fails on data samples of shape {sample} "
+                         f"({type(error).__name__}: {detail}); fix forward() so it runs on one NCHW batch") from None
+    first = _first_layer(model)
+    if first is not None:
+        name, layer = first
+        if isinstance(layer, torch.nn.Conv2d) and example.dim() == 4 and example.shape[1] != layer.in_channels:
+            raise DataError(
+                f"data samples have shape {sample} (C, H, W) but the model's first layer {name} (Conv2d) takes "
+                f"{layer.in_channels} channels, i.e. ({layer.in_channels}, H, W); give {layer.in_channels}-channel "
+                "data (e.g. RGB images) preprocessed as the model expects"
+            ) from None
+        if isinstance(layer, torch.nn.Linear) and example.dim() == 2 and example.shape[1] != layer.in_features:
+            raise DataError(
+                f"data samples have shape {sample} but the model's first layer {name} (Linear) takes "
+                f"({layer.in_features},); give data shaped as the model's input"
+            ) from None
+    raise DataError(
+        f"the model cannot run on data samples of shape {sample} ({type(error).__name__}: {detail}); "
+        "give data shaped and preprocessed as the model's input (N, C, H, W), e.g. the right --crop size"
+    ) from None
+
+
+def _check_program_input(program: torch.export.ExportedProgram, example: torch.Tensor) -> None:
+    """An exported program is fixed to its input shape; refuse other data before tracing it."""
+    names = set(program.graph_signature.user_inputs)
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name in names:
+            val = node.meta.get("val")
+            shape = tuple(getattr(val, "shape", ()))
+            static = [d if isinstance(d, int) else None for d in shape]
+            got = tuple(example.shape)
+            if len(static) != len(got) or any(s is not None and s != g for s, g in zip(static[1:], got[1:], strict=False)):
+                want = tuple("?" if d is None else d for d in static[1:])
+                raise DataError(f"data samples have shape {got[1:]} but the exported program takes {want}; "
+                                "give data shaped and preprocessed as the program's input")
+            return
 
 
 class _Builder:

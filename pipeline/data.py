@@ -184,6 +184,11 @@ def _array_to_tensor(arr: np.ndarray, preset: Preset, source: str) -> torch.Tens
                 f"{source}: uint8 images must have rank 4 (N, H, W, 3), got shape {arr.shape}; "
                 "add the batch axis or reshape"
             )
+        if arr.shape[-1] != 3:
+            raise DataError(
+                f"{source}: uint8 images must have 3 RGB channels last (N, H, W, 3), got shape {arr.shape}; "
+                "convert grayscale/RGBA images to RGB (e.g. np.repeat(x, 3, axis=-1) for grayscale)"
+            )
         return preprocess_uint8(arr, preset)
     if arr.dtype.kind == "f":
         if arr.ndim != 4:
@@ -244,7 +249,7 @@ def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool,
     )
     images: list[np.ndarray] = []
     bad: list[str] = []
-    converted = 0
+    converted = upscaled = 0
     for path in files:
         if limit is not None and len(images) >= limit:
             break
@@ -254,26 +259,29 @@ def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool,
                 if img.mode != "RGB":
                     converted += 1
                     img = img.convert("RGB")
+                upscaled += min(img.size) < preset.crop
                 images.append(np.asarray(_resize_crop(img, preset.resize, preset.crop)))
                 if names is not None:
                     names.append(path.relative_to(root).as_posix())
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             if not skip_bad:
                 raise DataError(
                     f"{path} is not a readable image ({type(exc).__name__}); "
-                    "remove it or allow skipping bad files"
-                ) from exc
+                    "remove it, or skip unreadable files (--skip-bad-data, skip_bad=True)"
+                ) from None
             bad.append(path.relative_to(root).as_posix())
     if bad:
         warnings.warn(
-            f"skipped {len(bad)} unreadable or non-image file(s) in {root} (first: {bad[0]})",
+            f"skipped {len(bad)} unreadable or non-image file(s) in {root} (first: {bad[0]}); "
+            "remove them, or refuse such folders with --strict-data (skip_bad=False)",
             stacklevel=3,
         )
-    if converted:
-        warnings.warn(
-            f"converted {converted} image(s) in {root} from grayscale/RGBA/other modes to RGB",
-            stacklevel=3,
-        )
+    if converted or upscaled:
+        # One warning for every image that was changed on the way in, with counts.
+        done = [f"converted {converted} image(s) from grayscale/RGBA/other modes to RGB"] if converted else []
+        if upscaled:
+            done.append(f"upscaled {upscaled} image(s) smaller than the {preset.crop}x{preset.crop} crop")
+        warnings.warn(f"{' and '.join(done)} in {root}; check they are the images you meant", stacklevel=3)
     if not images:
         raise DataError(f"no readable images in {root}; point to a folder of JPEG/PNG files")
     return _normalize(np.stack(images), preset)
@@ -380,11 +388,16 @@ def _as_tensor(item: Any) -> torch.Tensor:
                 "yield tensors or (x, y) pairs"
             )
     if isinstance(item, np.ndarray):
+        if item.dtype.kind not in "biuf":
+            raise DataError(f"cannot use an array of dtype {item.dtype} as model input; pass numbers "
+                            "(float32 NCHW, preprocessed as the model expects)")
         item = torch.from_numpy(np.ascontiguousarray(item))
     if not isinstance(item, torch.Tensor):
         raise DataError(
             f"cannot use a {type(item).__name__} as model input; yield tensors, arrays or (x, y) pairs"
         )
+    if item.is_complex():
+        raise DataError(f"cannot use a {item.dtype} tensor as model input; pass real numbers (float32 NCHW)")
     if item.ndim == 3:
         item = item.unsqueeze(0)
     if item.ndim < 2:
@@ -443,6 +456,8 @@ def take_samples(data: Any, n: int | None, seed: int = 0, *, at_most: bool = Fal
         raise UsageError(f"sample count {n} must be at least 1")
     if isinstance(data, (torch.Tensor, np.ndarray)) and data.ndim == 4:
         total = len(data)
+        if total == 0:
+            raise DataError(f"the data holds no samples (shape {tuple(data.shape)}); give at least one sample")
         if at_most and n is not None:
             n = min(n, total)
         if n is not None and total < n:

@@ -16,6 +16,8 @@ from __future__ import annotations
 import copy
 import json
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,25 +219,36 @@ class QuantGraph:
 
     def validate(self) -> None:
         """Structural checks a loader runs on untrusted JSON."""
+        if not self.inputs or not self.outputs:
+            raise UsageError("the graph declares no inputs or no outputs; re-export the bundle")
+        for i in self.inputs:
+            if i not in self.tensors:
+                raise UsageError(f"graph input {i!r} is not a declared tensor; re-export the bundle")
         seen = set(self.inputs)
         for n in self.nodes:
             if n.op not in OPS:
-                raise UsageError(f"graph node {n.name!r} has unknown op {n.op!r}; known ops: {', '.join(sorted(OPS))}")
+                raise UsageError(f"graph node {n.name!r} has unknown op {n.op!r} (known ops: {', '.join(sorted(OPS))}); "
+                                 "re-export the bundle with this eptq-deploy version")
             arity = OPS[n.op][0]
             if arity is not None and len(n.inputs) != arity:
-                raise UsageError(f"graph node {n.name!r} ({n.op}) has {len(n.inputs)} inputs, expected {arity}")
+                raise UsageError(f"graph node {n.name!r} ({n.op}) has {len(n.inputs)} inputs, expected {arity}; "
+                                 "re-export the bundle")
             for i in n.inputs:
                 if i not in self.tensors:
-                    raise UsageError(f"graph node {n.name!r} reads undeclared tensor {i!r}")
+                    raise UsageError(f"graph node {n.name!r} reads undeclared tensor {i!r}; re-export the bundle")
                 if i not in seen and self.tensors[i].data is None:
-                    raise UsageError(f"graph node {n.name!r} reads {i!r} before it is produced (nodes must be topological)")
+                    raise UsageError(f"graph node {n.name!r} reads {i!r} before it is produced (nodes must be topological); "
+                                     "re-export the bundle")
             for o in n.outputs:
                 if o not in self.tensors:
-                    raise UsageError(f"graph node {n.name!r} writes undeclared tensor {o!r}")
+                    raise UsageError(f"graph node {n.name!r} writes undeclared tensor {o!r}; re-export the bundle")
+                if o in seen or self.tensors[o].data is not None:
+                    raise UsageError(f"graph node {n.name!r} writes {o!r}, which is already an input, a constant "
+                                     "or another node's output (a cycle or a duplicate); re-export the bundle")
             seen.update(n.outputs)
         for o in self.outputs:
             if o not in seen:
-                raise UsageError(f"graph output {o!r} is never produced")
+                raise UsageError(f"graph output {o!r} is never produced; re-export the bundle")
 
     # ------------------------------------------------------------- serialise
     def to_json(self) -> dict[str, Any]:
@@ -280,8 +293,12 @@ class QuantGraph:
             doc = json.loads((folder / "graph.json").read_text())
             with np.load(folder / "graph.npz", allow_pickle=False) as z:
                 arrays = {k: z[k] for k in z.files}
-        except (OSError, ValueError) as e:
-            raise UsageError(f"cannot read the quantized graph in {folder}: {e}; re-export the bundle") from None
+        # a damaged .npz is a damaged zip (BadZipFile, zlib.error, EOFError); deep JSON nesting
+        # overflows the parser's recursion
+        except (OSError, ValueError, EOFError, RecursionError, zipfile.BadZipFile, zlib.error) as e:
+            reason = " ".join(str(e).split())[:200] or type(e).__name__
+            raise UsageError(f"cannot read the quantized graph in {folder} ({type(e).__name__}: {reason}); "
+                             "re-export the bundle") from None
         return cls.from_json(doc, arrays)
 
     @classmethod
@@ -295,11 +312,18 @@ class QuantGraph:
                 )
             tensors = {}
             for name, t in doc["tensors"].items():
-                data = arrays.get(name)
+                data = arrays.get(name) if t["has_data"] else None
                 if t["has_data"] and data is None:
                     raise UsageError(f"tensor {name!r} has no data in graph.npz; the bundle is incomplete")
+                shape = tuple(int(s) for s in t["shape"])
+                if any(s < 0 for s in shape):
+                    raise UsageError(f"tensor {name!r} has a negative size in shape {shape}; re-export the bundle")
+                if data is not None:
+                    _check_data(name, data, shape)
                 q = None if t["quant"] is None else QParams.from_json(t["quant"])
-                tensors[name] = TensorInfo(name, tuple(int(s) for s in t["shape"]), str(t["kind"]), q, data)
+                if q is not None:
+                    _check_quant(name, q, shape)
+                tensors[name] = TensorInfo(name, shape, str(t["kind"]), q, data)
             nodes = [
                 Node(str(n["name"]), str(n["op"]), [str(i) for i in n["inputs"]], [str(o) for o in n["outputs"]],
                      dict(n["attrs"]), str(n.get("source", "")))
@@ -312,3 +336,37 @@ class QuantGraph:
             raise UsageError(f"malformed quantized graph JSON ({type(e).__name__}: {e}); re-export the bundle") from None
         g.validate()
         return g
+
+
+def _check_data(name: str, data: Any, shape: tuple[int, ...]) -> None:
+    """A constant from graph.npz must be a numeric array of the shape graph.json declares."""
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "biuf":
+        kind = data.dtype if isinstance(data, np.ndarray) else type(data).__name__
+        raise UsageError(f"tensor {name!r} in graph.npz is not a numeric array ({kind}); re-export the bundle")
+    if data.shape != shape:
+        raise UsageError(f"tensor {name!r} in graph.npz has shape {data.shape} but graph.json declares {shape}; "
+                         "re-export the bundle")
+
+
+def _check_quant(name: str, q: QParams, shape: tuple[int, ...]) -> None:
+    """The grid's numbers must describe a real integer grid: kernels divide by them."""
+    where = f"tensor {name!r} quantization"
+    if not 1 <= q.bits <= 32:
+        raise UsageError(f"{where}: bits {q.bits} is not 1..32; re-export the bundle")
+    if q.scale.size == 0 or not np.all(np.isfinite(q.scale)) or not np.all(q.scale > 0):
+        raise UsageError(f"{where}: scales must be finite and positive (got {q.scale[:4].tolist()}); "
+                         "re-export the bundle")
+    if q.zero_point.shape != q.scale.shape or (q.exponent is not None and q.exponent.shape != q.scale.shape):
+        raise UsageError(f"{where}: scale, zero_point and exponent lengths differ; re-export the bundle")
+    if np.any(q.zero_point < q.qmin) or np.any(q.zero_point > q.qmax):
+        raise UsageError(f"{where}: zero points outside the {q.bits}-bit range {q.qmin}..{q.qmax}; re-export the bundle")
+    if q.exponent is not None and (np.any(np.abs(q.exponent) > 160) or np.any(
+            np.ldexp(1.0, q.exponent.astype(np.int32)) != q.scale.astype(np.float64))):
+        raise UsageError(f"{where}: scales are not 2**power_of_two_exponent; re-export the bundle")
+    if q.axis is not None:
+        if type(q.axis) is not int or not 0 <= q.axis < len(shape):
+            raise UsageError(f"{where}: axis {q.axis!r} is not a dimension of shape {shape}; re-export the bundle")
+        if q.scale.size != shape[q.axis]:
+            raise UsageError(f"{where}: {q.scale.size} scales for {shape[q.axis]} channels; re-export the bundle")
+    elif q.scale.size != 1:
+        raise UsageError(f"{where}: {q.scale.size} scales but no channel axis; re-export the bundle")

@@ -34,10 +34,18 @@ SPEC_HELP = (
 ModelLike = nn.Module | torch.export.ExportedProgram
 
 
-def _one_line(exc: BaseException) -> str:
-    """The first line of an exception's message, with its type, for one-line errors."""
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    """The first sentence of an exception's message, with its type, for one-line errors.
+
+    Library messages (torch's in particular) run to paragraphs of advice; the user
+    needs what went wrong, and our own fix follows it.
+    """
     text = str(exc).strip().splitlines()
     first = text[0].strip() if text else ""
+    if len(first) > limit and ". " in first:
+        first = first.split(". ", 1)[0]
+    if len(first) > limit:
+        first = first[: limit - 1] + "…"
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
@@ -58,14 +66,17 @@ def read_weights_file(path: str | Path, *, allow_pickle: bool = False) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
     except pickle.UnpicklingError as exc:
-        if "weights only load failed" in str(exc).lower():
+        # "Unsupported global" is a real pickle of Python objects; any other
+        # weights-only failure (e.g. "Unsupported operand") is bytes that are no pickle.
+        if "weights only load failed" in str(exc).lower() and "unsupported global" in str(exc).lower():
             raise ModelError(
                 f"{path} is a pickled Python object (e.g. a full module), not a plain state dict; "
                 "pass --allow-pickle (allow_pickle=True) to load it, which runs code from the file, "
                 "so only for files you trust"
             ) from exc
         raise ModelError(
-            f"{path} is corrupt or not a PyTorch file ({_one_line(exc)}); re-save or re-download it"
+            f"{path} is corrupt or not a PyTorch file (neither a torch.save archive nor a readable pickle); "
+            "re-save or re-download it"
         ) from exc
     except (AttributeError, ModuleNotFoundError, ImportError) as exc:
         raise ModelError(
