@@ -18,10 +18,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, preprocess
 from .bundle import read_manifest, verify_bundle, write_bundle
 from .capture import capture
 from .checks import latency, runtime_checks
+from .data import Preset, get_preset, normalize_pixels, preset_info
 from .eptq import EptqConfig, optimize, optimize_layerwise
 from .errors import BundleError, DataError, TargetError, UsageError
 from .graph import QuantGraph, TargetRules
@@ -89,10 +90,19 @@ def _as_tensor(data: Any, samples: int | None, seed: int) -> torch.Tensor:
     return x
 
 
+def _check_pixels(x: torch.Tensor) -> None:
+    """Folded models take pixels: normalised data (negative values) given to one is a mistake."""
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0 or hi > 255:
+        raise DataError(f"with fold_preprocessing the data must be RGB pixels 0..255 (float NCHW), but it holds values "
+                        f"in [{lo:.3g}, {hi:.3g}]; pass unnormalised images (eptq_deploy.data.to_pixels converts "
+                        "normalised ones back)")
+
+
 def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "int8-pot",
              targets: str | list[str] | None = None, method: str = "ptq", weight_bits: int | None = None,
              samples: int | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True,
-             **options: Any) -> QuantizedModel:
+             fold_preprocessing: str | Preset | None = None, **options: Any) -> QuantizedModel:
     """Quantize ``model`` for ``targets`` under ``profile`` from unlabelled ``data``.
 
     ``data``: a tensor or array (N, C, H, W), an iterable of batches, or a DataLoader,
@@ -100,6 +110,12 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     1,024, fewer if fewer are given). ``targets`` (default: the profile's native
     target) are the files this model will be exported to; their rules shape the
     parameters, and an impossible profile/target pair fails here before any work.
+
+    ``fold_preprocessing`` (a preset or its name) folds that preset's normalisation into
+    the first layer (see ``preprocess.py``): the quantized model then takes RGB pixels
+    0..255, so ``data`` here, and every input given to it later (simulate, export's
+    check data, runners), is raw pixels as float NCHW (``data.to_pixels`` converts
+    normalised tensors back).
     """
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
@@ -108,16 +124,27 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     tgts = resolve_targets(targets, prof)
     for t in tgts:
         check_pair(prof, t)
+    pre = None
+    if fold_preprocessing is not None:
+        pre = get_preset(fold_preprocessing)
+        preprocess.pixel_grid(prof)  # an impossible input grid fails before any work
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     x = _as_tensor(data, samples, seed)
-    fg = capture(model, x[:1], fusing=prof.fusing, profile_name=prof.name)
+    if pre is None:
+        fg = capture(model, x[:1], fusing=prof.fusing, profile_name=prof.name)
+    else:
+        _check_pixels(x)
+        fg = capture(model, normalize_pixels(x[:1], pre), fusing=prof.fusing, profile_name=prof.name)
+        fg = preprocess.fold_preprocessing(fg, pre)
     t_capture = time.perf_counter() - t0
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     stats = collect_stats(fg, batches, seed=seed, progress=progress)
     timings = {"capture": round(t_capture, 3), "calibration": round(time.perf_counter() - t0 - t_capture, 3)}
     info: dict[str, Any] = {"method": method, "seed": seed, "samples": int(len(x)), "tool_version": __version__,
                             "options": opts}
+    if pre is not None:
+        info["preprocessing"] = preset_info(pre)
     rules = [t.rules for t in tgts]
     if method == "ptq":
         qg = ptq(fg, stats, prof, rules)
@@ -198,6 +225,8 @@ def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: s
         from .data import take_samples
 
         x = take_samples(data, None)
+        if preprocess.is_folded(qmodel.graph):
+            _check_pixels(x)
         if check_samples is not None:
             x = x[:check_samples]
             labels = None if labels is None else np.asarray(labels)[:check_samples]
@@ -247,6 +276,8 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = 
         verify_bundle(bundle_dir, n)
     g = QuantGraph.load(bundle_dir)
     x = take_samples(data, None)
+    if preprocess.is_folded(g):
+        _check_pixels(x)
     expected = tuple(g.tensors[g.inputs[0]].shape[1:])
     if tuple(x.shape[1:]) != expected:
         raise UsageError(f"check data has sample shape {tuple(x.shape[1:])} but the bundle's model takes {expected}; "

@@ -32,6 +32,7 @@ import torch
 from . import __version__
 from .checks import latency, runtime_checks
 from .errors import BundleError, EptqError, UsageError
+from .preprocess import input_contract
 from .quantized import QuantizedModel
 
 MANIFEST_VERSION = 1
@@ -139,7 +140,8 @@ def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: 
         "calibration_samples": qm.info.get("samples"),
         "quantization_time_s": qm.info.get("timings_s"),
         "input": {"name": inp.name, "shape": list(inp.shape), "layout": "NCHW", "dtype": "float32",
-                  "quantization": inp.quant.to_json(), "preprocessing": qm.info.get("preprocessing")},
+                  "quantization": inp.quant.to_json(), "preprocessing": qm.info.get("preprocessing"),
+                  **input_contract(g)},
         "output": {"name": outp.name, "shape": list(outp.shape), "dtype": "float32 (dequantized)",
                    "quantization": outp.quant.to_json()},
         "memory": {"weight_bytes": g.weight_bytes(), "peak_activation_bytes_batch1": peak_activation_bytes(qm)},
@@ -191,11 +193,27 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
             f"| {name} | {t['runtime']} | {c['samples']} | {c['argmax_agreement_vs_simulation']:.2%} | "
             f"{c['argmax_agreement_vs_float']:.2%} | {c['max_abs_diff_lsb']:.2f} | {tops} | "
             f"{lat['int8_ms'] if lat else ''} | {lat['float_ms'] if lat else ''} | {lat['speedup_vs_float'] if lat else ''} |")
+    lines += ["", "## Model file input and output (as firmware sees them)", "",
+              f"- model input: {manifest['input']['expects']}"
+              f"{' (normalisation folded into the first layer)' if manifest['input']['folded'] else ''}"]
+    lines += [f"- {name}: {io_line(t['io'])}" for name, t in manifest["targets"].items() if t.get("io")]
     lines += ["", "## Per layer", "", "![per-layer SQNR](layer_sqnr.png)", "",
               "| layer | op | source | weight bits | SQNR dB | mean Hessian score |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['layer']} | {r['op']} | {r['source']} | {r['weight_bits']} | {r['sqnr_db']} | "
               f"{'' if r.get('hessian') is None else format(r['hessian'], '.3g')} |" for r in layers]
     path.write_text("\n".join(lines) + "\n")
+
+
+def io_line(io: dict[str, Any]) -> str:
+    """A target's ``io`` contract in one line of report.md."""
+
+    def one(t: dict[str, Any]) -> str:
+        q = t.get("quantization")
+        grid = "" if q is None else (f" ({q['where']}: {q['dtype']}, scale {q['scale']:.6g}, "
+                                     f"zero point {q['zero_point']})")
+        return f"`{t['name']}` {t['dtype']} {t['layout']} {t['shape']}{grid}"
+
+    return f"input {one(io['input'])}; output {one(io['output'])}"
 
 
 def refuse_existing(out: Path, force: bool) -> None:
@@ -229,7 +247,8 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
             t.emit(qm.float_graph, folder, quantized=False)
             entry: dict[str, Any] = {"runtime": t.runtime, "runtime_versions": t.runtime_versions(),
                                      "rounding": t.rules.rounding, "model_file": f"{t.name}/{t.model_file}",
-                                     "float_model_file": f"{t.name}/{t.float_model_file}"}
+                                     "float_model_file": f"{t.name}/{t.float_model_file}",
+                                     "io": t.io_contract(qm.graph)}
             if x is not None:
                 runner = t.load(folder, threads=threads)
                 rule = t.rules.rounding

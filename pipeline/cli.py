@@ -101,6 +101,8 @@ def quantize(
     crop: Annotated[int | None, typer.Option(help="Centre crop size (overrides the preset).")] = None,
     mean: Annotated[str | None, typer.Option(help="Per-channel mean, e.g. 0.485,0.456,0.406.")] = None,
     std: Annotated[str | None, typer.Option(help="Per-channel std, e.g. 0.229,0.224,0.225.")] = None,
+    fold_preprocessing: Annotated[bool, typer.Option(help="Fold the preset's normalisation into the first layer: "
+                                                          "the exported model takes uint8 RGB pixels 0..255.")] = False,
     samples: Annotated[int | None, typer.Option(help="Calibration samples (default: up to 1024).")] = None,
     check_samples: Annotated[int, typer.Option(help="Held-out samples run on each runtime for the report.")] = 500,
     skip_bad_data: Annotated[bool, typer.Option("--skip-bad-data/--strict-data",
@@ -132,7 +134,7 @@ def quantize(
             options.update(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=resume)
         run_quantize(model, data, profile, target, method, weight_bits, weights, allow_pickle, preset, resize, crop,
                      _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
-                     progress, options, labels, skip_bad=skip_bad_data)
+                     progress, options, labels, skip_bad=skip_bad_data, fold=fold_preprocessing)
 
     _guard(body)
 
@@ -142,11 +144,15 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
                  resize: int | None, crop: int | None, mean: Any, std: Any, samples: int | None, check_samples: int,
                  seed: int, out: Path, force: bool, threads: int, progress: bool,
                  options: dict[str, Any] | None = None, labels_path: Path | None = None,
-                 skip_bad: bool = True) -> Path:
-    """Load, quantize, export: what ``eptq-deploy quantize MODEL`` does."""
+                 skip_bad: bool = True, fold: bool = False) -> Path:
+    """Load, quantize, export: what ``eptq-deploy quantize MODEL`` does.
+
+    With ``fold`` the images are loaded normalised as usual and converted back to their
+    pixels (``data.to_pixels``, exact for images), which the folded model takes.
+    """
     from . import api
     from .bundle import refuse_existing
-    from .data import get_preset, load_data, load_labels, preset_info
+    from .data import get_preset, load_data, load_labels, preset_info, to_pixels
     from .models import load_model
 
     if data is None:
@@ -165,6 +171,8 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     pre = get_preset(preset or hints.get("preset"), resize=resize, crop=crop, mean=mean, std=std)
     names: list[str] = []
     x = load_data(data, pre, skip_bad=skip_bad, names=names)
+    if fold:
+        x = to_pixels(x, pre)
     labels = load_labels(labels_path if labels_path is not None else data, names=names)
     n_cal = min(samples or api.DEFAULT_SAMPLES, len(x))
     if samples is not None and samples > len(x):
@@ -179,7 +187,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
         held_labels = labels[:check_samples] if labels is not None and len(labels) == len(x) else None
     t0 = time.perf_counter()
     qm = api.quantize(net, calib, profile=prof, targets=[t.name for t in tgts], method=method, seed=seed,
-                      progress=progress, **(options or {}))
+                      progress=progress, fold_preprocessing=pre if fold else None, **(options or {}))
     qm.info["preprocessing"] = preset_info(pre)
     qm.info["model_name"] = hints.get("name", model)
     typer.echo(f"quantized {model} ({prof.name}, {method}, {len(calib)} samples) in {time.perf_counter() - t0:.1f} s")
@@ -249,7 +257,7 @@ def check(
     def body() -> None:
         from . import api
         from .bundle import read_manifest
-        from .data import Preset, load_data, load_labels
+        from .data import Preset, load_data, load_labels, to_pixels
 
         if not 0.0 <= min_agreement <= 1.0:
             raise UsageError(f"--min-agreement {min_agreement} must be a fraction between 0 and 1, e.g. 0.995")
@@ -264,6 +272,9 @@ def check(
                 raise UsageError(f"{bundle}/manifest.json input.preprocessing is malformed; re-export the bundle") from None
         names: list[str] = []
         x = load_data(data, preset, limit=limit, names=names)
+        folded = isinstance(m.get("input"), dict) and m["input"].get("folded") is True
+        if folded and preset is not None:  # the model takes the pixels themselves
+            x = to_pixels(x, preset)
         y = load_labels(labels if labels is not None else data, limit=limit, names=names)
         results = api.check(bundle, x, y, target=target, threads=threads)
         typer.echo(f"bundle: {bundle} ({len(x)} samples from {data})")

@@ -31,8 +31,10 @@ __all__ = [
     "iter_batches",
     "load_data",
     "load_labels",
+    "normalize_pixels",
     "preprocess_uint8",
     "take_samples",
+    "to_pixels",
 ]
 
 
@@ -143,10 +145,26 @@ def _normalize(images: np.ndarray, preset: Preset) -> torch.Tensor:
     """NHWC uint8 -> normalised float32 NCHW."""
     if not images.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
         images = images.copy()
-    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32)
-    mean = torch.tensor(preset.mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(preset.std, dtype=torch.float32).view(1, 3, 1, 1)
-    return ((x * preset.scale - mean) / std).contiguous()
+    return normalize_pixels(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), preset)
+
+
+def normalize_pixels(pixels: torch.Tensor, preset: Preset) -> torch.Tensor:
+    """RGB pixels 0..255 (NCHW) -> ``(x * scale - mean) / std``, float32 NCHW."""
+    mean = torch.tensor(preset.mean, dtype=torch.float32).view(1, -1, 1, 1)
+    std = torch.tensor(preset.std, dtype=torch.float32).view(1, -1, 1, 1)
+    return ((pixels.to(torch.float32) * preset.scale - mean) / std).contiguous()
+
+
+def to_pixels(x: torch.Tensor, preset: Preset) -> torch.Tensor:
+    """Normalised float32 NCHW back to the integer RGB pixels 0..255 it came from (float32).
+
+    The inverse of ``normalize_pixels`` in float64, rounded: data loaded from images is
+    recovered exactly; already-preprocessed float arrays land on the nearest pixel value.
+    """
+    mean = torch.tensor(preset.mean, dtype=torch.float64).view(1, -1, 1, 1)
+    std = torch.tensor(preset.std, dtype=torch.float64).view(1, -1, 1, 1)
+    p = (x.to(torch.float64) * std + mean) / preset.scale
+    return torch.round(p).clamp(0, 255).to(torch.float32).contiguous()
 
 
 def preprocess_uint8(images: np.ndarray, preset: str | Preset) -> torch.Tensor:

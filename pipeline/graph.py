@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import zipfile
 import zlib
@@ -30,7 +31,9 @@ FORMAT_VERSION = 1
 
 #: op name -> (number of inputs or None for variadic, attributes it may carry)
 OPS: dict[str, tuple[int | None, frozenset[str]]] = {
-    "conv2d": (3, frozenset({"stride", "pads", "dilation", "groups", "activation"})),
+    # pad_value: per input channel, the real value the padding holds instead of zero (a folded
+    # input normalisation pads with the mean pixel, see preprocess.py); absent means zero
+    "conv2d": (3, frozenset({"stride", "pads", "dilation", "groups", "activation", "pad_value"})),
     "depthwise_conv2d": (3, frozenset({"stride", "pads", "dilation", "groups", "activation"})),
     "linear": (3, frozenset({"activation"})),
     "add": (2, frozenset({"activation"})),
@@ -229,16 +232,22 @@ class QuantGraph:
             if n.op not in OPS:
                 raise UsageError(f"graph node {n.name!r} has unknown op {n.op!r} (known ops: {', '.join(sorted(OPS))}); "
                                  "re-export the bundle with this eptq-deploy version")
-            arity = OPS[n.op][0]
+            arity, allowed = OPS[n.op]
             if arity is not None and len(n.inputs) != arity:
                 raise UsageError(f"graph node {n.name!r} ({n.op}) has {len(n.inputs)} inputs, expected {arity}; "
                                  "re-export the bundle")
+            unknown = sorted(set(n.attrs) - allowed)
+            if unknown:
+                raise UsageError(f"graph node {n.name!r} ({n.op}) has unknown attribute(s) {', '.join(unknown)}; "
+                                 "re-export the bundle with this eptq-deploy version")
             for i in n.inputs:
                 if i not in self.tensors:
                     raise UsageError(f"graph node {n.name!r} reads undeclared tensor {i!r}; re-export the bundle")
                 if i not in seen and self.tensors[i].data is None:
                     raise UsageError(f"graph node {n.name!r} reads {i!r} before it is produced (nodes must be topological); "
                                      "re-export the bundle")
+            if "pad_value" in n.attrs:
+                _check_pad_value(n, self.tensors[n.inputs[0]].shape)
             for o in n.outputs:
                 if o not in self.tensors:
                     raise UsageError(f"graph node {n.name!r} writes undeclared tensor {o!r}; re-export the bundle")
@@ -346,6 +355,16 @@ def _check_data(name: str, data: Any, shape: tuple[int, ...]) -> None:
     if data.shape != shape:
         raise UsageError(f"tensor {name!r} in graph.npz has shape {data.shape} but graph.json declares {shape}; "
                          "re-export the bundle")
+
+
+def _check_pad_value(n: Node, shape: tuple[int, ...]) -> None:
+    """A conv's ``pad_value`` is one finite number per input channel (kernels index it by channel)."""
+    v = n.attrs["pad_value"]
+    channels = shape[1] if len(shape) > 1 else None
+    if (not isinstance(v, list) or len(v) != channels
+            or not all(type(x) in (int, float) and math.isfinite(x) for x in v)):
+        raise UsageError(f"graph node {n.name!r} ({n.op}): pad_value must list one finite number per input channel "
+                         f"({channels}); re-export the bundle")
 
 
 def _check_quant(name: str, q: QParams, shape: tuple[int, ...]) -> None:

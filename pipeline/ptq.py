@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .calibrate import ActStats, quantize_bias, search_activation_grid, search_weight_grid
 from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph, TargetRules
+from .preprocess import is_folded, pixel_grid
 from .simulate import run_float
 
 #: values kept per tensor per batch for the threshold search
@@ -70,7 +71,8 @@ def layer_weight_bits(g: QuantGraph, profile) -> dict[str, int]:
 
 
 def assign_activation_grids(g: QuantGraph, stats: dict[str, ActStats], profile, rules: list[TargetRules]) -> None:
-    """Choose one grid per group of tensors that must share it; fixed grids where a target demands."""
+    """Choose one grid per group of tensors that must share it; fixed grids where a target demands
+    and for the pixel input of a folded graph."""
     groups = grid_groups(g, rules)
     members: dict[str, list[str]] = {}
     for t, rep in groups.items():
@@ -84,7 +86,9 @@ def assign_activation_grids(g: QuantGraph, stats: dict[str, ActStats], profile, 
             for r in rules:
                 if p is not None and p.op in r.fixed_grids:
                     fixed = r.fixed_grids[p.op]
-        if fixed is not None:
+        if is_folded(g) and g.inputs[0] in ts:
+            qp = pixel_grid(profile)
+        elif fixed is not None:
             qp = fixed_grid(fixed, profile)
         else:
             merged = stats[ts[0]]

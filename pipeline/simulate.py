@@ -11,24 +11,54 @@ computed in float32 on dequantized values, as the runtime does.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import UsageError
 from .graph import SAME_GRID_OPS, Node, QParams, QuantGraph
 
 
 # ------------------------------------------------------------- float op table
-def _conv(n: Node, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _conv(n: Node, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+          pad_value: Sequence[float] | None = None) -> torch.Tensor:
+    """Convolution node ``n``; the padding holds ``pad_value`` per channel (default: the
+    node's ``pad_value`` attribute, else zero)."""
     t, l, bo, r = n.attrs["pads"]
-    if t != bo or l != r:
+    values = n.attrs.get("pad_value") if pad_value is None else pad_value
+    if values is not None and any(n.attrs["pads"]):
+        x, pad = pad_channels(x, n.attrs["pads"], values), (0, 0)
+    elif t != bo or l != r:
         x = F.pad(x, (l, r, t, bo))
         pad = (0, 0)
     else:
         pad = (t, l)
     return F.conv2d(x, w, b, tuple(n.attrs["stride"]), pad, tuple(n.attrs["dilation"]), n.attrs["groups"])
+
+
+def pad_channels(x: torch.Tensor, pads: Sequence[int], values: Sequence[float]) -> torch.Tensor:
+    """Spatial padding (top, left, bottom, right) of NCHW ``x`` with one value per channel."""
+    t, l, b, r = pads
+    n, c, h, w = x.shape
+    out = torch.as_tensor(values, dtype=x.dtype).view(1, c, 1, 1).repeat(n, 1, h + t + b, w + l + r)
+    out[:, :, t:t + h, l:l + w] = x
+    return out
+
+
+def pad_codes(values: Sequence[float], qp: QParams) -> np.ndarray:
+    """Integer codes of per-channel pad values on grid ``qp``; refused unless exact.
+
+    Padding is a constant the integer kernel reads as it is: a value between two codes
+    would have to be rounded, and the model would no longer compute its float graph's border.
+    """
+    q = np.asarray(values, np.float64) / float(qp.scale[0]) + int(qp.zero_point[0])
+    if not np.all(q == np.round(q)) or q.min() < qp.qmin or q.max() > qp.qmax:
+        raise UsageError(f"pad values {list(values)} are not codes of the input grid (scale {float(qp.scale[0])}, "
+                         f"zero point {int(qp.zero_point[0])}); quantize with fold_preprocessing so the input grid "
+                         "is the pixel grid")
+    return q.astype(np.int64)
 
 
 def _pool_pad(n: Node, x: torch.Tensor, value: float) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -467,10 +497,13 @@ def integer_accumulate(n: Node, xc: torch.Tensor, w_int: np.ndarray, xq: QParams
     x_max = max(abs(xq.qmin - int(xq.zero_point[0])), abs(xq.qmax - int(xq.zero_point[0])))
     w_max = int(np.abs(w_int).max()) if w_int.size else 0
 
+    # padding in zero-point-shifted codes: the zero point itself, or a pad value's code
+    pad = None if "pad_value" not in n.attrs else (pad_codes(n.attrs["pad_value"], xq) - int(xq.zero_point[0])).tolist()
+
     def run(x: torch.Tensor, w: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         wt = torch.from_numpy(w.astype(np.float64)).to(dtype)
         xx = x.to(dtype)
-        y = F.linear(xx, wt) if n.op == "linear" else _conv(n, xx, wt, None)
+        y = F.linear(xx, wt) if n.op == "linear" else _conv(n, xx, wt, None, pad)
         return y.double()
 
     if fan_in * x_max * w_max < _F32_EXACT:

@@ -11,10 +11,11 @@ point names a :class:`Target` subclass).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from importlib import import_module
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -57,9 +58,35 @@ class Target(ABC):
     def runtime_versions(self) -> dict[str, str]:
         return {}
 
+    def io_contract(self, graph: QuantGraph) -> dict[str, dict[str, Any]]:
+        """The integer model file's input and output as firmware sees them (the manifest's ``io``).
+
+        Default: what ``Runner`` promises, float32 NCHW tensors named as in the graph,
+        quantized and dequantized inside the file on the graph's own grids; a target
+        whose file holds anything else overrides this.
+        """
+        def one(t: str, where: str) -> dict[str, Any]:
+            info = graph.tensors[t]
+            qp = info.quant
+            grid = None if qp is None else (float(qp.scale[0]), int(qp.zero_point[0]), info.dtype, where)
+            return io_tensor(t, info.shape, "NCHW", "float32", grid)
+
+        return {"input": one(graph.inputs[0], "quantized inside the model"),
+                "output": one(graph.outputs[0], "dequantized inside the model")}
+
     def inspect(self, folder: Path) -> dict:
         """Runtime facts worth reporting (e.g. which layers run in integer)."""
         return {}
+
+
+def io_tensor(name: str, shape: Sequence[int | str], layout: str, dtype: str,
+              grid: tuple[float, int, str, str] | None) -> dict[str, Any]:
+    """One entry of an ``io`` contract; ``grid`` is (scale, zero point, container dtype, where the
+    file applies it), the numbers exactly as the file stores them. ``layout`` names a 4-D tensor's
+    axes; other ranks are stated as N plus features."""
+    axes = layout if len(shape) == 4 else ("NC" if len(shape) == 2 else f"rank {len(shape)}")
+    q = None if grid is None else dict(zip(("scale", "zero_point", "dtype", "where"), grid, strict=True))
+    return {"name": name, "shape": list(shape), "layout": axes, "dtype": dtype, "quantization": q}
 
 
 def _load(spec: str) -> type[Target]:

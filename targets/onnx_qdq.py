@@ -5,13 +5,17 @@ every activation is stored as uint8 (a signed grid with zero point z becomes uin
 with z + 128, the same real values), weights are int8 initializers with per-channel
 scales (``axis=0``) and bias int32 initializers, so no optimisation pass can
 re-quantize float weights. Ops that only move codes (pads, slices, max pools,
-flatten, reshape) run on the uint8 tensor itself, without a DQ/Q pair around them.
+flatten, reshape) run on the uint8 tensor itself, without a DQ/Q pair around them. A conv
+that pads with a value per channel (``pad_value``: the mean pixel of a folded input
+normalisation) gets its padding the same way, as Split, a Pad per channel and Concat on the
+codes, since Pad takes one scalar and Conv pads with zero only.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -19,11 +23,14 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from eptq_deploy.graph import SAME_GRID_OPS, Node, QParams, QuantGraph, TargetRules
+from eptq_deploy.simulate import pad_codes
 
-from . import Runner, Target
+from . import Runner, Target, io_tensor
 
 OPSET = 17
 IR_VERSION = 8
+#: the model file's output tensor (the input keeps the graph input's name)
+OUTPUT_NAME = "output"
 
 
 def u8_grid(qp: QParams) -> tuple[float, int]:
@@ -62,16 +69,43 @@ class _Emitter:
         self.node("QuantizeLinear", [src, s, z], [f"{t}.q"], f"Q_{t}")
         return f"{t}.q"
 
-    def float_in(self, t: str) -> str:
-        """Float view of activation ``t`` for one consumer (a DQ each, as ORT's QDQ fusion wants)."""
+    def float_in(self, t: str, codes: str | None = None) -> str:
+        """Float view of activation ``t`` for one consumer (a DQ each, as ORT's QDQ fusion wants);
+        ``codes``: a tensor of codes on ``t``'s grid to read instead of ``t``'s own."""
         if not self.q:
-            return t
+            return codes or t
         k = self.dq_count[t]
         self.dq_count[t] += 1
         s, z = self.grid(t)
         out = f"{t}.dq{k}"
-        self.node("DequantizeLinear", [f"{t}.q", s, z], [out], f"DQ_{t}_{k}")
+        self.node("DequantizeLinear", [codes or f"{t}.q", s, z], [out], f"DQ_{t}_{k}")
         return out
+
+    def conv_input(self, n: Node) -> tuple[str, list[int]]:
+        """Float input of conv ``n`` and the pads left to Conv, which pads with zero only.
+
+        A per-channel ``pad_value`` is applied before the conv on the codes (or floats): Pad
+        takes one scalar, so each channel is padded alone and the channels concatenated
+        again. Codes are only moved, so it is exact, and DQ -> Conv -> Q still fuses.
+        """
+        x, pads, values = n.inputs[0], n.attrs["pads"], n.attrs.get("pad_value")
+        if values is None or not any(pads):
+            return self.float_in(x), pads
+        tag, qp = f"{n.outputs[0]}.input_pad", self.g.tensors[x].quant
+        if self.q:  # codes in the uint8 container, as the tensor they pad
+            fills = (pad_codes(values, qp) + u8_grid(qp)[1] - int(qp.zero_point[0])).astype(np.uint8)
+            src = f"{x}.q"
+        else:
+            fills, src = np.asarray(values, np.float32), x
+        parts = [f"{tag}.ch{c}" for c in range(len(fills))]
+        self.node("Split", [src, self.init(f"{tag}.split", np.ones(len(fills), np.int64))], parts, f"Split_{tag}", axis=1)
+        t, l, b, r = pads
+        onnx_pads = self.init(f"{tag}.pads", np.array([0, 0, t, l, 0, 0, b, r], np.int64))
+        for c, (part, fill) in enumerate(zip(parts, fills, strict=True)):
+            self.node("Pad", [part, onnx_pads, self.init(f"{tag}.value{c}", fill)], [f"{part}.padded"],
+                      f"Pad_{tag}_{c}", mode="constant")
+        self.node("Concat", [f"{p}.padded" for p in parts], [tag], f"Concat_{tag}", axis=1)
+        return self.float_in(x, codes=tag), [0, 0, 0, 0]
 
     def finish(self, src: str, t: str) -> None:
         """Route float result ``src`` to activation ``t`` (quantize it in the QDQ graph)."""
@@ -131,14 +165,14 @@ class _Emitter:
         out = g.outputs[0]
         if self.q:
             s, z = self.grid(out)
-            self.node("DequantizeLinear", [f"{out}.q", s, z], ["output"], "DQ_output")
+            self.node("DequantizeLinear", [f"{out}.q", s, z], [OUTPUT_NAME], "DQ_output")
         else:
-            self.node("Identity", [out], ["output"], "Id_output")
+            self.node("Identity", [out], [OUTPUT_NAME], "Id_output")
         inp = g.tensors[x].shape
         graph = helper.make_graph(
             self.nodes, "eptq_deploy_" + ("qdq" if self.q else "float"),
             [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", *inp[1:]])],
-            [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["N", *g.tensors[out].shape[1:]])],
+            [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", *g.tensors[out].shape[1:]])],
             self.inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="eptq-deploy")
@@ -161,8 +195,9 @@ class _Emitter:
         if op in ("conv2d", "depthwise_conv2d"):
             w, b = self.weight(n)
             k = list(T[n.inputs[1]].shape[2:])
-            self.node("Conv", [self.float_in(n.inputs[0]), w, b], [f"{out}.f"], f"Conv_{out}", kernel_shape=k,
-                      strides=a["stride"], pads=a["pads"], dilations=a["dilation"], group=a["groups"])
+            src, pads = self.conv_input(n)
+            self.node("Conv", [src, w, b], [f"{out}.f"], f"Conv_{out}", kernel_shape=k,
+                      strides=a["stride"], pads=pads, dilations=a["dilation"], group=a["groups"])
             self.finish(self.activation(f"{out}.f", n, out), out)
         elif op == "linear":
             w, b = self.weight(n)
@@ -218,6 +253,16 @@ class _Emitter:
             raise NotImplementedError(op)
 
 
+def qdq_io_contract(g: QuantGraph) -> dict[str, dict[str, Any]]:
+    """The QDQ file's I/O: float32 NCHW with any batch size, quantized to uint8 by the file's
+    first QuantizeLinear and dequantized by its last DequantizeLinear (the grids in uint8)."""
+    x, y = g.tensors[g.inputs[0]], g.tensors[g.outputs[0]]
+    return {"input": io_tensor(x.name, ["N", *x.shape[1:]], "NCHW", "float32",
+                               (*u8_grid(x.quant), "uint8", "QuantizeLinear inside the model")),
+            "output": io_tensor(OUTPUT_NAME, ["N", *y.shape[1:]], "NCHW", "float32",
+                                (*u8_grid(y.quant), "uint8", "DequantizeLinear inside the model"))}
+
+
 def build_model(g: QuantGraph, quantized: bool = True) -> onnx.ModelProto:
     """The QDQ (or, with ``quantized=False``, the float) ONNX model of ``g``."""
     return _Emitter(g, quantized).build()
@@ -262,6 +307,9 @@ class OnnxQdqTarget(Target):
 
     def runtime_versions(self) -> dict[str, str]:
         return {"onnxruntime": ort.__version__, "onnx": onnx.__version__}
+
+    def io_contract(self, graph: QuantGraph) -> dict[str, dict[str, Any]]:
+        return qdq_io_contract(graph)
 
     def inspect(self, folder: Path) -> dict:
         """Which kernels onnxruntime actually runs after its graph optimisations."""

@@ -4,7 +4,8 @@ The IR is converted in memory from the onnx-qdq target's QDQ model: OpenVINO's O
 frontend turns each QuantizeLinear/DequantizeLinear pair into a FakeQuantize and keeps
 the int8 weight and int32 bias initializers as integer constants with their scales, so
 the file holds the graph's integers by construction (``read_back`` proves it), and the
-CPU plugin runs u8 x i8 convolutions.
+CPU plugin runs u8 x i8 convolutions (a per-channel conv padding arrives as the ONNX's
+Split/Pad/Concat on u8 codes, which the plugin runs in u8).
 
 Not bit-exact with strict QDQ: the CPU plugin folds a residual Add (with its quantize)
 into the preceding convolution, which skips the rounding of that convolution's own
@@ -30,7 +31,7 @@ import openvino as ov
 from eptq_deploy.graph import SAME_GRID_OPS, QuantGraph
 
 from . import Runner, Target
-from .onnx_qdq import OnnxQdqTarget, build_model, u8_grid
+from .onnx_qdq import OUTPUT_NAME, OnnxQdqTarget, build_model, qdq_io_contract, u8_grid
 
 #: CPU plugin layer types that hold weights; ``inspect`` reports their runtime precision
 WEIGHTED_LAYER_TYPES = frozenset({"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul"})
@@ -38,7 +39,7 @@ INT8_PRECISIONS = frozenset({"u8", "i8"})
 #: the onnx-qdq emitter names its tensors ``<t>.q`` (codes), ``<t>.dq<k>`` (a consumer's float
 #: view), ``<t>.pre6.q/.dq`` (the grid before a ReLU6 clip) and the graph output ``output``
 _TENSOR_RE = re.compile(r"^(?P<t>.+?)(?:\.pre6)?\.(?:q|dq\d*)$")
-_ONNX_OUTPUT = "output"
+_ONNX_OUTPUT = OUTPUT_NAME
 
 
 @cache
@@ -239,6 +240,10 @@ class OpenVinoIrTarget(Target):
 
     def runtime_versions(self) -> dict[str, str]:
         return {"openvino": ov.__version__}
+
+    def io_contract(self, graph: QuantGraph) -> dict[str, dict[str, Any]]:
+        """The QDQ ONNX's I/O: the frontend keeps its tensor names, float32 I/O and FakeQuantize grids."""
+        return qdq_io_contract(graph)
 
     def inspect(self, folder: Path) -> dict:
         """Which weighted layers the CPU plugin executes in int8, compiled as ``load`` compiles."""

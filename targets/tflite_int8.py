@@ -6,7 +6,9 @@ is the one the quantized graph holds: a converter re-derives weight scales and l
 ulp off. Layout is NHWC; every 8-bit activation is an int8 tensor (an unsigned grid with
 zero point z becomes int8 with z - 128, the same real values); weights are int8 per
 channel (axis 0, axis 3 for DEPTHWISE_CONV_2D's [1, H, W, C*mult]), zero point 0, bias
-int32 at s_in * s_w. Torch padding that SAME cannot express becomes an explicit PAD.
+int32 at s_in * s_w. Torch padding that SAME cannot express becomes an explicit PAD, and a
+conv's per-channel ``pad_value`` (folded input normalisation) SPLIT, a PADV2 per channel
+and CONCATENATION, all moving codes only.
 Ops that only move codes (pads, slices, pools, concatenation, reshapes) need one grid on
 their inputs and output, and LOGISTIC a fixed one: ``rules`` declares both, so the grids
 are chosen that way. The simulation rule ``tflite`` reproduces the reference kernels.
@@ -17,6 +19,7 @@ from __future__ import annotations
 from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
+from typing import Any
 
 import flatbuffers
 import numpy as np
@@ -31,9 +34,10 @@ from eptq_deploy.simulate import (
     get_rule,
     hardsigmoid_as_depthwise,
     int8_container_offset,
+    pad_codes,
 )
 
-from . import Runner, Target
+from . import Runner, Target, io_tensor
 
 BO, TT, ACT = S.BuiltinOperator, S.TensorType, S.ActivationFunctionType
 OP_NAMES = {v: k for k, v in vars(BO).items() if not k.startswith("_")}
@@ -41,7 +45,7 @@ _TYPE_NAMES = {v: k for k, v in vars(TT).items() if not k.startswith("_")}
 #: op versions the converter writes for int8 tensors (float files use version 1)
 INT8_VERSIONS = {BO.CONV_2D: 3, BO.DEPTHWISE_CONV_2D: 3, BO.FULLY_CONNECTED: 4, BO.ADD: 2, BO.MUL: 2,
                  BO.CONCATENATION: 2, BO.MAX_POOL_2D: 2, BO.AVERAGE_POOL_2D: 2, BO.MEAN: 2, BO.PAD: 2,
-                 BO.PADV2: 2, BO.STRIDED_SLICE: 2, BO.TRANSPOSE: 2, BO.LOGISTIC: 2, BO.RELU: 2, BO.RELU6: 2}
+                 BO.PADV2: 2, BO.SPLIT: 2, BO.STRIDED_SLICE: 2, BO.TRANSPOSE: 2, BO.LOGISTIC: 2, BO.RELU: 2, BO.RELU6: 2}
 #: LOGISTIC's int8 output grid (the kernel demands it); hardsigmoid's lowering uses it too
 UNIT_GRID = (1.0 / 256.0, -128, True)
 #: op-resolver choices of ``load``: XNNPACK, the optimized builtins, the reference kernels
@@ -255,12 +259,43 @@ class _Emitter:
         if value == "zero":
             self.op(BO.PAD, [x, paddings], [xp], S.BuiltinOptions.PadOptions, S.PadOptionsT())
             return xp
+        v = self.scalar_on_grid(f"{name}/value", src, -128 if self.q else np.finfo(np.float32).min)
+        self.op(BO.PADV2, [x, paddings, v], [xp], S.BuiltinOptions.PadV2Options, S.PadV2OptionsT())
+        return xp
+
+    def scalar_on_grid(self, name: str, src: str, value: float) -> int:
+        """A constant scalar of ``src``'s type: an int8 code on its grid (PADV2 demands the
+        output's scale and zero point), or a float32 value in the float file."""
         if self.q:
             s, z = i8_grid(self.qp(src))
-            v = self.tensor(f"{name}/value", (), TT.INT8, np.array(-128, np.int8), s, z)
-        else:
-            v = self.tensor(f"{name}/value", (), TT.FLOAT32, np.array(np.finfo(np.float32).min, np.float32))
-        self.op(BO.PADV2, [x, paddings, v], [xp], S.BuiltinOptions.PadV2Options, S.PadV2OptionsT())
+            return self.tensor(name, (), TT.INT8, np.array(value, np.int8), s, z)
+        return self.tensor(name, (), TT.FLOAT32, np.array(value, np.float32))
+
+    def channel_pad(self, src: str, x: int, pads: list[int], values: list[float]) -> int:
+        """PAD ``x`` spatially with one value per channel (a conv's ``pad_value``).
+
+        PADV2 takes one scalar per tensor, so the channels are split, each padded with
+        its own code, and concatenated again: codes are only moved, hence exact on every
+        kernel set.
+        """
+        t, l, b, r = pads
+        name = f"{src}/channel_padded_{len(self.sg.tensors)}"
+        n, c, h, w = self.g.tensors[src].shape
+        fills = pad_codes(values, self.qp(src)) - int8_container_offset(self.qp(src)) if self.q else values
+        parts = [self.act_tensor(f"{name}/ch{k}", (n, h, w, 1), src) for k in range(c)]
+        o = S.SplitOptionsT()
+        o.numSplits = c
+        self.op(BO.SPLIT, [self.const_i32(f"{name}/axis", 3), x], parts, S.BuiltinOptions.SplitOptions, o)
+        paddings = self.const_i32(f"{name}/paddings", [[0, 0], [t, b], [l, r], [0, 0]])
+        padded = []
+        for k, (part, fill) in enumerate(zip(parts, fills, strict=True)):
+            padded.append(self.act_tensor(f"{name}/ch{k}/padded", (n, h + t + b, w + l + r, 1), src))
+            self.op(BO.PADV2, [part, paddings, self.scalar_on_grid(f"{name}/ch{k}/value", src, fill)], [padded[-1]],
+                    S.BuiltinOptions.PadV2Options, S.PadV2OptionsT())
+        xp = self.act_tensor(name, (n, h + t + b, w + l + r, c), src)
+        o = S.ConcatenationOptionsT()
+        o.axis = 3
+        self.op(BO.CONCATENATION, padded, [xp], S.BuiltinOptions.ConcatenationOptions, o)
         return xp
 
     # -------------------------------------------------------------------- ops
@@ -271,7 +306,10 @@ class _Emitter:
         depthwise = n.op == "depthwise_conv2d"
         if not depthwise and a["groups"] != 1:
             raise UnsupportedOpError(f"tflite-int8 cannot write grouped convolution {n.name} ({a['groups']} groups)")
-        padding, x = self.padding(src, self.output(src), [kh, kw], a["stride"], a["dilation"], a["pads"])
+        if "pad_value" in a and any(a["pads"]):  # SAME and PAD would pad with the zero point
+            padding, x = S.Padding.VALID, self.channel_pad(src, self.output(src), a["pads"], a["pad_value"])
+        else:
+            padding, x = self.padding(src, self.output(src), [kh, kw], a["stride"], a["dilation"], a["pads"])
         if depthwise:
             w, b = self.weights(n, (1, 2, 3, 0), 3)  # [1, kh, kw, C*mult]
             o = S.DepthwiseConv2DOptionsT()
@@ -509,6 +547,16 @@ class TfliteInt8Target(Target):
 
     def runtime_versions(self) -> dict[str, str]:
         return {"ai-edge-litert": version("ai-edge-litert"), "flatbuffers": version("flatbuffers")}
+
+    def io_contract(self, graph: QuantGraph) -> dict[str, dict[str, Any]]:
+        """int8 NHWC tensors holding codes: firmware quantizes and dequantizes itself, with the
+        int8 zero point (the graph's minus 128 for an unsigned grid, e.g. -128 for pixels)."""
+        def one(t: str) -> dict[str, Any]:
+            s, z = i8_grid(graph.tensors[t].quant)
+            return io_tensor(t, nhwc(graph.tensors[t].shape), "NHWC", "int8",
+                             (s, z, "int8", "codes in the tensor"))
+
+        return {"input": one(graph.inputs[0]), "output": one(graph.outputs[0])}
 
     def inspect(self, folder: Path) -> dict:
         """The ops (and their versions) and tensors the integer file holds."""
