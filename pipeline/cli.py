@@ -85,7 +85,7 @@ def quantize(
                                               "(Hessian-guided network-wise rounding optimisation).")] = "ptq",
     iters: Annotated[int | None, typer.Option(help="EPTQ optimisation iterations (default 800).")] = None,
     max_memory: Annotated[str | None, typer.Option(help="Memory for EPTQ's float-activation cache, e.g. 4G or "
-                                                        "512M (default: half the available RAM); above it the "
+                                                        "512M (default: a quarter of the RAM); above it the "
                                                         "activations are recomputed per batch instead.")] = None,
     checkpoint_dir: Annotated[Path | None, typer.Option(help="Save the EPTQ optimisation state here as it runs "
                                                              "(kept on Ctrl-C; outside the bundle).")] = None,

@@ -57,7 +57,7 @@ class EptqConfig:
     bias_tune: float = 0.1  # extra bias-only iterations after hard rounding, as a fraction of iters
     device: str | None = None  # None: CUDA when available, else the CPU
     seed: int = 0
-    max_memory: int | None = None  # bytes for the float-activation cache; None: half the available RAM
+    max_memory: int | None = None  # bytes for the float-activation cache; None: a quarter of the RAM
     checkpoint_dir: str | None = None  # save the optimisation state here (survives Ctrl-C)
     checkpoint_every: int = 50  # iterations between checkpoints
     resume: bool = False  # continue from checkpoint_dir's state
@@ -240,12 +240,17 @@ def cache_bytes(fg: QuantGraph, layers: list[str], n: int) -> int:
 
 
 def memory_budget(max_memory: int | None) -> int:
-    """The cache budget: ``max_memory`` bytes, or half the RAM available now."""
+    """The cache budget: ``max_memory`` bytes, else a quarter of the machine's RAM (at most half of what is free).
+
+    A quarter leaves room for the Hessian pass, the optimiser's own activations and
+    whatever else the machine runs.
+    """
     if max_memory is not None:
         return max_memory
     import psutil
 
-    return psutil.virtual_memory().available // 2
+    vm = psutil.virtual_memory()
+    return min(vm.total // 4, vm.available // 2)
 
 
 class FloatActivations:
