@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The benchmark matrix (EPTQ rows of issue 3, every-target rows of issue 4), most
-# important rows first. Every row is
-# appended to tools/results/bench_accuracy.jsonl and skipped when already there,
-# so a stopped run resumes where it left off. Roughly, uncontended: resnet20 rows
-# 3-4 min each, resnet56 EPTQ rows 10-12 min each (2 threads, 10,000 test images).
+# important rows first. Every row is appended to tools/results/bench_accuracy.jsonl
+# and skipped when already there, so a stopped run resumes where it left off.
+# Roughly, uncontended: resnet20 rows 3-4 min each, resnet56 EPTQ rows 10-15 min
+# each (2 threads, 10,000 test images; every target adds its own simulation pass).
 set -u
 cd "$(dirname "$0")/.."
 B="python tools/bench_accuracy.py --target onnx-qdq"
@@ -14,20 +14,21 @@ ablate() {  # uniform layer weights, then layer-by-layer AdaRound, on the 4- and
     $B --model "$1" $row --method adaround
   done
 }
-rows() {  # the rest of the matrix, EPTQ against PTQ; the int8 profiles on every target
-  $B --model "$1" --profile int8-pot,tflite-int8 --method eptq,ptq --target all
-  $B --model "$1" --profile w4a8-pot --method eptq,ptq
-  $B --model "$1" --profile imx500 --weight-bits 2 --method eptq,ptq
-  $B --model "$1" --profile imx500 --weight-bits 8 --method eptq,ptq
-}
 # the acceptance rows: imx500 at 4 and 3 bits
 $B --model resnet20 --profile imx500 --weight-bits 4 --method eptq,ptq
 $B --model resnet20 --profile $W3 --weight-bits 3 --method eptq,ptq
 $B --model resnet56 --profile imx500 --weight-bits 4 --method eptq,ptq
-# every target (issue 4): EfficientNet-Lite0 PTQ on 500 held-out ImageNet samples
+# the int8 profiles on every target (issue 4), EfficientNet-Lite0 on 500 held-out ImageNet samples
 $B --model efficientnet_lite0 --profile int8-pot,tflite-int8 --method ptq --target all
-rows resnet20
+$B --model resnet20 --profile int8-pot,tflite-int8 --method eptq,ptq --target all
+# the harder rows, then the ablations
+$B --model resnet20 --profile w4a8-pot --method eptq,ptq
+$B --model resnet20 --profile imx500 --weight-bits 2 --method eptq,ptq
 ablate resnet20
+$B --model resnet56 --profile int8-pot,tflite-int8 --method eptq,ptq --target all
+$B --model resnet56 --profile w4a8-pot --method eptq,ptq
+$B --model resnet56 --profile imx500 --weight-bits 2 --method eptq,ptq
 $B --model resnet56 --profile $W3 --weight-bits 3 --method eptq,ptq
-rows resnet56
+$B --model resnet20 --profile imx500 --weight-bits 8 --method eptq,ptq
+$B --model resnet56 --profile imx500 --weight-bits 8 --method eptq,ptq
 ablate resnet56
