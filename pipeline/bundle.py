@@ -197,11 +197,33 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
               f"- model input: {manifest['input']['expects']}"
               f"{' (normalisation folded into the first layer)' if manifest['input']['folded'] else ''}"]
     lines += [f"- {name}: {io_line(t['io'])}" for name, t in manifest["targets"].items() if t.get("io")]
+    lines += ["", "## What each runtime reports", ""]
+    lines += [f"- {name}: {runtime_line(t)}" for name, t in manifest["targets"].items()]
     lines += ["", "## Per layer", "", "![per-layer SQNR](layer_sqnr.png)", "",
               "| layer | op | source | weight bits | SQNR dB | mean Hessian score |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['layer']} | {r['op']} | {r['source']} | {r['weight_bits']} | {r['sqnr_db']} | "
               f"{'' if r.get('hessian') is None else format(r['hessian'], '.3g')} |" for r in layers]
     path.write_text("\n".join(lines) + "\n")
+
+
+def runtime_line(t: dict[str, Any]) -> str:
+    """Output-difference distribution and the runtime's own view of the loaded model, in one line."""
+    parts = []
+    dist = (t.get("checks") or {}).get("diff_lsb_distribution")
+    if dist:
+        parts.append("output elements at 0/1/2/>2 LSB from the simulation: "
+                     + " / ".join(f"{dist[k]:.2%}" for k in ("0", "1", "2", ">2")))
+    ins = t.get("inspect") or {}
+    if "int8_layers" in ins:
+        parts.append(f"{ins['int8_layers']} of {ins['total_weighted_layers']} weighted layers run in int8"
+                     + (f"; NOT int8: {', '.join(ins['not_int8'])}" if ins.get("not_int8") else ""))
+    if "op_versions" in ins:
+        parts.append("ops (version): " + ", ".join(f"{k} ({v})" for k, v in sorted(ins["op_versions"].items())))
+    if "kernels" in ins:
+        parts.append(f"kernels: {ins['kernels']}")
+    if "runtime_ops" in ins and "op_versions" not in ins:
+        parts.append("fused graph: " + ", ".join(f"{k} x{v}" for k, v in sorted(ins["runtime_ops"].items())))
+    return "; ".join(parts) or "nothing reported"
 
 
 def io_line(io: dict[str, Any]) -> str:
