@@ -77,10 +77,13 @@ def median_latency_ms(fn: Callable[[], object], repeats: int = 50, warmup: int =
     return statistics.median(ts) * 1e3
 
 
-def latency(runner: Any, float_runner: Any, x1: np.ndarray, repeats: int = 50) -> dict[str, float]:
+def latency(runner: Any, float_runner: Any, x1: np.ndarray, repeats: int = 50) -> dict[str, Any]:
     """Median batch-1 latency of the integer and float files on the same runtime."""
     x1 = np.ascontiguousarray(x1[:1], dtype=np.float32)
     q = median_latency_ms(lambda: runner.run(x1), repeats)
     f = median_latency_ms(lambda: float_runner.run(x1), repeats)
-    return {"int8_ms": round(q, 3), "float_ms": round(f, 3), "speedup_vs_float": round(f / q, 2),
-            "threads": int(getattr(runner, "threads", 1)), "repeats": repeats}
+    out = {"int8_ms": round(q, 3), "float_ms": round(f, 3), "speedup_vs_float": round(f / q, 2),
+           "threads": int(getattr(runner, "threads", 1)), "repeats": repeats}
+    if getattr(runner, "kernels", None):  # a time means little without the kernels that ran (XNNPACK or not)
+        out["kernels"] = runner.kernels
+    return out

@@ -32,6 +32,8 @@ class Runner(ABC):
     """A model file loaded in its runtime: float NCHW in, float (dequantized) output out."""
 
     threads: int = 1
+    #: which of the runtime's kernel sets runs the file, where it has several (recorded with the latency)
+    kernels: str | None = None
 
     @abstractmethod
     def run(self, x: np.ndarray) -> np.ndarray: ...

@@ -9,6 +9,9 @@ flatten, reshape) run on the uint8 tensor itself, without a DQ/Q pair around the
 that pads with a value per channel (``pad_value``: the mean pixel of a folded input
 normalisation) gets its padding the same way, as Split, a Pad per channel and Concat on the
 codes, since Pad takes one scalar and Conv pads with zero only.
+onnxruntime also fuses DQ -> Add/Mul/AveragePool/GlobalAveragePool -> Q into QLinear* kernels
+whose rounding differs from DQ -> float op -> Q at ties: the rounding rule ``onnxruntime``
+reproduces them.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from eptq_deploy.graph import SAME_GRID_OPS, Node, QParams, QuantGraph, TargetRules
-from eptq_deploy.simulate import pad_codes
+from eptq_deploy.simulate import pad_codes, uint8_container_offset
 
 from . import Runner, Target, io_tensor
 
@@ -35,8 +38,7 @@ OUTPUT_NAME = "output"
 
 def u8_grid(qp: QParams) -> tuple[float, int]:
     """(scale, uint8 zero point) of an activation grid in the uint8 container."""
-    shift = 128 if qp.signed else 0
-    return float(qp.scale[0]), int(qp.zero_point[0]) + shift
+    return float(qp.scale[0]), int(qp.zero_point[0]) + uint8_container_offset(qp)
 
 
 class _Emitter:
@@ -293,7 +295,8 @@ class OnnxQdqTarget(Target):
     name = "onnx-qdq"
     description = "ONNX QDQ (opset 17), uint8 activations and int8 per-channel weights, run on onnxruntime (CPU)"
     runtime = "onnxruntime"
-    rules = TargetRules(rounding="float-half-even", max_weight_bits=8, activation_bits=(8,))
+    #: "onnxruntime": float-half-even, plus the fused QLinearAdd/Mul/AveragePool/GlobalAveragePool arithmetic
+    rules = TargetRules(rounding="onnxruntime", max_weight_bits=8, activation_bits=(8,))
     model_file = "model.onnx"
     float_model_file = "model_float.onnx"
 

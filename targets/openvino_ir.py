@@ -11,8 +11,10 @@ Not bit-exact with strict QDQ: the CPU plugin folds a residual Add (with its qua
 into the preceding convolution, which skips the rounding of that convolution's own
 output grid (it only clamps to its range), so the sum is rounded once instead of twice.
 A network without residual adds matches the simulation to the bit under power-of-two
-grids. The simulation therefore stays the reference (rounding ``float-half-even``, as
-onnx-qdq) and the bundle reports the measured deviation.
+grids. The simulation therefore stays the reference (rounding ``float-half-even``, strict
+QDQ) and the bundle reports the measured deviation. onnx-qdq's ``onnxruntime`` rule models
+onnxruntime's fused kernels, which the CPU plugin does not run: measured on 600 random
+single-op graphs it matches average pools more often and global average pools less often.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ are chosen that way. The simulation rule ``tflite`` reproduces the reference ker
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from importlib.metadata import version
 from pathlib import Path
@@ -484,19 +485,71 @@ def build_model(g: QuantGraph, quantized: bool = True) -> bytes:
 
 
 def interpreter(path: Path, threads: int = 1, kernels: str = "auto") -> Interpreter:
-    """An ai-edge-litert interpreter; ``kernels``: auto (XNNPACK), builtin, or reference."""
+    """An ai-edge-litert interpreter, tensors allocated; ``kernels``: auto (XNNPACK), builtin, or reference.
+
+    Whatever the runtime refuses (a file it cannot read, an op a kernel cannot prepare)
+    becomes a one-line ``TargetError``.
+    """
     if kernels not in KERNELS:
         raise TargetError(f"unknown TFLite kernel set {kernels!r}; choose one of: {', '.join(KERNELS)}")
+    try:
+        return _allocated(path, threads, kernels)
+    except (RuntimeError, ValueError) as e:
+        raise TargetError(f"ai-edge-litert ({kernels} kernels) refused {path}: {_one_line(e)}") from None
+
+
+def open_interpreter(path: Path, threads: int = 1, kernels: str = "auto") -> tuple[Interpreter, str]:
+    """``interpreter`` and the kernels it runs. "auto" falls back to the builtin kernels where XNNPACK
+    refuses the file (it rejects a conv or FC whose s_in * s_w / s_out is 256 or more, which TFLite's
+    own kernels run exactly), and says so: "builtin (XNNPACK refused: <reason>)"."""
+    if kernels != "auto":
+        return interpreter(path, threads, kernels), kernels
+    try:
+        return _allocated(path, threads, kernels), kernels
+    except (RuntimeError, ValueError) as e:
+        refused = _one_line(e)
+    it = interpreter(path, threads, "builtin")  # the file itself is sound: the builtin kernels take it
+    return it, f"builtin (XNNPACK refused: {'; '.join([refused, *_xnnpack_scale_limit(path)])})"
+
+
+#: XNNPACK's limit on a conv or fully connected layer's requantization scale (float32 s_in * s_w / s_out)
+XNNPACK_MAX_REQUANT_SCALE = np.float32(256.0)
+
+
+def _xnnpack_scale_limit(path: Path) -> list[str]:
+    """The layers of the int8 file at ``path`` whose requantization scale XNNPACK rejects (it does not say why)."""
+    m = S.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
+    sg, codes = m.subgraphs[0], [c.builtinCode for c in m.operatorCodes]
+    over = []
+    for o in sg.operators:
+        if codes[o.opcodeIndex] not in (BO.CONV_2D, BO.DEPTHWISE_CONV_2D, BO.FULLY_CONNECTED):
+            continue
+        x, w, y = (sg.tensors[i] for i in (o.inputs[0], o.inputs[1], o.outputs[0]))
+        if any(t.quantization is None or t.quantization.scale is None for t in (x, w, y)):
+            continue  # a float layer
+        scale = (np.float32(x.quantization.scale[0]) * np.asarray(w.quantization.scale, np.float32)
+                 / np.float32(y.quantization.scale[0])).max()
+        if scale >= XNNPACK_MAX_REQUANT_SCALE:
+            over.append(f"{y.name.decode()} has s_in * s_w / s_out = {scale:.4g}, XNNPACK takes < 256")
+    return over
+
+
+def _allocated(path: Path, threads: int, kernels: str) -> Interpreter:
     it = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=KERNELS[kernels])
     it.allocate_tensors()
     return it
+
+
+def _one_line(e: Exception) -> str:
+    """The runtime's message on one line; its error reporter runs messages together ("...runtimeNode number 1")."""
+    return re.sub(r"(?<=[a-z])(?=Node number)", "; ", " ".join(str(e).split())).rstrip(".") or type(e).__name__
 
 
 class TfliteRunner(Runner):
     """Float NCHW in, float (dequantized) NCHW out; the int8 input is quantized as the simulation does."""
 
     def __init__(self, path: Path, threads: int = 1, kernels: str = "auto") -> None:
-        self.it = interpreter(path, threads, kernels)
+        self.it, self.kernels = open_interpreter(path, threads, kernels)
         self.threads = threads
         self.rule = get_rule("tflite")
         self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
@@ -510,14 +563,17 @@ class TfliteRunner(Runner):
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 4:
             x = np.transpose(x, (0, 2, 3, 1))
-        if tuple(self.inp["shape"]) != x.shape:
-            self.it.resize_tensor_input(self.inp["index"], list(x.shape))
-            self.it.allocate_tensors()
-            self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
-        if self.inp["dtype"] == np.int8:
-            x = self.rule.quantize(torch.from_numpy(np.ascontiguousarray(x)), self._grid(self.inp)).numpy()
-        self.it.set_tensor(self.inp["index"], np.ascontiguousarray(x, dtype=self.inp["dtype"]))
-        self.it.invoke()
+        try:
+            if tuple(self.inp["shape"]) != x.shape:
+                self.it.resize_tensor_input(self.inp["index"], list(x.shape))
+                self.it.allocate_tensors()
+                self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
+            if self.inp["dtype"] == np.int8:
+                x = self.rule.quantize(torch.from_numpy(np.ascontiguousarray(x)), self._grid(self.inp)).numpy()
+            self.it.set_tensor(self.inp["index"], np.ascontiguousarray(x, dtype=self.inp["dtype"]))
+            self.it.invoke()
+        except (RuntimeError, ValueError) as e:
+            raise TargetError(f"ai-edge-litert ({self.kernels} kernels) failed on input {x.shape}: {_one_line(e)}") from None
         y = self.it.get_tensor(self.out["index"])
         if self.out["dtype"] == np.int8:
             y = dequantize(torch.from_numpy(y.astype(np.float64)), self._grid(self.out)).numpy()
@@ -542,7 +598,8 @@ class TfliteInt8Target(Target):
         return [path]
 
     def load(self, folder: Path, *, float_model: bool = False, threads: int = 1, kernels: str = "auto") -> Runner:
-        """``kernels``: "auto" (XNNPACK, the default), "builtin" or "reference" (bit-exact with the simulation)."""
+        """``kernels``: "auto" (XNNPACK, the default; the builtin kernels where XNNPACK refuses the file),
+        "builtin" or "reference" (bit-exact with the simulation). The runner's ``kernels`` says which run."""
         return TfliteRunner(Path(folder) / (self.float_model_file if float_model else self.model_file), threads, kernels)
 
     def runtime_versions(self) -> dict[str, str]:
@@ -559,15 +616,16 @@ class TfliteInt8Target(Target):
         return {"input": one(graph.inputs[0]), "output": one(graph.outputs[0])}
 
     def inspect(self, folder: Path) -> dict:
-        """The ops (and their versions) and tensors the integer file holds."""
+        """The ops (and their versions) and tensors the integer file holds, and the kernels ``load`` runs it on."""
         path = Path(folder) / self.model_file
+        it, kernels = open_interpreter(path)  # as ``load`` runs it (and a TargetError if the runtime refuses it)
         m = S.ModelT.InitFromPackedBuf(path.read_bytes(), 0)
         sg = m.subgraphs[0]
         codes = [(OP_NAMES.get(c.builtinCode, str(c.builtinCode)), c.version) for c in m.operatorCodes]
         ops = Counter(codes[o.opcodeIndex][0] for o in sg.operators)
         types = Counter(_TYPE_NAMES.get(t.type, str(t.type)) for t in sg.tensors)
-        details = interpreter(path, kernels="auto")._get_ops_details()  # XNNPACK's partitions show as DELEGATE nodes
+        details = it._get_ops_details()  # XNNPACK's partitions show as DELEGATE nodes
         return {"runtime_ops": dict(sorted(ops.items())), "op_versions": dict(sorted(codes)),
                 "tensors": len(sg.tensors), "tensor_types": dict(sorted(types.items())), "file_bytes": path.stat().st_size,
-                "xnnpack_partitions": sum(d["op_name"] == "DELEGATE" for d in details)}
+                "kernels": kernels, "xnnpack_partitions": sum(d["op_name"] == "DELEGATE" for d in details)}
 

@@ -10,14 +10,16 @@ fresh samples (a quarter wider than the calibration data, so clamping is exercis
 onnxruntime must equal ``simulate(target="onnx-qdq")`` and TFLite's reference kernels
 ``simulate(target="tflite-int8")``, to the bit. A target may refuse a graph with one of
 the project's errors (recorded as a hypothesis event: ``--hypothesis-show-statistics``);
-any other exception is a failure. Known bugs the fuzzing found are stepped around in the
-property test, narrowly, and kept failing visibly in the ``test_known_*`` xfail tests.
+any other exception is a failure. The bugs the fuzzing found are kept as regression tests:
+onnxruntime's fused QLinear* kernels rounding ties their own way (the ``onnxruntime`` rule) and
+XNNPACK refusing requantization scales of 256 or more (TFLite falls back to its builtin kernels).
 
 ``EPTQ_SIM_FUZZ_EXAMPLES=200 python -m pytest tests/test_sim_fuzz.py`` hunts longer than CI.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
@@ -35,8 +37,8 @@ from torch import nn
 
 import eptq_deploy
 from eptq_deploy.errors import EptqError
-from eptq_deploy.graph import SAME_GRID_OPS
 from eptq_deploy.quantized import QuantizedModel
+from eptq_deploy.simulate import dequantize, get_rule, run_integer
 from eptq_deploy.targets import get_target
 
 TARGETS = ("onnx-qdq", "tflite-int8")
@@ -334,59 +336,11 @@ def _quantize(case: Case) -> tuple[QuantizedModel, torch.Tensor] | None:
     return qm, x
 
 
-# --------------------------------------------------- known bugs (xfail tests below)
-
-#: ops onnxruntime fuses with their DQ inputs and Q output into one integer kernel whose arithmetic
-#: (pre-divided float32 or fixed-point scale ratios, the zero point added before rounding half to even)
-#: the simulation's "dequantize, float32 op, QuantizeLinear" does not reproduce: 1 LSB off at (near-)ties.
-#: The pools slip on any grid (their 1/count is inexact); add and mul where grids have free scales and
-#: zero points (power-of-two symmetric grids make both exact, and they are checked exactly there).
-ORT_FUSED = {"add": "QLinearAdd", "mul": "QLinearMul", "avg_pool2d": "QLinearAveragePool",
-             "global_avg_pool": "QLinearGlobalAveragePool"}
-ORT_FUSED_ANY_GRID = {"avg_pool2d", "global_avg_pool"}
-#: XNNPACK refuses a conv / depthwise / fully connected whose s_in * s_w / s_out (float32) is >= 256;
-#: TFLite then fails to prepare, and export (whose inspect loads the file with XNNPACK) raises RuntimeError.
-XNNPACK_MAX_REQUANT = np.float32(256.0)
-
-
-def _onnx_tolerance(qm: QuantizedModel) -> int | None:
-    """LSBs onnx-qdq may differ by: 0, 1 (one fused op, only moved after it: test_known_ort_fused_rounding),
-    or None (several, or one whose 1-LSB slip later ops amplify: not compared)."""
-    nodes, free_grids = qm.graph.nodes, not qm.profile.activations.symmetric
-    fused = [i for i, n in enumerate(nodes) if n.op in ORT_FUSED_ANY_GRID or (n.op in ORT_FUSED and free_grids)]
-    if not fused:
-        return 0
-    if len(fused) == 1 and all(n.op in SAME_GRID_OPS | {"concat"} for n in nodes[fused[0] + 1:]):
-        _record(f"onnx-qdq within 1 LSB: known {ORT_FUSED[nodes[fused[0]].op]} rounding")
-        return 1
-    _record("onnx-qdq not compared: known fused-kernel rounding before other ops")
-    return None
-
-
-def _xnnpack_rejects(qm: QuantizedModel) -> bool:
-    g = qm.graph
-    for n in g.weighted_nodes():
-        s_in, s_out = np.float32(g.tensors[n.inputs[0]].quant.scale[0]), np.float32(g.tensors[n.outputs[0]].quant.scale[0])
-        if np.any((s_in * g.tensors[n.inputs[1]].quant.scale.astype(np.float32)) / s_out >= XNNPACK_MAX_REQUANT):
-            return True
-    return False
-
-
 # ---------------------------------------------------------------------- check
 
 
 def _export(qm: QuantizedModel, root: Path) -> dict[str, Path]:
     """Target -> folder of its model file: one bundle for both, or one each where a target refuses."""
-    if _xnnpack_rejects(qm):  # test_known_xnnpack_requantization_scale: the file alone, for the reference kernels
-        _record("tflite-int8 written with emit: known XNNPACK requantization-scale crash in export")
-        folders = _export_each(qm, root, ("onnx-qdq",))
-        (root / "tflite").mkdir()
-        try:
-            get_target("tflite-int8").emit(qm.graph, root / "tflite")
-            folders["tflite-int8"] = root / "tflite"
-        except EptqError as e:
-            _refused("tflite-int8", e)
-        return folders
     try:
         b = eptq_deploy.export(qm, out=root / "both")
         return {t: b / t for t in TARGETS}
@@ -404,38 +358,28 @@ def _export_each(qm: QuantizedModel, root: Path, targets: tuple[str, ...]) -> di
     return folders
 
 
-def check_case(case: Case, known: bool = True) -> dict[str, tuple[np.ndarray, int]]:
-    """Quantize, export and run ``case``: per target, (|runtime - simulation| in output LSBs, LSBs allowed).
-
-    ``known``: step around the known bugs above (the xfail tests pass False).
-    """
+def check_case(case: Case) -> dict[str, np.ndarray]:
+    """Quantize, export and run ``case``: per target, |runtime - simulation| in output LSBs."""
     got = _quantize(case)
     if got is None:
         return {}
     qm, x = got
     lsb = float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0])
-    allowed = {"onnx-qdq": _onnx_tolerance(qm) if known else 0, "tflite-int8": 0}
     diffs = {}
     with tempfile.TemporaryDirectory() as d:
-        folders = _export(qm, Path(d)) if known else _export_each(qm, Path(d), TARGETS)
-        for t, folder in folders.items():
-            if allowed[t] is None:
-                continue
+        for t, folder in _export(qm, Path(d)).items():
             out = get_target(t).load(folder, **LOADERS[t]).run(x.numpy())
             sim = qm.simulate(x, target=t).numpy()
             assert out.shape == sim.shape, (t, out.shape, sim.shape)
-            diffs[t] = np.rint(np.abs(out.astype(np.float64) - sim.astype(np.float64)) / lsb), allowed[t]
+            diffs[t] = np.rint(np.abs(out.astype(np.float64) - sim.astype(np.float64)) / lsb)
     _record(f"compared: {', '.join(diffs) or 'nothing'}")
     return diffs
 
 
-def _assert_match(diffs: dict[str, tuple[np.ndarray, int]]) -> None:
-    bad = {t: (int(np.count_nonzero(d)), d.size, int(d.max())) for t, (d, tol) in diffs.items() if d.max() > tol}
+def _assert_match(diffs: dict[str, np.ndarray]) -> None:
+    bad = {t: (int(np.count_nonzero(d)), d.size, int(d.max())) for t, d in diffs.items() if d.max() > 0}
     assert not bad, "runtime != simulation: " + "; ".join(
         f"{t}: {n} of {size} outputs differ, by up to {m} LSB" for t, (n, size, m) in bad.items())
-    for t, (d, _) in diffs.items():
-        if d.max() > 0:
-            _record(f"{t} off by 1 LSB (tolerated, known)")
 
 
 # ----------------------------------------------------------------------- tests
@@ -455,33 +399,42 @@ def test_runtimes_match_simulation(op: str, data: st.DataObject) -> None:
     _assert_match(diffs)
 
 
-# Minimal reproductions the property test found (hypothesis shrank them); each fails today.
+# Minimal reproductions of the ties the property test found (hypothesis shrank them): each was 1 LSB off
+# while the simulation modelled onnx-qdq as DQ -> float32 op -> QuantizeLinear ("float-half-even").
 ORT_FUSED_CASES = {
     # AVERAGE of two codes: (q1 - z) + (q2 - z) odd puts the mean on k + 0.5; the zero point -17 is odd, and
-    # QLinearAveragePool rounds (k + 0.5 - 17) half to even where the simulation rounds k + 0.5 first
+    # QLinearAveragePool rounds (k + 0.5 - 17) half to even where float-half-even rounds k + 0.5 first
     "QLinearAveragePool": Case(op="avg_pool", params={"kernel": (1, 2), "stride": None, "padding": (0, 0),
                                                       "count_include_pad": False},
                                shape=(1, 3, 3), profile="tflite-int8"),
-    # x * sigmoid(...) = -127.5 output steps exactly; output zero point 7: QLinearMul gives -120, simulation -121
+    # x * sigmoid(...) = -127.5 output steps exactly; output zero point 7: QLinearMul gives -120, float-half-even -121
     "QLinearMul": Case(op="mul", params={"variant": "se", "swap": False, "gate": "sigmoid", "branch_scales": [1.0]},
                        shape=(1, 3, 3), profile="tflite-int8", x_scale=10.0, w_scale=10.0, seed=42),
-    # two conv branches on free grids: the simulation's float32 sum is 102.50006 output steps (103), QLinearAdd 102
+    # two conv branches on free grids: the float32 sum of the dequantized values is 102.50006 output steps (103),
+    # QLinearAdd's two FMAs on the raw codes with the zero points folded into one constant give 102
     "QLinearAdd": Case(op="add", params={"variant": "convs", "act": "relu6", "out": 4, "branch_scales": [6.85]},
                        shape=(4, 8, 8), profile="tflite-int8", x_scale=6.49, lead="conv", seed=3439),
-    # power-of-two grids, 28 pixels: a sum of 3283 codes is 234.5 output steps; the simulation rounds the tie to
-    # even (234), QLinearGlobalAveragePool multiplies by float32(s_in / 28 / s_out) and gets 234.50002 (235)
+    # power-of-two grids, 28 pixels: a sum of 3283 codes is 234.5 output steps; float-half-even rounds the tie to
+    # even (234), QLinearGlobalAveragePool multiplies by float32(s_in / (s_out * 28)) and gets 234.50002 (235)
     "QLinearGlobalAveragePool": Case(op="mean", params={"variant": "flat"}, shape=(2, 4, 7), profile="imx500",
                                      weight_bits=8, w_scale=10.0, lead="conv_relu", seed=1),
 }
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="simulate(target='onnx-qdq') models DQ -> float op -> Q; onnxruntime fuses these into "
-                          "QLinear* kernels with their own rounding: 1 LSB off at ties (see ORT_FUSED)")
 @pytest.mark.parametrize("kernel", list(ORT_FUSED_CASES))
-def test_known_ort_fused_rounding(kernel: str) -> None:
-    diffs = check_case(ORT_FUSED_CASES[kernel], known=False)
-    assert set(diffs) == set(TARGETS) and diffs["tflite-int8"][0].max() == 0  # the reference kernels agree
+def test_ort_fused_kernel_ties(kernel: str) -> None:
+    """onnxruntime runs the op as ``kernel``, float-half-even misses its tie, the ``onnxruntime`` rule does not."""
+    qm, x = _quantize(ORT_FUSED_CASES[kernel])
+    with tempfile.TemporaryDirectory() as d:
+        folder = eptq_deploy.export(qm, target="onnx-qdq", out=Path(d) / "b") / "onnx-qdq"
+        assert kernel in get_target("onnx-qdq").inspect(folder)["runtime_ops"]
+        out = get_target("onnx-qdq").load(folder).run(x.numpy())
+    g = qm.graph
+    half_even = dequantize(run_integer(g, x, get_rule("float-half-even")), g.tensors[g.outputs[0]].quant).numpy()
+    assert np.any(out != half_even)
+    assert qm.rounding["onnx-qdq"] == "onnxruntime"
+    diffs = check_case(ORT_FUSED_CASES[kernel])
+    assert set(diffs) == set(TARGETS)
     _assert_match(diffs)
 
 
@@ -491,14 +444,18 @@ XNNPACK_CASE = Case(op="conv2d", params={"kernel": (1, 1), "stride": (1, 1), "pa
                     shape=(1, 3, 3), profile="imx500", weight_bits=2, x_scale=10.0, w_scale=100.0, seed=1)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="export's tflite-int8 inspect loads the file with XNNPACK, which refuses requantization "
-                          "scales >= 256: a raw RuntimeError instead of a TargetError (or a fallback)")
-def test_known_xnnpack_requantization_scale() -> None:
-    qm, _ = _quantize(XNNPACK_CASE)
-    assert _xnnpack_rejects(qm)
-    with tempfile.TemporaryDirectory() as d:
-        try:
-            eptq_deploy.export(qm, out=Path(d) / "b")
-        except EptqError:
-            pass  # a one-line refusal is a fine answer too
+def test_xnnpack_requantization_scale_falls_back_to_builtin_kernels(tmp_path: Path) -> None:
+    """XNNPACK refuses a requantization scale >= 256; the file is sound, so TFLite's builtin kernels run it
+    (exactly), and the bundle says so instead of crashing."""
+    qm, x = _quantize(XNNPACK_CASE)
+    b = eptq_deploy.export(qm, target="tflite-int8", out=tmp_path / "b", data=x)
+    entry = json.loads((b / "manifest.json").read_text())["targets"]["tflite-int8"]
+    refused = "builtin (XNNPACK refused: failed to create XNNPACK runtime"
+    assert entry["inspect"]["kernels"].startswith(refused) and "412.2, XNNPACK takes < 256" in entry["inspect"]["kernels"]
+    assert entry["inspect"]["xnnpack_partitions"] == 0 and entry["latency"]["kernels"] == entry["inspect"]["kernels"]
+    assert entry["checks"]["max_abs_diff_lsb"] == 0
+    runner = get_target("tflite-int8").load(b / "tflite-int8")
+    assert runner.kernels == entry["inspect"]["kernels"]
+    np.testing.assert_array_equal(runner.run(x.numpy()), qm.simulate(x, target="tflite-int8").numpy())
+    assert get_target("tflite-int8").load(b / "tflite-int8", kernels="reference").kernels == "reference"
+    assert "XNNPACK refused" in (b / "report.md").read_text()
