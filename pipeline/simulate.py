@@ -527,7 +527,35 @@ class OnnxruntimeRule(FloatHalfEvenRule):
         return cvt_f32_to_i32(y) + zo
 
 
-ROUNDING: dict[str, RoundingRule] = {r.name: r for r in (FloatHalfEvenRule(), TfliteRule(), OnnxruntimeRule())}
+class OpenvinoRule(FloatHalfEvenRule):
+    """OpenVINO's CPU plugin on a QDQ graph: as strict QDQ, except that a residual add is
+    fused into the convolution producing one of its inputs, whose own output
+    quantization then only clamps (no rounding); the sum is quantized once."""
+
+    name = "openvino"
+    folds_residual_add = True
+
+
+ROUNDING: dict[str, RoundingRule] = {r.name: r for r in (FloatHalfEvenRule(), TfliteRule(), OnnxruntimeRule(),
+                                                          OpenvinoRule())}
+
+
+def folded_into_add(g: QuantGraph) -> set[str]:
+    """Weighted nodes whose output feeds only an add, one per add (the later producer)."""
+    consumers: dict[str, list[Node]] = {}
+    for n in g.nodes:
+        for i in n.inputs:
+            consumers.setdefault(i, []).append(n)
+    producer = {n.outputs[0]: (k, n) for k, n in enumerate(g.nodes)}
+    out: set[str] = set()
+    for n in g.nodes:
+        if n.op != "add":
+            continue
+        cands = [producer[i] for i in n.inputs if i in producer and producer[i][1].op in ("conv2d", "depthwise_conv2d")
+                 and len(consumers.get(i, [])) == 1]
+        if cands:
+            out.add(max(cands, key=lambda c: c[0])[1].name)
+    return out
 
 
 def get_rule(name: str) -> RoundingRule:
@@ -563,6 +591,7 @@ def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
     """Integer codes of the graph output for float input ``x`` (codes as float64)."""
     T = g.tensors
     env: dict[str, torch.Tensor] = {g.inputs[0]: quantize_input(g, x, rule)}
+    unrounded = folded_into_add(g) if getattr(rule, "folds_residual_add", False) else set()
     for n in g.nodes:
         out = T[n.outputs[0]].quant
         if n.op in ("conv2d", "depthwise_conv2d", "linear"):
@@ -570,7 +599,11 @@ def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
             xc = env[n.inputs[0]] - float(xq.zero_point[0])
             acc = integer_accumulate(n, xc, wt.data, xq) + torch.from_numpy(bt.data.astype(np.float64)).reshape(
                 (1, -1) + (1,) * (xc.dim() - 2))
-            y = rule.requantize_node(n, acc, xq.scale[0], wt.quant.scale, out.scale[0]) + float(out.zero_point[0])
+            if n.name in unrounded:  # fused into the next add: the output grid only clamps
+                mult = rule.multiplier(xq.scale[0], wt.quant.scale, out.scale[0]).to(acc.dtype)
+                y = acc * mult.reshape((1, -1) + (1,) * (acc.dim() - 2)) + float(out.zero_point[0])
+            else:
+                y = rule.requantize_node(n, acc, xq.scale[0], wt.quant.scale, out.scale[0]) + float(out.zero_point[0])
             lo, hi = activation_bounds(n.attrs["activation"], out, rule)
             y = y.clamp(lo, hi)
         elif n.op in SAME_GRID_OPS:
