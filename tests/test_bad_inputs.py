@@ -36,26 +36,8 @@ from eptq_deploy.data import load_data
 from eptq_deploy.errors import DataError, EptqError, ModelError
 from eptq_deploy.hw_profiles.registry import BUILTIN_DIR
 from eptq_deploy.models import load_model
+from test_cli import FACTORY  # the CLI tests' model: conv + BN + linear, 3-channel input
 
-# the model of tests/test_cli.py: conv + BN + linear, 3-channel input
-FACTORY = '''
-import torch
-from torch import nn
-
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.c = nn.Conv2d(3, 8, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        return self.fc(torch.relu(self.bn(self.c(x))).mean((2, 3)))
-
-def make():
-    return Net()
-'''
 
 #: the same model with Python control flow on a tensor's value (torch.export refuses it)
 DATA_DEPENDENT = FACTORY.replace("        return self.fc(", "        if x.sum() > 0:\n            x = -x\n        return self.fc(")

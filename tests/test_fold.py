@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, numpy_helper
 from test_cli import _quantize, runner, workdir  # noqa: F401  (fixture)
+from test_tflite import _one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 from torch import nn
 
 import eptq_deploy
@@ -87,12 +88,6 @@ def _pixels(n: int, seed: int) -> torch.Tensor:
 CALIB, HELD = _pixels(64, 0), _pixels(128, 1)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

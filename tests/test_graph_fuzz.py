@@ -29,20 +29,14 @@ from torch import nn
 import eptq_deploy
 from eptq_deploy.errors import EptqError
 from eptq_deploy.graph import QuantGraph
+from test_graph_json import small_graph
 
 
 @functools.cache
 def _saved() -> tuple[str, bytes]:
-    """graph.json text and graph.npz bytes of a small quantized model (conv, BN, pool, depthwise, linear)."""
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU6(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
-    ).eval()
-    x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    qm = eptq_deploy.quantize(model, x, profile="int8-pot", targets="onnx-qdq", progress=False)
+    """graph.json text and graph.npz bytes of test_graph_json's small quantized model."""
     with tempfile.TemporaryDirectory() as d:
-        qm.graph.save(d)
+        small_graph().save(d)
         return (Path(d) / "graph.json").read_text(), (Path(d) / "graph.npz").read_bytes()
 
 

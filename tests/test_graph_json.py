@@ -23,17 +23,22 @@ from eptq_deploy.graph import FORMAT_VERSION, QuantGraph
 
 
 @functools.cache
-def _saved() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """graph.json (as a dict) and graph.npz arrays of a small quantized model."""
+def small_graph() -> QuantGraph:
+    """A small quantized model's graph (conv, BN, pool, depthwise, linear); shared with test_graph_fuzz."""
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2),
         nn.Conv2d(4, 4, 3, padding=1, groups=4), nn.ReLU6(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3),
     ).eval()
     x = torch.randn(8, 3, 8, 8, generator=torch.Generator().manual_seed(1))
-    qm = eptq_deploy.quantize(model, x, profile="int8-pot", targets="onnx-qdq", progress=False)
+    return eptq_deploy.quantize(model, x, profile="int8-pot", targets="onnx-qdq", progress=False).graph
+
+
+@functools.cache
+def _saved() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """graph.json (as a dict) and graph.npz arrays of ``small_graph``."""
     with tempfile.TemporaryDirectory() as d:
-        qm.graph.save(d)
+        small_graph().save(d)
         doc = json.loads((Path(d) / "graph.json").read_text())
         with np.load(Path(d) / "graph.npz", allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
