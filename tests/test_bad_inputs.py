@@ -26,6 +26,7 @@ import pytest
 import torch
 import yaml
 from PIL import Image
+from test_cli import FACTORY  # the CLI tests' model: conv + BN + linear, 3-channel input
 from torch import nn
 from typer.testing import CliRunner
 
@@ -36,8 +37,6 @@ from eptq_deploy.data import load_data
 from eptq_deploy.errors import DataError, EptqError, ModelError
 from eptq_deploy.hw_profiles.registry import BUILTIN_DIR
 from eptq_deploy.models import load_model
-from test_cli import FACTORY  # the CLI tests' model: conv + BN + linear, 3-channel input
-
 
 #: the same model with Python control flow on a tensor's value (torch.export refuses it)
 DATA_DEPENDENT = FACTORY.replace("        return self.fc(", "        if x.sum() > 0:\n            x = -x\n        return self.fc(")

@@ -21,15 +21,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch import nn
+from test_graph_json import small_graph
 
-import eptq_deploy
 from eptq_deploy.errors import EptqError
 from eptq_deploy.graph import QuantGraph
-from test_graph_json import small_graph
 
 
 @functools.cache
