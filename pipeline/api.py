@@ -287,7 +287,8 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = 
     sims: dict[str, np.ndarray] = {}
     for n in names:
         t = get_target(n)
-        rule_name = manifest["targets"][n]["rounding"]
+        runner = t.load(bundle_dir / n, threads=threads)
+        rule_name = runner.rounding or manifest["targets"][n]["rounding"]  # this machine's kernels
         try:
             rule = get_rule(rule_name)
         except ValueError as e:
@@ -296,7 +297,6 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = 
             with torch.no_grad():
                 sims[rule_name] = torch.cat([dequantize(run_integer(g, x[i:i + 256], rule), out_q)
                                              for i in range(0, len(x), 256)]).numpy()
-        runner = t.load(bundle_dir / n, threads=threads)
         float_runner = t.load(bundle_dir / n, float_model=True, threads=threads)
         xn = x.numpy()
         float_out = np.concatenate([float_runner.run(xn[i:i + 64]) for i in range(0, len(xn), 64)])

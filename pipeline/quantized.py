@@ -33,17 +33,19 @@ class QuantizedModel:
         return (f"QuantizedModel(profile={self.profile.name!r}, targets={self.targets}, "
                 f"layers={len(self.graph.weighted_nodes())}, method={self.info.get('method')!r})")
 
-    def _rule(self, target: str | None):
+    def _rule(self, target: str | None, rounding: str | None = None):
         target = target or self.targets[0]
         if target not in self.rounding:
             raise UsageError(f"this model was quantized for {', '.join(self.targets)}, not {target!r}; "
                              f"quantize again with targets=[..., {target!r}]")
-        return get_rule(self.rounding[target])
+        return get_rule(rounding or self.rounding[target])
 
     @torch.no_grad()
-    def simulate(self, x: torch.Tensor, target: str | None = None, batch_size: int = 256) -> torch.Tensor:
-        """Dequantized float32 output of the integer network as ``target`` computes it."""
-        rule = self._rule(target)
+    def simulate(self, x: torch.Tensor, target: str | None = None, batch_size: int = 256,
+                 rounding: str | None = None) -> torch.Tensor:
+        """Dequantized float32 output of the integer network as ``target`` computes it; ``rounding``
+        names another of its runtime's rules (a runner's ``rounding``: TFLite's reference kernels)."""
+        rule = self._rule(target, rounding)
         x = torch.as_tensor(x, dtype=torch.float32)
         steps = range(0, len(x), batch_size)
         outs = [run_integer(self.graph, x[i:i + batch_size], rule)

@@ -412,8 +412,62 @@ class TfliteRule(RoundingRule):
         """The 1x1 depthwise conv of ``hardsigmoid_as_depthwise`` with a fused RELU."""
         w, w_scale, bias = hardsigmoid_as_depthwise(float(qps[0].scale[0]))
         acc = (xs[0] - int(qps[0].zero_point[0])) * w + bias
-        y = self.requantize(acc, self.multiplier(qps[0].scale[0], np.array([w_scale]), out.scale[0])).long()
+        y = self.requantize_node(n, acc.double(), qps[0].scale[0], np.array([w_scale]), out.scale[0]).long()
         return (y + int(out.zero_point[0])).clamp(min=int(out.zero_point[0]))
+
+
+class XnnpackRule(TfliteRule):
+    """TFLite's default CPU path: the XNNPACK delegate (x86-64) on the ops it takes.
+
+    Conv, depthwise, fully connected and MUL requantise in float32: rne(f32(acc) *
+    f32(f32(s_in * s_w) / s_out)), ties to even, where the reference kernels use Q31
+    fixed point and ties away from zero. ADD is fixed point with one rounding: both
+    inputs' scale ratios become 21-bit multipliers of a common shift and the sum is
+    rounded half up. MEAN sums in int32 and rescales in float32. Ops XNNPACK leaves to
+    the builtin kernels (and the input quantization) follow ``TfliteRule``.
+    """
+
+    name = "xnnpack"
+
+    def requantize_node(self, n: Node, acc: torch.Tensor, s_in: np.ndarray, s_w: np.ndarray,
+                        s_out: np.ndarray) -> torch.Tensor:
+        mult = FloatHalfEvenRule.multiplier(self, s_in, s_w, s_out)
+        return FloatHalfEvenRule.requantize(self, acc, mult.reshape((1, -1) + (1,) * (acc.dim() - 2)))
+
+    def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
+        kernel = {"add": self._xnn_add, "mul": self._xnn_mul, "global_avg_pool": self._xnn_mean}.get(n.op)
+        if n.op == "add" and not all(2.0**-10 <= np.float32(qp.scale[0]) / np.float32(out.scale[0]) < 2.0**8 for qp in qps):
+            kernel = None  # outside the scale ratios XNNPACK's add takes: the builtin kernel runs it
+        if kernel is None:
+            return super().integer_op(n, xs, qps, out)
+        return kernel([x.long() for x in xs], qps, out).clamp(out.qmin, out.qmax).double()
+
+    @staticmethod
+    def _xnn_add(xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """xnn_qs8_vadd: multipliers lrintf(ratio * 2**shift) with shift = 20 - floor(log2(max ratio)),
+        acc = sum of (x - z) * multiplier + 2**(shift - 1), arithmetic shift right."""
+        so = np.float32(out.scale[0])
+        ratios = [np.float32(np.float32(qp.scale[0]) / so) for qp in qps]
+        shift = 20 - (int(np.frexp(max(abs(r) for r in ratios))[1]) - 1)
+        acc = torch.full_like(xs[0], 1 << (shift - 1))
+        for x, qp, r in zip(xs, qps, ratios, strict=True):
+            acc = acc + (x - int(qp.zero_point[0])) * int(np.rint(np.float32(np.ldexp(r, shift))))
+        return (acc >> shift) + int(out.zero_point[0])
+
+    @staticmethod
+    def _xnn_mul(xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """xnn_qs8_vmul (fp32): the exact integer product times f32(f32(s_a * s_b) / s_out), ties to even."""
+        m = np.float32(np.float32(qps[0].scale[0]) * np.float32(qps[1].scale[0])) / np.float32(out.scale[0])
+        prod = ((xs[0] - int(qps[0].zero_point[0])) * (xs[1] - int(qps[1].zero_point[0]))).float()
+        return torch.round(prod * torch.tensor(m, dtype=torch.float32)).long() + int(out.zero_point[0])
+
+    @staticmethod
+    def _xnn_mean(xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """xnn_qs8 mean over H, W: the int32 sum less N * z_in, times f32(s_in / s_out / N), ties to even."""
+        count = xs[0].shape[2] * xs[0].shape[3]
+        m = np.float32(np.float32(qps[0].scale[0]) / np.float32(out.scale[0])) / np.float32(count)
+        acc = (xs[0].sum((2, 3), keepdim=True) - int(qps[0].zero_point[0]) * count).float()
+        return torch.round(acc * torch.tensor(m, dtype=torch.float32)).long() + int(out.zero_point[0])
 
 
 def _downscale_to_int16(q: int) -> int:
@@ -536,8 +590,8 @@ class OpenvinoRule(FloatHalfEvenRule):
     folds_residual_add = True
 
 
-ROUNDING: dict[str, RoundingRule] = {r.name: r for r in (FloatHalfEvenRule(), TfliteRule(), OnnxruntimeRule(),
-                                                          OpenvinoRule())}
+ROUNDING: dict[str, RoundingRule] = {r.name: r for r in (FloatHalfEvenRule(), TfliteRule(), XnnpackRule(),
+                                                          OnnxruntimeRule(), OpenvinoRule())}
 
 
 def folded_into_add(g: QuantGraph) -> set[str]:

@@ -34,6 +34,8 @@ class Runner(ABC):
     threads: int = 1
     #: which of the runtime's kernel sets runs the file, where it has several (recorded with the latency)
     kernels: str | None = None
+    #: the simulation rule those kernels follow, where it is not the target's declared one
+    rounding: str | None = None
 
     @abstractmethod
     def run(self, x: np.ndarray) -> np.ndarray: ...

@@ -11,7 +11,10 @@ conv's per-channel ``pad_value`` (folded input normalisation) SPLIT, a PADV2 per
 and CONCATENATION, all moving codes only.
 Ops that only move codes (pads, slices, pools, concatenation, reshapes) need one grid on
 their inputs and output, and LOGISTIC a fixed one: ``rules`` declares both, so the grids
-are chosen that way. The simulation rule ``tflite`` reproduces the reference kernels.
+are chosen that way. Two simulation rules reproduce the runtime bit for bit: ``xnnpack``
+the default path (XNNPACK's float32 requantisation, the target's declared rule) and
+``tflite`` the reference kernels (Q31 fixed point); a runner says which one its kernels
+follow (``rounding``).
 """
 
 from __future__ import annotations
@@ -551,7 +554,8 @@ class TfliteRunner(Runner):
     def __init__(self, path: Path, threads: int = 1, kernels: str = "auto") -> None:
         self.it, self.kernels = open_interpreter(path, threads, kernels)
         self.threads = threads
-        self.rule = get_rule("tflite")
+        self.rounding = "xnnpack" if self.kernels == "auto" else "tflite"
+        self.rule = get_rule(self.rounding)
         self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
 
     @staticmethod
@@ -585,7 +589,7 @@ class TfliteInt8Target(Target):
     description = "TFLite int8 flatbuffer written directly (per-channel int8 weights, int8 activations), run on ai-edge-litert"
     runtime = "ai-edge-litert"
     rules = TargetRules(
-        rounding="tflite",
+        rounding="xnnpack",
         shared_grid_ops=frozenset({"max_pool2d", "avg_pool2d", "pad", "slice", "flatten", "reshape", "concat"}),
         fixed_grids={"sigmoid": UNIT_GRID, "hardsigmoid": UNIT_GRID},
         max_weight_bits=8, activation_bits=(8,))

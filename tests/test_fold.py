@@ -149,9 +149,9 @@ def test_folded_file_matches_its_simulation(target: str, folded: dict[str, Quant
     t.emit(qm.graph, tmp_path)
     t.emit(qm.float_graph, tmp_path, quantized=False)
     kernels = {"kernels": "reference"} if target == "tflite-int8" else {}
-    got = t.load(tmp_path, **kernels).run(HELD.numpy())
-    sim = qm.simulate(HELD, target).numpy()
-    np.testing.assert_array_equal(got, sim)  # bit for bit, the per-channel pad included
+    runner = t.load(tmp_path, **kernels)
+    sim = qm.simulate(HELD, target, rounding=runner.rounding).numpy()
+    np.testing.assert_array_equal(runner.run(HELD.numpy()), sim)  # bit for bit, the per-channel pad included
     flt = t.load(tmp_path, float_model=True).run(HELD.numpy())
     np.testing.assert_allclose(flt, qm.forward_float(HELD).numpy(), rtol=1e-5, atol=1e-5)
     facts = t.inspect(tmp_path)
@@ -174,8 +174,10 @@ def test_other_padded_stems_match_their_simulation(stem: str, target: str, tmp_p
     assert qm.graph.nodes[0].attrs["pads"] == ([1, 1, 2, 2] if stem == "4x4_same" else [1, 1, 1, 1])
     t = get_target(target)
     t.emit(qm.graph, tmp_path)
-    kernels = {"kernels": "reference"} if target == "tflite-int8" else {}
-    np.testing.assert_array_equal(t.load(tmp_path, **kernels).run(HELD.numpy()), qm.simulate(HELD, target).numpy())
+    for kernels in ["auto", "reference"] if target == "tflite-int8" else [None]:
+        runner = t.load(tmp_path, **({"kernels": kernels} if kernels else {}))
+        sim = qm.simulate(HELD, target, rounding=runner.rounding).numpy()
+        np.testing.assert_array_equal(runner.run(HELD.numpy()), sim)
 
 
 @pytest.mark.parametrize("target", ["onnx-qdq", "tflite-int8"])

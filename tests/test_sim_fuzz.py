@@ -7,8 +7,8 @@ reshapes; option-A slice + pad shortcuts), a random input shape and value range 
 grids vary over four decades), a weight scale, a profile and a data seed. The tiny model
 is quantized with PTQ for onnx-qdq and tflite-int8 on 16 samples and exported once; on 8
 fresh samples (a quarter wider than the calibration data, so clamping is exercised)
-onnxruntime must equal ``simulate(target="onnx-qdq")`` and TFLite's reference kernels
-``simulate(target="tflite-int8")``, to the bit. A target may refuse a graph with one of
+onnxruntime must equal ``simulate(target="onnx-qdq")``, TFLite through XNNPACK (its default)
+``simulate(target="tflite-int8")`` and TFLite's reference kernels the ``tflite`` rule, to the bit. A target may refuse a graph with one of
 the project's errors (recorded as a hypothesis event: ``--hypothesis-show-statistics``);
 any other exception is a failure. The bugs the fuzzing found are kept as regression tests:
 onnxruntime's fused QLinear* kernels rounding ties their own way (the ``onnxruntime`` rule) and
@@ -42,7 +42,8 @@ from eptq_deploy.simulate import dequantize, get_rule, run_integer
 from eptq_deploy.targets import get_target
 
 TARGETS = ("onnx-qdq", "tflite-int8")
-LOADERS = {"onnx-qdq": {}, "tflite-int8": {"kernels": "reference"}}
+#: the runners each target is checked on: onnxruntime; TFLite's default (XNNPACK) and reference kernels
+LOADERS = {"onnx-qdq": [{}], "tflite-int8": [{}, {"kernels": "reference"}]}
 #: (profile, weight bits or None for the profile's own)
 PROFILES = (("tflite-int8", None), ("int8-pot", None), ("imx500", 8), ("imx500", 4), ("imx500", 2),
             ("w4a8-pot", None))
@@ -368,10 +369,16 @@ def check_case(case: Case) -> dict[str, np.ndarray]:
     diffs = {}
     with tempfile.TemporaryDirectory() as d:
         for t, folder in _export(qm, Path(d)).items():
-            out = get_target(t).load(folder, **LOADERS[t]).run(x.numpy())
-            sim = qm.simulate(x, target=t).numpy()
-            assert out.shape == sim.shape, (t, out.shape, sim.shape)
-            diffs[t] = np.rint(np.abs(out.astype(np.float64) - sim.astype(np.float64)) / lsb)
+            for kwargs in LOADERS[t]:
+                runner = get_target(t).load(folder, **kwargs)
+                name = f"{t} ({runner.kernels})" if runner.kernels else t
+                if runner.kernels and runner.kernels.startswith("builtin"):
+                    _record(f"{t}: {runner.kernels.split(':')[0]})")  # no rule claims the optimized builtins
+                    continue
+                out = runner.run(x.numpy())
+                sim = qm.simulate(x, target=t, rounding=runner.rounding).numpy()
+                assert out.shape == sim.shape, (name, out.shape, sim.shape)
+                diffs[name] = np.rint(np.abs(out.astype(np.float64) - sim.astype(np.float64)) / lsb)
     _record(f"compared: {', '.join(diffs) or 'nothing'}")
     return diffs
 
@@ -456,6 +463,7 @@ def test_xnnpack_requantization_scale_falls_back_to_builtin_kernels(tmp_path: Pa
     assert entry["checks"]["max_abs_diff_lsb"] == 0
     runner = get_target("tflite-int8").load(b / "tflite-int8")
     assert runner.kernels == entry["inspect"]["kernels"]
-    np.testing.assert_array_equal(runner.run(x.numpy()), qm.simulate(x, target="tflite-int8").numpy())
+    assert runner.rounding == entry["rounding"] == "tflite"  # the builtin kernels: fixed point, as the reference
+    np.testing.assert_array_equal(runner.run(x.numpy()), qm.simulate(x, target="tflite-int8", rounding="tflite").numpy())
     assert get_target("tflite-int8").load(b / "tflite-int8", kernels="reference").kernels == "reference"
     assert "XNNPACK refused" in (b / "report.md").read_text()
