@@ -288,7 +288,7 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = 
     for n in names:
         t = get_target(n)
         runner = t.load(bundle_dir / n, threads=threads)
-        rule_name = runner.rounding or manifest["targets"][n]["rounding"]  # this machine's kernels
+        rule_name = getattr(runner, "rounding", None) or manifest["targets"][n]["rounding"]  # this machine's kernels
         try:
             rule = get_rule(rule_name)
         except ValueError as e:

@@ -273,7 +273,7 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
                                      "io": t.io_contract(qm.graph)}
             if x is not None:
                 runner = t.load(folder, threads=threads)
-                rule = entry["rounding"] = runner.rounding or t.rules.rounding  # the kernels that ran
+                rule = entry["rounding"] = getattr(runner, "rounding", None) or t.rules.rounding  # the kernels that ran
                 if rule not in sim_cache:
                     sim_cache[rule] = qm.simulate(x, t.name, rounding=rule).numpy()
                 entry["checks"] = runtime_checks(t.name, runner, x.numpy(), sim_cache[rule], float_out, out_lsb, labels)

@@ -222,7 +222,8 @@ def target_line(name: str, runtime: str, c: dict[str, Any] | None, lat: dict[str
         if "top1" in c:
             line += f"; top-1 float {c['top1']['float']:.2%} sim {c['top1']['simulation']:.2%} runtime {c['top1']['runtime']:.2%}"
     if lat:
-        line += (f"{';' if c else ''} latency {lat['int8_ms']} ms (float {lat['float_ms']} ms, x{lat['speedup_vs_float']}, "
+        line += (f"{';' if c else ''} median latency {lat['int8_ms']} ms (float {lat['float_ms']} ms, "
+                 f"float/int8 x{lat['speedup_vs_float']}, "
                  f"{lat['threads']} thread{'s' if lat['threads'] != 1 else ''})")
     return line
 

@@ -270,8 +270,12 @@ def int8_container_offset(qp: QParams) -> int:
 def hardsigmoid_as_depthwise(s_in: float) -> tuple[int, np.float32, int]:
     """TFLite has no HARD_SIGMOID: x/6 + 1/2 runs as a 1x1 depthwise conv with these
     (weight code, weight scale, int32 bias); the target writes them, the simulation runs them."""
-    w_scale = np.float32(1.0 / (6 * 127))
-    return 127, w_scale, int(np.round(0.5 / (np.float64(np.float32(s_in)) * np.float64(w_scale))))
+    s_in = np.float64(np.float32(s_in))
+    # weight code 127 for 1/6 where the bias of 1/2 fits int32 (with room for the products); a tiny input
+    # grid needs a coarser weight scale, and then x/6 is far below the output's 1/256 anyway
+    w_scale = np.float32(max(1.0 / (6 * 127), 0.5 / (s_in * 2.0**30)))
+    w = int(np.clip(np.round(1.0 / (6 * np.float64(w_scale))), 0, 127))
+    return w, w_scale, int(np.round(0.5 / (s_in * np.float64(w_scale))))
 
 
 class TfliteRule(RoundingRule):

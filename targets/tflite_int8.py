@@ -502,17 +502,42 @@ def interpreter(path: Path, threads: int = 1, kernels: str = "auto") -> Interpre
 
 
 def open_interpreter(path: Path, threads: int = 1, kernels: str = "auto") -> tuple[Interpreter, str]:
-    """``interpreter`` and the kernels it runs. "auto" falls back to the builtin kernels where XNNPACK
-    refuses the file (it rejects a conv or FC whose s_in * s_w / s_out is 256 or more, which TFLite's
-    own kernels run exactly), and says so: "builtin (XNNPACK refused: <reason>)"."""
+    """``interpreter`` and the kernels it runs. "auto" falls back to TFLite's reference kernels where
+    XNNPACK refuses the file (it rejects a conv or FC whose s_in * s_w / s_out is 256 or more) or
+    leaves a requantizing op to the builtin kernels: XNNPACK and the builtins round differently, the
+    optimized builtins are not bit-exact with the reference ones, and one kernel set end to end is
+    what a simulation rule reproduces. It says so: "reference (XNNPACK refused: <reason>)"."""
     if kernels != "auto":
         return interpreter(path, threads, kernels), kernels
     try:
-        return _allocated(path, threads, kernels), kernels
+        it = _allocated(path, threads, kernels)
+        left = sorted(_builtin_ops_run(it) & REQUANTIZING_OPS)
+        if not left:
+            return it, kernels
+        refused = f"it left {', '.join(left)} to the builtin kernels"
     except (RuntimeError, ValueError) as e:
         refused = _one_line(e)
-    it = interpreter(path, threads, "builtin")  # the file itself is sound: the builtin kernels take it
-    return it, f"builtin (XNNPACK refused: {'; '.join([refused, *_xnnpack_scale_limit(path)])})"
+    it = interpreter(path, threads, "reference")  # the file itself is sound: TFLite's own kernels take it
+    return it, f"reference (XNNPACK refused: {'; '.join([refused, *_xnnpack_scale_limit(path)])})"
+
+
+def _builtin_ops_run(it: Interpreter) -> set[str]:
+    """The ops the builtin kernels run beside XNNPACK: walking back from the outputs, a tensor a DELEGATE
+    node writes comes from it (the interpreter still lists the nodes it replaced, before it)."""
+    producer = {o: d for d in it._get_ops_details() for o in d["outputs"]}  # a DELEGATE, listed last, wins
+    todo, seen, ran = [o["index"] for o in it.get_output_details()], set(), set()
+    while todo:
+        d = producer.get(todo.pop())
+        if d is None or d["index"] in seen:
+            continue
+        seen.add(d["index"])
+        ran.add(d["op_name"])
+        todo.extend(i for i in d["inputs"] if i >= 0)
+    return ran - {"DELEGATE"}
+
+
+#: ops whose integer results differ between XNNPACK and TFLite's builtin kernels (rules xnnpack, tflite)
+REQUANTIZING_OPS = frozenset({"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "MEAN"})
 
 
 #: XNNPACK's limit on a conv or fully connected layer's requantization scale (float32 s_in * s_w / s_out)
@@ -554,7 +579,7 @@ class TfliteRunner(Runner):
     def __init__(self, path: Path, threads: int = 1, kernels: str = "auto") -> None:
         self.it, self.kernels = open_interpreter(path, threads, kernels)
         self.threads = threads
-        self.rounding = "xnnpack" if self.kernels == "auto" else "tflite"
+        self.rounding = "xnnpack" if self.kernels == "auto" else "tflite"  # builtin: the closest rule
         self.rule = get_rule(self.rounding)
         self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
 
@@ -602,7 +627,7 @@ class TfliteInt8Target(Target):
         return [path]
 
     def load(self, folder: Path, *, float_model: bool = False, threads: int = 1, kernels: str = "auto") -> Runner:
-        """``kernels``: "auto" (XNNPACK, the default; the builtin kernels where XNNPACK refuses the file),
+        """``kernels``: "auto" (XNNPACK, the default; the reference kernels where XNNPACK refuses part of the file),
         "builtin" or "reference" (bit-exact with the simulation). The runner's ``kernels`` says which run."""
         return TfliteRunner(Path(folder) / (self.float_model_file if float_model else self.model_file), threads, kernels)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -121,7 +122,12 @@ def test_check_reads_a_labels_csv_for_an_image_folder(bundle: Path, tmp_path: Pa
 def test_bench_times_every_target(bundle: Path) -> None:
     res = runner.invoke(app, ["bench", str(bundle), "--repeats", "3"])
     assert res.exit_code == 0, res.output
-    assert "latency" in res.output and "onnx-qdq" in res.output
+    (line,) = [line for line in res.output.splitlines() if " onnx-qdq " in line]
+    # the median, the float twin's and their ratio, as numbers (times rounded to the microsecond)
+    m = re.search(r"median latency ([\d.]+) ms \(float ([\d.]+) ms, float/int8 x([\d.]+), 1 thread\)", line)
+    assert m, line
+    q, f, ratio = map(float, m.groups())
+    assert q > 0 and f > 0 and abs(ratio - f / q) <= 0.05 * ratio + 0.01
 
 
 def test_check_on_a_folder_that_is_not_a_bundle(tmp_path: Path) -> None:

@@ -177,7 +177,7 @@ def test_other_padded_stems_match_their_simulation(stem: str, target: str, tmp_p
     for kernels in ["auto", "reference"] if target == "tflite-int8" else [None]:
         runner = t.load(tmp_path, **({"kernels": kernels} if kernels else {}))
         sim = qm.simulate(HELD, target, rounding=runner.rounding).numpy()
-        np.testing.assert_array_equal(runner.run(HELD.numpy()), sim)
+        np.testing.assert_array_equal(runner.run(HELD.numpy()), sim, err_msg=str(runner.kernels))
 
 
 @pytest.mark.parametrize("target", ["onnx-qdq", "tflite-int8"])

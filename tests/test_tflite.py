@@ -240,8 +240,12 @@ def test_network_matches_simulation(name: str, profile: str, nets) -> None:
 def test_file_holds_the_graph_integers(name: str, profile: str, nets) -> None:
     """Read back through the interpreter: int8 weights, int32 biases and every grid, bit for bit."""
     qm, folder, _ = nets[name, profile]
-    g = qm.graph
-    it = interpreter(folder / T.model_file, kernels="builtin")
+    assert_tflite_holds_graph(folder / T.model_file, qm.graph)
+
+
+def assert_tflite_holds_graph(path: Path, g: QuantGraph) -> None:
+    """Through the interpreter's tensor details: int8 weights, int32 biases and every grid, bit for bit."""
+    it = interpreter(path, kernels="builtin")
     det = {d["name"]: d for d in it.get_tensor_details()}
     for n in g.weighted_nodes():
         wt, bt = g.tensors[n.inputs[1]], g.tensors[n.inputs[2]]
