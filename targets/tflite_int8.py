@@ -27,15 +27,12 @@ from typing import Any
 
 import flatbuffers
 import numpy as np
-import torch
 from ai_edge_litert import schema_py_generated as S
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from eptq_deploy.errors import TargetError, UnsupportedOpError
 from eptq_deploy.graph import Node, QParams, QuantGraph, TargetRules
 from eptq_deploy.simulate import (
-    dequantize,
-    get_rule,
     hardsigmoid_as_depthwise,
     int8_container_offset,
     pad_codes,
@@ -573,6 +570,15 @@ def _one_line(e: Exception) -> str:
     return re.sub(r"(?<=[a-z])(?=Node number)", "; ", " ".join(str(e).split())).rstrip(".") or type(e).__name__
 
 
+def quantize_codes(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """int8 codes of float32 ``x``: float32 x / s rounded half away from zero, plus z, saturated; the
+    rules' ``quantize`` in numpy (torch's thread pool would spin against XNNPACK's on every call)."""
+    v = np.asarray(x, np.float32) / np.float32(scale)
+    t = np.trunc(v)
+    r = np.where(np.abs(v - t) >= 0.5, t + np.sign(v), t)
+    return np.clip(r + zero_point, -128, 127).astype(np.int8)
+
+
 class TfliteRunner(Runner):
     """Float NCHW in, float (dequantized) NCHW out; the int8 input is quantized as the simulation does."""
 
@@ -580,13 +586,7 @@ class TfliteRunner(Runner):
         self.it, self.kernels = open_interpreter(path, threads, kernels)
         self.threads = threads
         self.rounding = "xnnpack" if self.kernels == "auto" else "tflite"  # builtin: the closest rule
-        self.rule = get_rule(self.rounding)
         self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
-
-    @staticmethod
-    def _grid(detail: dict) -> QParams:
-        s, z = detail["quantization"]
-        return QParams(8, True, [s], [z])
 
     def run(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, dtype=np.float32)
@@ -598,14 +598,15 @@ class TfliteRunner(Runner):
                 self.it.allocate_tensors()
                 self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
             if self.inp["dtype"] == np.int8:
-                x = self.rule.quantize(torch.from_numpy(np.ascontiguousarray(x)), self._grid(self.inp)).numpy()
+                x = quantize_codes(x, *self.inp["quantization"])
             self.it.set_tensor(self.inp["index"], np.ascontiguousarray(x, dtype=self.inp["dtype"]))
             self.it.invoke()
         except (RuntimeError, ValueError) as e:
             raise TargetError(f"ai-edge-litert ({self.kernels} kernels) failed on input {x.shape}: {_one_line(e)}") from None
         y = self.it.get_tensor(self.out["index"])
         if self.out["dtype"] == np.int8:
-            y = dequantize(torch.from_numpy(y.astype(np.float64)), self._grid(self.out)).numpy()
+            s, z = self.out["quantization"]
+            y = (y.astype(np.int32) - z).astype(np.float32) * np.float32(s)  # as simulate.dequantize
         return np.ascontiguousarray(np.transpose(y, (0, 3, 1, 2)) if y.ndim == 4 else y)
 
 

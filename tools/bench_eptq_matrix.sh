@@ -21,16 +21,16 @@ $B --model resnet56 --profile imx500 --weight-bits 4 --method eptq,ptq
 # the int8 profiles on every target (issue 4), EfficientNet-Lite0 on 500 held-out ImageNet samples
 $B --model efficientnet_lite0 --profile int8-pot,tflite-int8 --method ptq --target all
 $B --model resnet20 --profile int8-pot,tflite-int8 --method eptq,ptq --target all
+$B --model resnet56 --profile int8-pot,tflite-int8 --method eptq,ptq --target all
 # EPTQ's memory on a 224x224 model (500 samples): a few iterations, the float cache does not fit and is streamed
 $B --model efficientnet_lite0 --profile int8-pot --method eptq --iters 10
-# the harder rows on both models
+# the harder rows and the 8-bit rows on both models
 $B --model resnet20 --profile w4a8-pot --method eptq,ptq
 $B --model resnet20 --profile imx500 --weight-bits 2 --method eptq,ptq
-$B --model resnet56 --profile int8-pot,tflite-int8 --method eptq,ptq --target all
 $B --model resnet20 --profile imx500 --weight-bits 8 --method eptq,ptq
-ablate resnet20
 $B --model resnet56 --profile w4a8-pot --method eptq,ptq
 $B --model resnet56 --profile imx500 --weight-bits 2 --method eptq,ptq
 $B --model resnet56 --profile $W3 --weight-bits 3 --method eptq,ptq
 $B --model resnet56 --profile imx500 --weight-bits 8 --method eptq,ptq
+ablate resnet20
 ablate resnet56
