@@ -66,6 +66,30 @@ def test_check_fails_under_the_agreement_threshold(bundle: Path, monkeypatch: py
     assert "below --min-agreement" in res.output
 
 
+def test_check_fails_on_a_corrupted_scale(bundle: Path) -> None:
+    """A file whose hashes are consistent but whose grids no longer match the graph (the classifier's
+    per-channel weight scales distorted, the manifest re-hashed): the argmax moves, exit 1."""
+    import hashlib
+
+    import onnx
+    from onnx import numpy_helper
+
+    path = bundle / "onnx-qdq" / "model.onnx"
+    model = onnx.load(str(path))
+    init = [t for t in model.graph.initializer if t.name.endswith(".scale") and "weight" in t.name][-1]
+    scale = numpy_helper.to_array(init)
+    distort = np.where(np.arange(scale.size) % 2 == 0, 8.0, 0.125).astype(np.float32).reshape(scale.shape)
+    init.CopyFrom(numpy_helper.from_array(scale * distort, init.name))
+    onnx.save(model, str(path))
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    entry = manifest["targets"]["onnx-qdq"]["files"]["onnx-qdq/model.onnx"]
+    entry.update(sha256=hashlib.sha256(path.read_bytes()).hexdigest(), bytes=path.stat().st_size)
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    res = _check(bundle, "--min-agreement", "0.99")
+    assert res.exit_code == 1, res.output
+    assert "below --min-agreement" in res.output
+
+
 def test_check_refuses_a_changed_model_file(bundle: Path) -> None:
     model = bundle / "onnx-qdq" / "model.onnx"
     data = bytearray(model.read_bytes())
