@@ -234,16 +234,24 @@ class FakeQuantNetwork(torch.nn.Module):
 @torch.no_grad()
 def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: FloatActivations,
                     attention: dict[str, torch.Tensor], layers: list[str], loss0: float,
-                    gen: torch.Generator, mgen: torch.Generator, n: int = 256) -> dict[str, float]:
-    """How decided the rounding is, and the task loss with soft versus hard rounding."""
-    h = torch.cat([soft_rounding(v).reshape(-1) for v in net.V.values()])
+                    gen: torch.Generator, mgen: torch.Generator, n: int = 256,
+                    batch_size: int = 32) -> dict[str, float]:
+    """How decided the rounding is, and the task loss with soft versus hard rounding.
+
+    Without gradients and a batch at a time: at 224x224 a 256-sample pass (and its
+    streamed float targets) would take tens of GiB.
+    """
+    h = torch.cat([soft_rounding(v.detach()).reshape(-1) for v in net.V.values()])
     idx = torch.randperm(len(x), generator=gen)[:n]
     out = {"undecided_fraction": round(float(((h > 0.05) & (h < 0.95)).float().mean()), 4)}
-    for mode in (False, True):
-        net.hard = mode
-        _, qa = net(x[idx], 1.0, mgen, set(layers))
-        loss = eptq_loss(qa, f_acts(idx), {t: attention[t][idx] for t in layers}) / loss0
-        out["hard_task_loss" if mode else "soft_task_loss"] = round(float(loss), 5)
+    with torch.no_grad():
+        for mode in (False, True):
+            net.hard = mode
+            total = 0.0
+            for part in idx.split(batch_size):
+                _, qa = net(x[part], 1.0, mgen, set(layers))
+                total += float(eptq_loss(qa, f_acts(part), {t: attention[t][part] for t in layers})) * len(part)
+            out["hard_task_loss" if mode else "soft_task_loss"] = round(total / len(idx) / loss0, 5)
     net.hard = False
     return out
 
@@ -474,7 +482,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
             task.backward()
             bias_opt.step()
     net.hard = False
-    log.update(rounding_report(net, x, float_acts, attention, layers, loss0, gen, mgen))
+    log.update(rounding_report(net, x, float_acts, attention, layers, loss0, gen, mgen, batch_size=cfg.batch_size))
     g = net.finalize(qg, bias_bits)
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return g, log
