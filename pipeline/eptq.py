@@ -238,20 +238,19 @@ def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: FloatActivat
                     batch_size: int = 32) -> dict[str, float]:
     """How decided the rounding is, and the task loss with soft versus hard rounding.
 
-    Without gradients and a batch at a time: at 224x224 a 256-sample pass (and its
-    streamed float targets) would take tens of GiB.
+    A batch at a time: at 224x224 one 256-sample pass (and its streamed float
+    targets) would take tens of GiB.
     """
-    h = torch.cat([soft_rounding(v.detach()).reshape(-1) for v in net.V.values()])
+    h = torch.cat([soft_rounding(v).reshape(-1) for v in net.V.values()])
     idx = torch.randperm(len(x), generator=gen)[:n]
     out = {"undecided_fraction": round(float(((h > 0.05) & (h < 0.95)).float().mean()), 4)}
-    with torch.no_grad():
-        for mode in (False, True):
-            net.hard = mode
-            total = 0.0
-            for part in idx.split(batch_size):
-                _, qa = net(x[part], 1.0, mgen, set(layers))
-                total += float(eptq_loss(qa, f_acts(part), {t: attention[t][part] for t in layers})) * len(part)
-            out["hard_task_loss" if mode else "soft_task_loss"] = round(total / len(idx) / loss0, 5)
+    for mode in (False, True):
+        net.hard = mode
+        total = 0.0
+        for part in idx.split(batch_size):
+            _, qa = net(x[part], 1.0, mgen, set(layers))
+            total += float(eptq_loss(qa, f_acts(part), {t: attention[t][part] for t in layers})) * len(part)
+        out["hard_task_loss" if mode else "soft_task_loss"] = round(total / len(idx) / loss0, 5)
     net.hard = False
     return out
 
