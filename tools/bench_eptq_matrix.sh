@@ -8,10 +8,16 @@ set -u
 cd "$(dirname "$0")/.."
 B="python tools/bench_accuracy.py --target onnx-qdq"
 W3=tools/profiles/imx500-w3.yaml
+LOW_BIT_ROWS=("--profile imx500 --weight-bits 4" "--profile $W3 --weight-bits 3" "--profile w4a8-pot")
 ablate() {  # uniform layer weights, then layer-by-layer AdaRound, on the 4- and 3-bit rows
-  for row in "--profile imx500 --weight-bits 4" "--profile $W3 --weight-bits 3" "--profile w4a8-pot"; do
+  for row in "${LOW_BIT_ROWS[@]}"; do
     $B --model "$1" $row --method eptq --hessian none
     $B --model "$1" $row --method adaround
+  done
+}
+ablate_hmse() {  # plain MSE weight thresholds instead of Hessian-weighted ones (the cheaper proxy)
+  for row in "${LOW_BIT_ROWS[@]}"; do
+    $B --model "$1" $row --method eptq --opt hmse=false
   done
 }
 # the acceptance rows: imx500 at 4 and 3 bits
@@ -22,8 +28,6 @@ $B --model resnet56 --profile imx500 --weight-bits 4 --method eptq,ptq
 $B --model efficientnet_lite0 --profile int8-pot,tflite-int8 --method ptq --target all
 $B --model resnet20 --profile int8-pot,tflite-int8 --method eptq,ptq --target all
 $B --model resnet56 --profile int8-pot,tflite-int8 --method eptq,ptq --target all
-# EPTQ's memory on a 224x224 model (500 samples): a few iterations, the float cache does not fit and is streamed
-$B --model efficientnet_lite0 --profile int8-pot --method eptq --iters 10
 # the harder rows and the 8-bit rows on both models
 $B --model resnet20 --profile w4a8-pot --method eptq,ptq
 $B --model resnet20 --profile imx500 --weight-bits 2 --method eptq,ptq
@@ -33,4 +37,7 @@ $B --model resnet56 --profile imx500 --weight-bits 2 --method eptq,ptq
 $B --model resnet56 --profile $W3 --weight-bits 3 --method eptq,ptq
 $B --model resnet56 --profile imx500 --weight-bits 8 --method eptq,ptq
 ablate resnet20
+ablate_hmse resnet20
 ablate resnet56
+# EPTQ's memory on a 224x224 model (500 samples): a few iterations, the float cache does not fit and is streamed
+$B --model efficientnet_lite0 --profile int8-pot --method eptq --iters 10
