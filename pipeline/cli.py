@@ -81,8 +81,9 @@ def quantize(
                                                      "native profile, or int8-pot).")] = None,
     target: Annotated[str | None, typer.Option(help="Target name(s), comma-separated, or 'all' (default: the "
                                                     "profile's native target).")] = None,
-    method: Annotated[str, typer.Option(help="Quantization method: ptq (calibrated round-to-nearest) or eptq "
-                                              "(Hessian-guided network-wise rounding optimisation).")] = "ptq",
+    method: Annotated[str | None, typer.Option(help="Quantization method: eptq (default: Hessian-guided network-wise "
+                                                     "rounding optimisation, minutes) or ptq (calibrated "
+                                                     "round-to-nearest, seconds), or adaround.")] = None,
     iters: Annotated[int | None, typer.Option(help="EPTQ optimisation iterations (default 800).")] = None,
     max_memory: Annotated[str | None, typer.Option(help="Memory for EPTQ's float-activation cache, e.g. 4G or "
                                                         "512M (default: a quarter of the RAM); above it the "
@@ -120,19 +121,23 @@ def quantize(
         import torch
 
         torch.set_num_threads(threads)
-        if model is None:
-            from .demo import run_demo
+        from .api import DEFAULT_METHOD
 
-            run_demo(out=out, force=force, threads=threads, progress=progress, command=_command_line())
+        if model is None:
+            from .demo import DEMO_METHOD, run_demo
+
+            run_demo(out=out, force=force, threads=threads, progress=progress, command=_command_line(),
+                     method=method or DEMO_METHOD)
             return
+        chosen = method or DEFAULT_METHOD
         options: dict[str, Any] = {} if iters is None else {"iters": iters}
         if max_memory is not None:
             options["max_memory"] = _bytes(max_memory)
         if checkpoint_dir is not None or resume:
-            if method != "eptq":
-                raise UsageError(f"--checkpoint-dir/--resume apply to --method eptq, not {method}; drop them or use eptq")
+            if chosen != "eptq":
+                raise UsageError(f"--checkpoint-dir/--resume apply to --method eptq, not {chosen}; drop them or use eptq")
             options.update(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=resume)
-        run_quantize(model, data, profile, target, method, weight_bits, weights, allow_pickle, preset, resize, crop,
+        run_quantize(model, data, profile, target, chosen, weight_bits, weights, allow_pickle, preset, resize, crop,
                      _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
                      progress, options, labels, skip_bad=skip_bad_data, fold=fold_preprocessing)
 

@@ -188,3 +188,16 @@ def test_streamed_float_activations_when_the_cache_exceeds_the_budget() -> None:
     # same targets up to float summation order: the learned rounding agrees almost everywhere
     a, b = np.frombuffer(_graph_bytes(cached), np.int8), np.frombuffer(_graph_bytes(streamed), np.int8)
     assert np.mean(a == b) > 0.99
+
+
+def test_eptq_is_the_shipped_default(monkeypatch) -> None:
+    """A call that names no method runs EPTQ (the suite's conftest swaps it for PTQ elsewhere)."""
+    from conftest import SHIPPED_DEFAULT_METHOD
+
+    from eptq_deploy import api
+
+    assert SHIPPED_DEFAULT_METHOD == "eptq"
+    monkeypatch.setattr(api, "DEFAULT_METHOD", SHIPPED_DEFAULT_METHOD)
+    qm = eptq_deploy.quantize(Tiny().eval(), _data(16), profile="imx500", weight_bits=4, progress=False, iters=3,
+                              batch_size=8)
+    assert qm.info["method"] == "eptq" and "eptq_log" in qm.info
