@@ -39,5 +39,6 @@ $B --model resnet56 --profile imx500 --weight-bits 8 --method eptq,ptq
 ablate resnet20
 ablate_hmse resnet20
 ablate resnet56
-# EPTQ's memory on a 224x224 model (500 samples): a few iterations, the float cache does not fit and is streamed
-$B --model efficientnet_lite0 --profile int8-pot --method eptq --iters 10
+# EPTQ's memory on a 224x224 model (500 samples): the float cache does not fit and is streamed; a few
+# iterations and 4 Hessian probes (drawn one after another): memory grows with neither, time with both
+$B --model efficientnet_lite0 --profile int8-pot --method eptq --iters 10 --opt n_draws=4
