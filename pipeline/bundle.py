@@ -49,12 +49,6 @@ def sha256(path: Path) -> str:
 def peak_activation_bytes(qm: QuantizedModel) -> int:
     """Peak bytes of live activations at batch 1, by liveness over the node order."""
     g = qm.graph
-    last_use: dict[str, int] = {}
-    for i, n in enumerate(g.nodes):
-        for t in n.inputs:
-            last_use[t] = i
-    for o in g.outputs:
-        last_use[o] = len(g.nodes)
 
     def size(t: str) -> int:
         info = g.tensors[t]
@@ -63,13 +57,12 @@ def peak_activation_bytes(qm: QuantizedModel) -> int:
 
     live = {g.inputs[0]: size(g.inputs[0])}
     peak = sum(live.values())
-    for i, n in enumerate(g.nodes):
+    for n, dead in zip(g.nodes, g.dead_after(), strict=True):
         for o in n.outputs:
             live[o] = size(o)
         peak = max(peak, sum(live.values()))
-        for t in list(live):
-            if last_use.get(t, -1) <= i:
-                del live[t]
+        for t in dead:
+            live.pop(t, None)
     return peak
 
 

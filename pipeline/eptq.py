@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from .errors import EptqError, UsageError
 from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph
 from .ptq import set_bias
-from .simulate import _conv, apply_activation, float_op, run_float
+from .simulate import _conv, apply_activation, float_op, release, run_float
 
 #: iterations by default: chosen from the measured accuracy-vs-iterations curve (README)
 DEFAULT_ITERS = 800
@@ -156,6 +156,7 @@ class FakeQuantNetwork(torch.nn.Module):
     def __init__(self, qg: QuantGraph, fg: QuantGraph) -> None:
         super().__init__()
         self.qg = qg
+        self.dead = qg.dead_after()  # activations to free after each node (no-grad passes over big inputs)
         self.V = torch.nn.ParameterDict()
         self.bias = torch.nn.ParameterDict()
         self.base: dict[str, torch.Tensor] = {}  # floor(w / s)
@@ -196,11 +197,12 @@ class FakeQuantNetwork(torch.nn.Module):
         first = self.qg.inputs[0]
         env = {first: fake_quant(x, T[first].quant, 1.0)}
         acts: dict[str, torch.Tensor] = {first: env[first]} if layers is not None and first in layers else {}
-        for n in self.qg.nodes:
+        for n, dead in zip(self.qg.nodes, self.dead, strict=True):
             y = self.node_forward(n, [env[i] for i in n.inputs if i in env], keep, gen)
             env[n.outputs[0]] = y
             if layers is not None and n.outputs[0] in layers:
                 acts[n.outputs[0]] = y
+            release(env, dead)
         return env[self.qg.outputs[0]], acts
 
     def node_forward(self, n, xs: list[torch.Tensor], keep: float = 1.0, gen: torch.Generator | None = None) -> torch.Tensor:

@@ -202,6 +202,26 @@ class QuantGraph:
     def weighted_nodes(self) -> list[Node]:
         return [n for n in self.nodes if n.op in WEIGHTED_OPS]
 
+    def batch_size(self, elements: int = 2**24, most: int = 256) -> int:
+        """Samples per batch for a whole-network pass: the largest activation then holds about
+        ``elements`` numbers, so the simulation's float64 temporaries stay near a GiB at
+        224x224 as at 32x32 (at least 1 sample, at most ``most``)."""
+        per = max((int(np.prod(self.tensors[t].shape[1:])) for t in self.activation_names()), default=1)
+        return max(1, min(most, elements // max(per, 1)))
+
+    def dead_after(self) -> list[list[str]]:
+        """Per node, the activations no later node reads (graph outputs never): an executor frees
+        them once that node has run, so a 224x224 batch holds a few live tensors, not all of them."""
+        last: dict[str, int] = {}
+        for i, n in enumerate(self.nodes):
+            for t in [*n.inputs, *n.outputs]:
+                last[t] = i
+        dead: list[list[str]] = [[] for _ in self.nodes]
+        for t, i in last.items():
+            if t not in self.outputs and self.tensors[t].data is None:  # constants stay
+                dead[i].append(t)
+        return dead
+
     def activation_names(self) -> list[str]:
         """Graph inputs and node outputs, in execution order."""
         return list(self.inputs) + [o for n in self.nodes for o in n.outputs]

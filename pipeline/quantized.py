@@ -9,7 +9,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError
-from .graph import WEIGHTED_OPS, QuantGraph
+from .graph import QuantGraph
 from .simulate import dequantize, get_rule, run_float, run_integer
 
 
@@ -41,45 +41,50 @@ class QuantizedModel:
         return get_rule(rounding or self.rounding[target])
 
     @torch.no_grad()
-    def simulate(self, x: torch.Tensor, target: str | None = None, batch_size: int = 256,
+    def simulate(self, x: torch.Tensor, target: str | None = None, batch_size: int | None = None,
                  rounding: str | None = None) -> torch.Tensor:
         """Dequantized float32 output of the integer network as ``target`` computes it; ``rounding``
         names another of its runtime's rules (a runner's ``rounding``: TFLite's reference kernels)."""
         rule = self._rule(target, rounding)
         x = torch.as_tensor(x, dtype=torch.float32)
-        steps = range(0, len(x), batch_size)
-        outs = [run_integer(self.graph, x[i:i + batch_size], rule)
+        steps = range(0, len(x), batch_size or self.graph.batch_size())
+        outs = [run_integer(self.graph, x[i:i + steps.step], rule)
                 for i in tqdm(steps, desc="simulate", unit="batch", leave=False, disable=len(steps) <= 2)]
         return dequantize(torch.cat(outs), self.graph.tensors[self.graph.outputs[0]].quant)
 
     @torch.no_grad()
-    def forward_float(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    def forward_float(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         x = torch.as_tensor(x, dtype=torch.float32)
-        return torch.cat([run_float(self.float_graph, x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
+        step = batch_size or self.float_graph.batch_size()
+        return torch.cat([run_float(self.float_graph, x[i:i + step]) for i in range(0, len(x), step)])
 
     @torch.no_grad()
     def layer_errors(self, x: torch.Tensor, target: str | None = None) -> list[dict[str, Any]]:
         """Per weighted layer: SQNR (dB) of the integer output against the float output."""
         rule = self._rule(target)
-        ref: dict[str, torch.Tensor] = {}
-        got: dict[str, torch.Tensor] = {}
-        names = {n.outputs[0]: n for n in self.graph.nodes if n.op in WEIGHTED_OPS}
+        names = {n.outputs[0]: n for n in self.graph.weighted_nodes()}
+        signal = dict.fromkeys(names, 0.0)
+        noise = dict.fromkeys(names, 0.0)
+        x = torch.as_tensor(x, dtype=torch.float32)
+        ref: dict[str, torch.Tensor] = {}  # this batch's float layer outputs, until compared
 
-        def keep(store: dict[str, torch.Tensor]):
-            def hook(name: str, y: torch.Tensor) -> None:
-                if name in names:
-                    store[name] = y
-            return hook
+        def keep_float(name: str, y: torch.Tensor) -> None:
+            if name in names:
+                ref[name] = y
 
-        run_float(self.float_graph, x, hook=keep(ref))
-        run_integer(self.graph, x, rule, hook=keep(got))
+        def compare(name: str, y: torch.Tensor) -> None:
+            if name in names:
+                f = ref.pop(name).double()
+                signal[name] += float(f.pow(2).sum())
+                noise[name] += float((f - dequantize(y, self.graph.tensors[name].quant).double()).pow(2).sum())
+
+        step = self.graph.batch_size()
+        for i in range(0, len(x), step):  # sums over batches: one batch of layer outputs alive at a time
+            run_float(self.float_graph, x[i:i + step], hook=keep_float)
+            run_integer(self.graph, x[i:i + step], rule, hook=compare)
         rows = []
         for t, n in names.items():
-            f = ref[t].double()
-            q = dequantize(got[t], self.graph.tensors[t].quant).double()
-            noise = float((f - q).pow(2).sum())
-            sig = float(f.pow(2).sum())
-            sqnr = 10 * np.log10(sig / noise) if noise > 0 else float("inf")
+            sqnr = 10 * np.log10(signal[t] / noise[t]) if noise[t] > 0 else float("inf")
             w = self.graph.tensors[n.inputs[1]]
             rows.append({"layer": n.name, "op": n.op, "source": n.source, "weight_bits": w.quant.bits,
                          "sqnr_db": round(float(sqnr), 2),

@@ -137,7 +137,7 @@ def run_float(g: QuantGraph, x: torch.Tensor, weights: dict[str, torch.Tensor] |
     env: dict[str, torch.Tensor] = {g.inputs[0]: x}
     if hook:
         hook(g.inputs[0], x)
-    for n in g.nodes:
+    for n, dead in zip(g.nodes, g.dead_after(), strict=True):
         if n.op in ("conv2d", "depthwise_conv2d", "linear"):
             w = weights[n.inputs[1]] if weights and n.inputs[1] in weights else torch.from_numpy(g.tensors[n.inputs[1]].data)
             b = weights[n.inputs[2]] if weights and n.inputs[2] in weights else torch.from_numpy(g.tensors[n.inputs[2]].data)
@@ -149,7 +149,14 @@ def run_float(g: QuantGraph, x: torch.Tensor, weights: dict[str, torch.Tensor] |
         env[n.outputs[0]] = y
         if hook:
             hook(n.outputs[0], y)
+        release(env, dead)
     return env[g.outputs[0]]
+
+
+def release(env: dict[str, torch.Tensor], dead: list[str]) -> None:
+    """Drop activations no later node reads (``QuantGraph.dead_after``)."""
+    for t in dead:
+        env.pop(t, None)
 
 
 # ------------------------------------------------------------ rounding rules
@@ -650,7 +657,7 @@ def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
     T = g.tensors
     env: dict[str, torch.Tensor] = {g.inputs[0]: quantize_input(g, x, rule)}
     unrounded = folded_into_add(g) if getattr(rule, "folds_residual_add", False) else set()
-    for n in g.nodes:
+    for n, dead in zip(g.nodes, g.dead_after(), strict=True):
         out = T[n.outputs[0]].quant
         if n.op in ("conv2d", "depthwise_conv2d", "linear"):
             xq, wt, bt = T[n.inputs[0]].quant, T[n.inputs[1]], T[n.inputs[2]]
@@ -680,6 +687,7 @@ def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
         env[n.outputs[0]] = y
         if hook:
             hook(n.outputs[0], y)
+        release(env, dead)
     return env[g.outputs[0]]
 
 
