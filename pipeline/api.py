@@ -190,7 +190,8 @@ def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: lis
     t = time.perf_counter()
     scores = whess = None
     if (opts["hessian"] == "eptq" and info["method"] == "eptq") or opts["hmse"]:
-        hb = [x[i:i + 64] for i in range(0, len(x), 64)]
+        step = min(64, fg.batch_size())  # backward passes keep every activation: fewer samples at 224x224
+        hb = [x[i:i + step] for i in range(0, len(x), step)]
         scores, whess = hessian_scores(fg, hb, n_draws=opts["n_draws"], seed=seed, weights=opts["hmse"],
                                        progress=progress)
         info["hessian_scores"] = {n.name: float(np.mean(scores[n.outputs[0]])) for n in fg.weighted_nodes()}

@@ -257,18 +257,25 @@ def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: FloatActivat
     return out
 
 
-def cache_float_activations(fg: QuantGraph, x: torch.Tensor, layers: list[str], batch_size: int = 128) -> dict[str, torch.Tensor]:
-    """The float network's activation at every quantized layer, for every sample, computed once."""
-    store: dict[str, list[torch.Tensor]] = {t: [] for t in layers}
+def cache_float_activations(fg: QuantGraph, x: torch.Tensor, layers: list[str],
+                            batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The float network's activation at every quantized layer, for every sample, computed once
+    (written into preallocated tensors: no second copy while concatenating)."""
+    step = batch_size or fg.batch_size(most=128)
+    store: dict[str, torch.Tensor] = {}
+    wanted = set(layers)
+    at = 0
 
     def keep(name: str, y: torch.Tensor) -> None:
-        if name in store:
-            store[name].append(y)
+        if name in wanted:
+            if name not in store:
+                store[name] = torch.empty((len(x), *y.shape[1:]), dtype=y.dtype)
+            store[name][at:at + len(y)] = y
 
     with torch.no_grad():
-        for i in range(0, len(x), batch_size):
-            run_float(fg, x[i:i + batch_size], hook=keep)
-    return {t: torch.cat(v) for t, v in store.items()}
+        for at in range(0, len(x), step):
+            run_float(fg, x[at:at + step], hook=keep)
+    return {t: store[t] for t in layers}
 
 
 def cache_bytes(fg: QuantGraph, layers: list[str], n: int) -> int:
