@@ -213,11 +213,13 @@ def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: lis
 
 def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: str | os.PathLike = "build/", *,
            data: Any = None, labels: np.ndarray | None = None, force: bool = False, command: str | None = None,
-           threads: int = 1, check_samples: int | None = 500, data_hint: str = "DATA") -> Path:
+           threads: int = 1, check_samples: int | None = 500, check_command: str | None = None) -> Path:
     """Write the bundle for ``target`` (default: every target the model was quantized for) to ``out``.
 
     With ``data``, every file is run on its runtime and the report states agreement,
     accuracy (with ``labels``) and latency; the bundle appears whole or not at all.
+    ``check_command`` is the re-check command the manifest and report state (the CLI
+    gives one naming its data; without it the report shows the command to complete).
     """
     names = qmodel.targets if target in (None, "all") else ([target] if isinstance(target, str) else list(target))
     for n in names:
@@ -235,7 +237,7 @@ def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: s
             x = x[:check_samples]
             labels = None if labels is None else np.asarray(labels)[:check_samples]
     return write_bundle(qmodel, [get_target(n) for n in names], Path(out), x=x, labels=labels, force=force,
-                        command=command, threads=threads, data_hint=data_hint)
+                        command=command, threads=threads, check_command=check_command)
 
 
 def _pick_target(bundle_dir: Path, manifest: dict[str, Any], target: str | None) -> list[str]:

@@ -23,19 +23,24 @@ import os
 import platform
 import shutil
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__
+from . import __version__, feeding
 from .checks import latency, runtime_checks
 from .errors import BundleError, EptqError, UsageError
 from .preprocess import input_contract
 from .quantized import QuantizedModel
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+#: side files of a bundle (hashed like every other file)
+QUANTIZATION_FILE = "quantization.json"
+CALIBRATION_FILE = "calibration.json"
+CLASSES_FILE = "classes.txt"
 
 
 def sha256(path: Path) -> str:
@@ -118,30 +123,44 @@ def cpu_features() -> dict[str, Any]:
     return {"model": model, **{f: f in flags for f in INTEGER_CPU_FEATURES}}
 
 
+def model_section(qm: QuantizedModel) -> dict[str, Any]:
+    """What the model is: its name, where its weights came from, what its output means."""
+    g = qm.graph
+    outp = g.tensors[g.outputs[0]]
+    classes = qm.info.get("classes")
+    return {"name": qm.info.get("model_name", "model"), "weights": qm.info.get("weights", "as given"),
+            "output": {"name": outp.name, "shape": list(outp.shape), "meaning": feeding.output_meaning(g),
+                       "classes": len(classes) if classes else None,
+                       "classes_file": CLASSES_FILE if classes else None}}
+
+
 def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: str | None, out: Path,
                    check_command: str | None = None) -> dict[str, Any]:
+    """The manifest: the firmware-facing facts first and small; large arrays live in side files
+    (every tensor's quantization in ``quantization.json``) hashed under ``files``."""
     g = qm.graph
-    inp, outp = g.tensors[g.inputs[0]], g.tensors[g.outputs[0]]
+    inp = g.tensors[g.inputs[0]]
+    calib = qm.info.get("calibration") or {}
     return {
         "format": "eptq-deploy bundle",
         "version": MANIFEST_VERSION,
         "tool_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "model": model_section(qm),
+        "input": {"name": inp.name, "shape": list(inp.shape), "layout": "NCHW",
+                  "preprocessing": qm.info.get("preprocessing"), **input_contract(g)},
+        "targets": target_entries,
+        "memory": {"weight_bytes": g.weight_bytes(), "peak_activation_bytes_batch1": peak_activation_bytes(qm)},
+        "ops": g.op_list(),
         "profile": qm.profile.to_dict(),
         "method": qm.info.get("method"),
         "seed": qm.info.get("seed"),
-        "calibration_samples": qm.info.get("samples"),
+        "calibration": {"samples": qm.info.get("samples"),
+                        **{k: v for k, v in calib.items() if k not in ("files", "indices")},
+                        "record": CALIBRATION_FILE},
         "quantization_time_s": qm.info.get("timings_s"),
-        "input": {"name": inp.name, "shape": list(inp.shape), "layout": "NCHW", "dtype": "float32",
-                  "quantization": inp.quant.to_json(), "preprocessing": qm.info.get("preprocessing"),
-                  **input_contract(g)},
-        "output": {"name": outp.name, "shape": list(outp.shape), "dtype": "float32 (dequantized)",
-                   "quantization": outp.quant.to_json()},
-        "memory": {"weight_bytes": g.weight_bytes(), "peak_activation_bytes_batch1": peak_activation_bytes(qm)},
-        "ops": g.op_list(),
-        "tensors": {name: t.quant.to_json() for name, t in g.tensors.items() if t.quant is not None},
-        "graph_files": _files_at(out, ["graph.json", "graph.npz"]),
-        "targets": target_entries,
+        "quantization_file": QUANTIZATION_FILE,
+        "files": _files_at(out, [p.name for p in sorted(out.iterdir()) if p.is_file()]),
         "host": {"platform": platform.platform(), "machine": platform.machine(), "python": platform.python_version(),
                  "torch": torch.__version__, "cpu_features": cpu_features()},
         "command": command,
@@ -153,50 +172,82 @@ def _files_at(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return {n: {"sha256": sha256(root / n), "bytes": (root / n).stat().st_size} for n in names}
 
 
+def write_side_files(tmp: Path, qm: QuantizedModel) -> None:
+    """The bundle's large or optional top-level files, written before the manifest hashes them."""
+    qm.graph.save(tmp)
+    g = qm.graph
+    tensors = {name: t.quant.to_json() for name, t in g.tensors.items() if t.quant is not None}
+    (tmp / QUANTIZATION_FILE).write_text(json.dumps(tensors, default=_json_default))
+    calib = qm.info.get("calibration") or {}
+    (tmp / CALIBRATION_FILE).write_text(json.dumps({"samples": qm.info.get("samples"), **calib}, indent=1,
+                                                   default=_json_default))
+    if qm.info.get("classes"):
+        (tmp / CLASSES_FILE).write_text("".join(f"{c}\n" for c in qm.info["classes"]))
+
+
+def _timings(manifest: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {v:.1f} s" for k, v in (manifest["quantization_time_s"] or {}).items())
+
+
 def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layers: list[dict[str, Any]]) -> None:
     p = manifest["profile"]
+    mdl = manifest["model"]
+    check = manifest["check_command"] or (f"eptq-deploy check {path.parent} --data IMAGES (a folder or .npz of your "
+                                          "own, preprocessed as below)")
     lines = [
-        f"# eptq-deploy bundle: {qm.info.get('model_name', 'model')}",
+        f"# eptq-deploy bundle: {mdl['name']}",
         "",
+        f"- model: {mdl['name']}, weights {mdl['weights']}; output: {mdl['output']['meaning']}",
         f"- profile **{p['name']}** ({p['description']}), weights {p['weights']['default_bits']}-bit, "
         f"activations {p['activations']['bits']}-bit; method **{manifest['method']}**, seed {manifest['seed']}",
-        f"- calibration: {manifest['calibration_samples']} unlabelled samples; quantization time "
-        + ", ".join(f"{k} {v:.1f} s" for k, v in (manifest["quantization_time_s"] or {}).items()),
+        f"- calibration: {manifest['calibration']['samples']} unlabelled samples"
+        f"{_calibration_source(manifest['calibration'])}; quantization time {_timings(manifest)}",
         f"- weights: {manifest['memory']['weight_bytes']['container']} bytes as stored "
         f"({manifest['memory']['weight_bytes']['packed']} packed at bit width); peak activations "
         f"{manifest['memory']['peak_activation_bytes_batch1']} bytes at batch 1",
         f"- ops: {', '.join(manifest['ops'])}",
         f"- made by: `{manifest['command']}`",
-        f"- re-check on the runtimes: `{manifest['check_command']}`",
+        f"- re-check on the runtimes: `{check}`",
+    ]
+    if qm.info.get("note"):
+        lines += ["", qm.info["note"]]
+    lines += [
         "",
         "## On the real runtime",
         "",
         "| target | runtime | samples | agreement vs simulation | agreement vs float | max diff (output LSB) "
-        "| top-1 float / sim / runtime | int8 ms | float ms | speed-up |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| top-1 float / sim / runtime | int8 ms | float ms | speed-up | threads |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, t in manifest["targets"].items():
         c, lat = t.get("checks"), t.get("latency")
         if c is None:
-            lines.append(f"| {name} | {t['runtime']} | not checked (no data given) | | | | | | | |")
+            lines.append(f"| {name} | {t['runtime']} | not checked (no data given) | | | | | | | | |")
             continue
         top = c.get("top1")
         tops = f"{top['float']:.2%} / {top['simulation']:.2%} / {top['runtime']:.2%}" if top else "no labels"
         lines.append(
             f"| {name} | {t['runtime']} | {c['samples']} | {c['argmax_agreement_vs_simulation']:.2%} | "
             f"{c['argmax_agreement_vs_float']:.2%} | {c['max_abs_diff_lsb']:.2f} | {tops} | "
-            f"{lat['int8_ms'] if lat else ''} | {lat['float_ms'] if lat else ''} | {lat['speedup_vs_float'] if lat else ''} |")
-    lines += ["", "## Model file input and output (as firmware sees them)", "",
-              f"- model input: {manifest['input']['expects']}"
-              f"{' (normalisation folded into the first layer)' if manifest['input']['folded'] else ''}"]
-    lines += [f"- {name}: {io_line(t['io'])}" for name, t in manifest["targets"].items() if t.get("io")]
-    lines += ["", "## What each runtime reports", ""]
+            f"{lat['int8_ms'] if lat else ''} | {lat['float_ms'] if lat else ''} | "
+            f"{lat['speedup_vs_float'] if lat else ''} | {lat['threads'] if lat else ''} |")
+    lines += ["", "Agreement vs float is the share of samples whose top class is the float model's; latency is the "
+              "median batch-1 time at the thread count shown (`eptq-deploy bench` takes `--threads`).",
+              "", "## Feeding this model", ""]
+    for name, t in manifest["targets"].items():
+        lines += feeding.report_lines(name, t["model_file"], t["feeding"], qm.info.get("classes"))
+    lines += ["## What each runtime reports", ""]
     lines += [f"- {name}: {runtime_line(t)}" for name, t in manifest["targets"].items()]
     lines += ["", "## Per layer", "", "![per-layer SQNR](layer_sqnr.png)", "",
               "| layer | op | source | weight bits | SQNR dB | mean Hessian score |", "| --- | --- | --- | --- | --- | --- |"]
     lines += [f"| {r['layer']} | {r['op']} | {r['source']} | {r['weight_bits']} | {r['sqnr_db']} | "
               f"{'' if r.get('hessian') is None else format(r['hessian'], '.3g')} |" for r in layers]
     path.write_text("\n".join(lines) + "\n")
+
+
+def _calibration_source(calib: dict[str, Any]) -> str:
+    src = calib.get("source")
+    return f" from {src}" if src else ""
 
 
 def runtime_line(t: dict[str, Any]) -> str:
@@ -208,7 +259,10 @@ def runtime_line(t: dict[str, Any]) -> str:
                      + " / ".join(f"{dist[k]:.2%}" for k in ("0", "1", "2", ">2")))
     ins = t.get("inspect") or {}
     if "int8_layers" in ins:
+        kinds = Counter((ins.get("runtime_precisions") or {}).values())
+        split = ", ".join(f"{p} {n}" for p, n in sorted(kinds.items()))
         parts.append(f"{ins['int8_layers']} of {ins['total_weighted_layers']} weighted layers run in int8"
+                     + (f" ({split}: the plugin picks per layer for this CPU, see host.cpu_features)" if split else "")
                      + (f"; NOT int8: {', '.join(ins['not_int8'])}" if ins.get("not_int8") else ""))
     if "op_versions" in ins:
         parts.append("ops (version): " + ", ".join(f"{k} ({v})" for k, v in sorted(ins["op_versions"].items())))
@@ -217,18 +271,6 @@ def runtime_line(t: dict[str, Any]) -> str:
     if "runtime_ops" in ins and "op_versions" not in ins:
         parts.append("fused graph: " + ", ".join(f"{k} x{v}" for k, v in sorted(ins["runtime_ops"].items())))
     return "; ".join(parts) or "nothing reported"
-
-
-def io_line(io: dict[str, Any]) -> str:
-    """A target's ``io`` contract in one line of report.md."""
-
-    def one(t: dict[str, Any]) -> str:
-        q = t.get("quantization")
-        grid = "" if q is None else (f" ({q['where']}: {q['dtype']}, scale {q['scale']:.6g}, "
-                                     f"zero point {q['zero_point']})")
-        return f"`{t['name']}` {t['dtype']} {t['layout']} {t['shape']}{grid}"
-
-    return f"input {one(io['input'])}; output {one(io['output'])}"
 
 
 def refuse_existing(out: Path, force: bool) -> None:
@@ -240,13 +282,14 @@ def refuse_existing(out: Path, force: bool) -> None:
 
 def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.Tensor | None = None,
                  labels: np.ndarray | None = None, force: bool = False, command: str | None = None,
-                 threads: int = 1, data_hint: str = "DATA") -> Path:
+                 threads: int = 1, check_command: str | None = None) -> Path:
     """Emit every target, check each on its runtime, and move the finished bundle into ``out``."""
     out = Path(out).resolve()
     refuse_existing(out, force)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        tmp.chmod(0o777 & ~current_umask())  # mkdtemp's 0700 would survive the rename
     except OSError as e:
         raise _write_error(out, e) from None
     try:
@@ -254,7 +297,9 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
         sim_cache: dict[str, np.ndarray] = {}
         float_out = qm.forward_float(x).numpy() if x is not None else None
         out_lsb = float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0])
-        qm.graph.save(tmp)
+        write_side_files(tmp, qm)
+        model = model_section(qm)
+        folded = input_contract(qm.graph)["folded"]
         for t in targets:
             folder = tmp / t.name
             folder.mkdir()
@@ -264,6 +309,7 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
                                      "rounding": t.rules.rounding, "model_file": f"{t.name}/{t.model_file}",
                                      "float_model_file": f"{t.name}/{t.float_model_file}",
                                      "io": t.io_contract(qm.graph)}
+            entry["feeding"] = feeding.recipe(qm.info.get("preprocessing"), entry["io"], folded, model["output"])
             if x is not None:
                 runner = t.load(folder, threads=threads)
                 rule = entry["rounding"] = getattr(runner, "rounding", None) or t.rules.rounding  # the kernels that ran
@@ -277,7 +323,7 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
         layers = qm.layer_errors(x[:64] if x is not None else None) if x is not None else []
         if layers:
             _plot_layers(layers, tmp / "layer_sqnr.png")
-        manifest = build_manifest(qm, entries, command, tmp, f"eptq-deploy check {out} --data {data_hint}")
+        manifest = build_manifest(qm, entries, command, tmp, check_command)
         manifest["layers"] = layers
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, default=_json_default))
         write_report(tmp / "report.md", qm, manifest, layers)
@@ -289,6 +335,13 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def current_umask() -> int:
+    """The process's umask (read by setting it and putting it straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _write_error(where: Path, e: OSError) -> EptqError:
@@ -361,7 +414,10 @@ def verify_bundle(bundle: Path, target: str | None = None) -> dict[str, Any]:
     if m.get("version") != MANIFEST_VERSION:
         raise BundleError(f"manifest version {m.get('version')!r} is not {MANIFEST_VERSION}; re-export the bundle "
                           f"with eptq-deploy {__version__}")
-    _check_files(bundle, m.get("graph_files"), "graph")
+    _check_files(bundle, m.get("files"), "bundle")
+    for name in ("graph.json", "graph.npz", QUANTIZATION_FILE, CALIBRATION_FILE):
+        if name not in m["files"]:
+            raise BundleError(f"manifest files list has no {name}; the manifest was edited, re-export the bundle")
     names = [target] if target is not None else list(m["targets"])
     for name in names:
         t = m["targets"].get(name)

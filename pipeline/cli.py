@@ -6,6 +6,7 @@ time); never a traceback and never a half-written bundle.
 
 from __future__ import annotations
 
+import json
 import shlex
 import sys
 import time
@@ -17,9 +18,10 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from . import __version__
-from .errors import EptqError, UsageError
+from .errors import DataError, EptqError, UsageError
+from .presets import DEFAULT_PRESET, describe_presets
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="EPTQ post-training quantization for edge targets: quantize, export, check.")
 T = TypeVar("T")
 
@@ -97,7 +99,10 @@ def quantize(
                                                     "for files you trust.")] = False,
     labels: Annotated[Path | None, typer.Option(help="Labels for the held-out check: a CSV (filename,class_index) "
                                                      "for an image folder (an .npz's 'labels' are used by default).")] = None,
-    preset: Annotated[str | None, typer.Option(help="Preprocessing preset: imagenet, cifar or lite.")] = None,
+    preset: Annotated[str | None, typer.Option(help=f"Preprocessing preset: {describe_presets()}; bicubic resize "
+                                                     "of the shorter side, then (x * scale - mean) / std. Default: "
+                                                     "the built-in model's own (resnet*: cifar, efficientnet_lite0: "
+                                                     f"lite), else {DEFAULT_PRESET}.")] = None,
     resize: Annotated[int | None, typer.Option(help="Shorter side before the crop (overrides the preset).")] = None,
     crop: Annotated[int | None, typer.Option(help="Centre crop size (overrides the preset).")] = None,
     mean: Annotated[str | None, typer.Option(help="Per-channel mean, e.g. 0.485,0.456,0.406.")] = None,
@@ -157,7 +162,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     """
     from . import api
     from .bundle import refuse_existing
-    from .data import get_preset, load_data, load_labels, preset_info, to_pixels
+    from .data import get_preset, load_class_names, load_data, load_labels, preset_info, to_pixels
     from .models import load_model
 
     if data is None:
@@ -172,7 +177,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     tgts = api.resolve_targets(target, prof)  # fail on impossible pairs before loading anything
     for t in tgts:
         api.check_pair(prof, t)
-    net, hints = load_model(model, str(weights) if weights else None, allow_pickle=allow_pickle)
+    net, hints = load_model(model, str(weights) if weights else None, allow_pickle=allow_pickle, seed=seed)
     pre = get_preset(preset or hints.get("preset"), resize=resize, crop=crop, mean=mean, std=std)
     names: list[str] = []
     x = load_data(data, pre, skip_bad=skip_bad, names=names)
@@ -195,11 +200,48 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
                       progress=progress, fold_preprocessing=pre if fold else None, **(options or {}))
     qm.info["preprocessing"] = preset_info(pre)
     qm.info["model_name"] = hints.get("name", model)
+    qm.info["weights"] = hints.get("weights", "as given")
+    qm.info["calibration"] = calibration_record(Path(data), names[:n_cal], n_cal)
+    classes = load_class_names(labels_path if labels_path is not None else data) or hints.get("classes")
+    outputs = qm.graph.tensors[qm.graph.outputs[0]].shape[-1]
+    if classes and len(classes) <= outputs:  # names for the output's classes, any unnamed ones numbered
+        qm.info["classes"] = classes + [f"class {k}" for k in range(len(classes), outputs)]
     typer.echo(f"quantized {model} ({prof.name}, {method}, {len(calib)} samples) in {time.perf_counter() - t0:.1f} s")
+    check_cmd = f"eptq-deploy check {shlex.quote(str(Path(out).resolve()))} --data {shlex.quote(str(Path(data).resolve()))}"
+    if labels_path is not None:
+        check_cmd += f" --labels {shlex.quote(str(Path(labels_path).resolve()))}"
     path = api.export(qm, out=out, data=held, labels=held_labels, force=force, command=_command_line(),
-                      threads=threads, check_samples=None, data_hint=shlex.quote(str(data)))
+                      threads=threads, check_samples=None, check_command=check_cmd)
     print_summary(path)
     return path
+
+
+def calibration_record(data: Path, files: list[str], count: int) -> dict[str, Any]:
+    """Which samples of ``data`` calibrated: file names in a folder, indices (and the file's hash)
+    in an array file, so that ``check`` can leave them out."""
+    from .bundle import sha256
+
+    source = str(data.resolve())
+    if data.is_dir():
+        return {"source": source, "kind": "image folder", "files": files}
+    return {"source": source, "kind": "array file", "sha256": sha256(data), "indices": list(range(count))}
+
+
+def calibration_overlap(bundle: Path, data: Path) -> list[str] | list[int]:
+    """The samples of ``data`` the bundle was calibrated on (file names or indices); [] if none."""
+    from .bundle import CALIBRATION_FILE, sha256
+
+    try:
+        rec = json.loads((Path(bundle) / CALIBRATION_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(rec, dict):
+        return []
+    if data.is_dir() and rec.get("kind") == "image folder":
+        return [f for f in rec.get("files") or [] if isinstance(f, str) and (data / f).is_file()]
+    if data.is_file() and rec.get("kind") == "array file" and rec.get("sha256") == sha256(data):
+        return [int(i) for i in rec.get("indices") or [] if isinstance(i, int)]
+    return []
 
 
 def _native_profile(target: str | None) -> str:
@@ -256,18 +298,25 @@ def check(
     limit: Annotated[int | None, typer.Option(help="Use the first N samples.")] = None,
     min_agreement: Annotated[float, typer.Option(help="Fail (exit 1) when the runtime's argmax agrees with the "
                                                       "simulation on fewer than this fraction of samples.")] = 0.99,
+    include_calibration: Annotated[bool, typer.Option(help="Also run the samples the bundle was calibrated on "
+                                                           "(skipped by default: they flatter the numbers).")] = False,
     threads: Annotated[int, typer.Option(help="Runtime threads.")] = 2,
 ) -> None:
-    """Re-run a bundle's model files on their runtimes and compare with its simulation."""
+    """Re-run a bundle on its runtimes and compare.
+
+    Each model file runs on its own runtime over --data (preprocessed as the manifest
+    states, the calibration samples left out) and is compared with the simulation
+    recomputed from the bundle's graph and with its float twin.
+    """
 
     def body() -> None:
         from . import api
-        from .bundle import read_manifest
-        from .data import Preset, load_data, load_labels, to_pixels
+        from .bundle import verify_bundle
+        from .data import DEMO_HOLDOUT, Preset, load_data, load_labels, to_pixels
 
         if not 0.0 <= min_agreement <= 1.0:
             raise UsageError(f"--min-agreement {min_agreement} must be a fraction between 0 and 1, e.g. 0.995")
-        m = read_manifest(bundle)
+        m = verify_bundle(bundle, target)  # the calibration record is read only from a verified bundle
         pre = (m.get("input") or {}).get("preprocessing") if isinstance(m.get("input"), dict) else None
         preset = None
         if isinstance(pre, dict):
@@ -276,14 +325,26 @@ def check(
                                 tuple(map(float, pre["std"])), float(pre["scale"]))
             except (KeyError, TypeError, ValueError):
                 raise UsageError(f"{bundle}/manifest.json input.preprocessing is malformed; re-export the bundle") from None
+        if str(data) != DEMO_HOLDOUT and not data.exists():
+            raise UsageError(f"data path not found: {data}; give an image folder, .npz or .npy")
+        skip = [] if include_calibration or str(data) == DEMO_HOLDOUT else calibration_overlap(bundle, data)
         names: list[str] = []
-        x = load_data(data, preset, limit=limit, names=names)
+        try:
+            x = load_data(data, preset, limit=limit, names=names, exclude=skip)
+        except DataError:
+            if skip:
+                raise UsageError(f"all samples of {data} calibrated this bundle ({len(skip)} skipped); give other "
+                                 "images, or pass --include-calibration to run them anyway") from None
+            raise
         folded = isinstance(m.get("input"), dict) and m["input"].get("folded") is True
         if folded and preset is not None:  # the model takes the pixels themselves
             x = to_pixels(x, preset)
-        y = load_labels(labels if labels is not None else data, limit=limit, names=names)
+        y = load_labels(labels if labels is not None else data, limit=limit, names=names,
+                        exclude=[i for i in skip if isinstance(i, int)])
         results = api.check(bundle, x, y, target=target, threads=threads)
-        typer.echo(f"bundle: {bundle} ({len(x)} samples from {data})")
+        skipped = (f"; skipped {len(skip)} calibration sample(s), --include-calibration keeps them" if skip
+                   else "; none of them calibrated the bundle" if not include_calibration else "")
+        typer.echo(f"bundle: {bundle} ({len(x)} samples from {data}{skipped})")
         worst = 1.0
         for name, r in results.items():
             typer.echo(target_line(name, r["runtime"], r["checks"], r["latency"]))
@@ -300,10 +361,14 @@ def check(
 def bench(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by eptq-deploy quantize.")],
     target: Annotated[str | None, typer.Option(help="Time one target (default: every target in the bundle).")] = None,
-    threads: Annotated[int, typer.Option(help="Runtime threads.")] = 1,
+    threads: Annotated[int, typer.Option(help="Runtime threads (quantize and check time with 2 too).")] = 2,
     repeats: Annotated[int, typer.Option(help="Timed batch-1 runs per model (the median is reported).")] = 100,
 ) -> None:
-    """Median batch-1 latency of each model file and its float twin on its runtime."""
+    """Time each model file and its float twin.
+
+    The median batch-1 latency of each target's model file and of its float twin on
+    the same runtime, at --threads.
+    """
 
     def body() -> None:
         from . import api

@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import warnings
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, replace
+from collections.abc import Collection, Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +21,11 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from .errors import DataError, UsageError
+from .presets import DEFAULT_PRESET, PRESETS, Preset
 
 __all__ = [
+    "DEMO_HOLDOUT",
+    "DEMO_HOLDOUT_SAMPLES",
     "DEMO_PHOTOS",
     "PRESETS",
     "Preset",
@@ -30,33 +33,13 @@ __all__ = [
     "get_preset",
     "iter_batches",
     "load_data",
+    "load_class_names",
     "load_labels",
     "normalize_pixels",
     "preprocess_uint8",
     "take_samples",
     "to_pixels",
 ]
-
-
-@dataclass(frozen=True)
-class Preset:
-    """``(x * scale - mean) / std`` on 0..255 RGB, after resize + centre crop.
-
-    ``resize`` is the shorter side before the ``crop`` x ``crop`` centre crop.
-    """
-
-    resize: int
-    crop: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    scale: float
-
-
-PRESETS: dict[str, Preset] = {
-    "imagenet": Preset(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255),
-    "cifar": Preset(32, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255),
-    "lite": Preset(256, 224, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0), 1.0),
-}
 
 
 def get_preset(
@@ -73,7 +56,7 @@ def get_preset(
     else on the 0..1 scale, so both common spellings work.
     """
     if preset is None:
-        base = PRESETS["imagenet"]
+        base = PRESETS[DEFAULT_PRESET]
     elif isinstance(preset, Preset):
         base = preset
     elif preset in PRESETS:
@@ -131,9 +114,9 @@ def _triple(values: tuple[float, ...], what: str) -> tuple[float, float, float]:
 def _resize_crop(img: Image.Image, resize: int, crop: int) -> Image.Image:
     """Bicubic resize of the shorter side to ``resize``, then a centre crop."""
     w, h = img.size
-    if min(w, h) != resize:
-        s = resize / min(w, h)
-        img = img.resize((max(crop, round(w * s)), max(crop, round(h * s))), Image.BICUBIC)
+    if min(w, h) != resize:  # each side round(side * resize / shorter), as the manifest's recipe states
+        short = min(w, h)
+        img = img.resize((max(crop, round(w * resize / short)), max(crop, round(h * resize / short))), Image.BICUBIC)
         w, h = img.size
     if (w, h) != (crop, crop):
         left, top = int(round((w - crop) / 2)), int(round((h - crop) / 2))
@@ -254,15 +237,21 @@ def _read_npy(path: Path) -> np.ndarray:
         raise DataError(f"cannot read {path} ({type(exc).__name__}: {exc}); re-save it") from exc
 
 
+#: files an image folder may hold beside its images (labels, annotations, notes): not images, not errors
+NOT_IMAGES = frozenset({".csv", ".tsv", ".txt", ".json", ".xml", ".yaml", ".yml", ".md", ".npz", ".npy"})
+
+
 def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool,
-                 names: list[str] | None = None) -> torch.Tensor:
+                 names: list[str] | None = None, exclude: frozenset[str] = frozenset()) -> torch.Tensor:
     """Every readable image under ``root`` (sorted, recursive), preprocessed.
 
     ``names`` (if given) receives the relative path of every image loaded, in order,
-    so labels can be matched to the images actually read.
+    so labels can be matched to the images actually read. Files named in ``exclude``
+    (relative paths) and label or annotation files (``NOT_IMAGES``) are passed over.
     """
     files = sorted(
-        (p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")),
+        (p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
+         and p.suffix.lower() not in NOT_IMAGES and p.relative_to(root).as_posix() not in exclude),
         key=lambda p: p.relative_to(root).as_posix(),
     )
     images: list[np.ndarray] = []
@@ -316,13 +305,18 @@ def load_data(
     std: tuple[float, ...] | None = None,
     skip_bad: bool = True,
     names: list[str] | None = None,
+    exclude: Collection[str] | Collection[int] = (),
 ) -> torch.Tensor:
     """Load an image folder, ``.npz`` or ``.npy`` as float32 NCHW.
 
     uint8 NHWC arrays and image files get the preset's preprocessing (default
     "imagenet"); float NCHW arrays are taken as already preprocessed. For a folder,
     ``names`` receives the loaded files' relative paths (see ``load_labels``).
+    ``exclude`` drops samples before ``limit`` counts them: relative file paths in a
+    folder, indices in an array. ``DEMO_HOLDOUT`` names the demo's held-out photos.
     """
+    if str(path) == DEMO_HOLDOUT:
+        return demo_photos(0, DEMO_HOLDOUT_SAMPLES)[1][:limit]
     path = Path(path)
     p = get_preset(preset, resize=resize, crop=crop, mean=mean, std=std)
     if limit is not None and limit < 1:
@@ -330,7 +324,7 @@ def load_data(
     if not path.exists():
         raise DataError(f"data path not found: {path}; give an image folder, .npz or .npy")
     if path.is_dir():
-        return _load_folder(path, p, limit, skip_bad, names)
+        return _load_folder(path, p, limit, skip_bad, names, frozenset(str(e) for e in exclude))
     suffix = path.suffix.lower()
     if suffix == ".npz":
         arr = _read_npz_images(path)
@@ -338,6 +332,8 @@ def load_data(
         arr = _read_npy(path)
     else:
         raise DataError(f"unsupported data file {path.name}; give an image folder, .npz or .npy")
+    if arr.ndim >= 1 and exclude:
+        arr = np.delete(arr, [int(i) for i in exclude if 0 <= int(i) < len(arr)], axis=0)
     if arr.ndim >= 1 and limit is not None:
         arr = arr[:limit]
     if arr.ndim >= 1 and len(arr) == 0:
@@ -345,12 +341,14 @@ def load_data(
     return _array_to_tensor(arr, p, path.name)
 
 
-def load_labels(path: str | Path, *, limit: int | None = None, names: list[str] | None = None) -> np.ndarray | None:
+def load_labels(path: str | Path, *, limit: int | None = None, names: list[str] | None = None,
+                exclude: Collection[int] = ()) -> np.ndarray | None:
     """Class labels as int64: the ``labels`` array of an .npz, or a CSV matched to image files.
 
     A CSV needs a ``filename`` column and a ``class_index`` (or ``label``) column;
     ``names`` are the loaded images' paths (``load_data(..., names=...)``), matched by
-    file name. Returns None for an .npz without labels.
+    file name. Returns None for an .npz without labels; ``exclude`` drops indices of an
+    .npz as ``load_data`` does.
     """
     path = Path(path)
     if path.suffix.lower() == ".csv":
@@ -361,7 +359,45 @@ def load_labels(path: str | Path, *, limit: int | None = None, names: list[str] 
         if "labels" not in npz.files:
             return None
         labels = np.asarray(npz["labels"]).astype(np.int64).reshape(-1)
+    if exclude:
+        labels = np.delete(labels, [int(i) for i in exclude if 0 <= int(i) < len(labels)])
     return labels[:limit] if limit is not None else labels
+
+
+def load_class_names(path: str | Path | None) -> list[str] | None:
+    """Class names in index order, where the labels give them: an .npz's ``classes`` array, or
+    a labels CSV's name column (``class_name``, ``name`` or another ``*name`` column besides
+    ``filename``); classes the CSV never names are called ``class K``. None otherwise."""
+    if path is None or not Path(path).is_file():
+        return None
+    path = Path(path)
+    if path.suffix.lower() == ".npz":
+        with np.load(path, allow_pickle=False) as npz:
+            return [str(c) for c in npz["classes"]] if "classes" in npz.files else None
+    if path.suffix.lower() != ".csv":
+        return None
+    import csv
+
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
+    cols = list(rows[0]) if rows else []
+    index = "class_index" if "class_index" in cols else "label" if "label" in cols else None
+    named = [c for c in ("class_name", "name") if c in cols] + [c for c in cols if c.endswith("name") and
+                                                              c not in ("filename", "class_name", "name")]
+    if index is None or not named:
+        return None
+    by_index: dict[int, str] = {}
+    for r in rows:
+        try:
+            by_index.setdefault(int(r[index]), str(r[named[0]]).strip())
+        except (TypeError, ValueError):
+            return None
+    if not by_index or min(by_index) < 0:
+        return None
+    return [by_index.get(k) or f"class {k}" for k in range(max(by_index) + 1)]
 
 
 def _csv_labels(path: Path, names: list[str]) -> np.ndarray:
@@ -462,13 +498,15 @@ def iter_batches(data: Any, batch_size: int) -> Iterator[torch.Tensor]:
         yield pending[0] if len(pending) == 1 else torch.cat(pending)
 
 
-def take_samples(data: Any, n: int | None, seed: int = 0, *, at_most: bool = False) -> torch.Tensor:
+def take_samples(data: Any, n: int | None, seed: int = 0, *, at_most: bool = False,
+                 picked: list[int] | None = None) -> torch.Tensor:
     """Gather ``n`` samples as one float32 tensor (``n=None``: all of them).
 
     Fewer than ``n`` available is an error unless ``at_most`` (then all are taken).
 
     Arrays and tensors larger than ``n`` give a seeded random subset (kept in their
-    original order); streams give their first ``n`` samples.
+    original order); streams give their first ``n`` samples. ``picked`` (if given)
+    receives the indices taken, so a bundle can record which samples calibrated.
     """
     if n is not None and n < 1:
         raise UsageError(f"sample count {n} must be at least 1")
@@ -481,11 +519,14 @@ def take_samples(data: Any, n: int | None, seed: int = 0, *, at_most: bool = Fal
         if n is not None and total < n:
             raise DataError(f"asked for {n} samples but found only {total}; lower n or add data")
         x = _as_tensor(data)
+        idx = torch.arange(total)
         if n is not None and n < total:
             gen = torch.Generator().manual_seed(seed)
             idx = torch.randperm(total, generator=gen)[:n].sort().values
             x = x[idx]
         _check_finite(x, "the data")
+        if picked is not None:
+            picked.extend(idx.tolist())
         return x.contiguous()
     parts: list[torch.Tensor] = []
     got = 0
@@ -502,6 +543,8 @@ def take_samples(data: Any, n: int | None, seed: int = 0, *, at_most: bool = Fal
         raise DataError(f"asked for {n} samples but found only {got}; lower n or add data")
     x = torch.cat(parts)
     _check_finite(x, "the data")
+    if picked is not None:
+        picked.extend(range(got))
     return x
 
 
@@ -520,7 +563,7 @@ DEMO_PHOTOS: dict[str, dict[str, str]] = {
     },
     "coffee": {
         "file": "coffee.png",
-        "split": "calibration",
+        "split": "holdout",
         "subject": "coffee cup on a wooden table",
         "source": "Rachel Michetti, courtesy of Pikolo Espresso Bar",
         "licence": "CC0",
@@ -548,14 +591,14 @@ DEMO_PHOTOS: dict[str, dict[str, str]] = {
     },
     "hubble_deep_field": {
         "file": "hubble_deep_field.jpg",
-        "split": "holdout",
+        "split": "calibration",
         "subject": "Hubble eXtreme Deep Field",
         "source": "NASA / HubbleSite",
         "licence": "public domain (NASA)",
     },
     "retina": {
         "file": "retina.jpg",
-        "split": "holdout",
+        "split": "calibration",
         "subject": "fundus photograph of a human retina",
         "source": "Mikael Häggström, Wikimedia Commons",
         "licence": "CC0 1.0",
@@ -611,6 +654,12 @@ def _augmented_views(
             view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         out[i] = np.asarray(view)
     return out
+
+
+#: ``--data`` spelling of the demo's held-out photos (what the demo's re-check command runs on)
+DEMO_HOLDOUT = "builtin:demo-holdout"
+#: held-out crops the demo checks on (and ``DEMO_HOLDOUT`` gives back)
+DEMO_HOLDOUT_SAMPLES = 128
 
 
 def demo_photos(

@@ -157,14 +157,18 @@ def _load_builtin(name: str, weights: str | None, allow_pickle: bool) -> tuple[n
             f"no weights for {name}: the shared benchmark data was not found; "
             "set EPTQ_DATA_DIR to it or pass --weights FILE"
         )
-    hints = {"input_shape": entry.input_shape, "preset": entry.preset, "name": name}
+    hints = {"input_shape": entry.input_shape, "preset": entry.preset, "name": name,
+             "weights": f"from {path.name}" if path is not None else "pretrained (built in)"}
+    if entry.classes is not None:
+        hints["classes"] = entry.classes()
     return model, hints
 
 
-def _load_torchvision(name: str, weights: str | None, allow_pickle: bool) -> tuple[nn.Module, dict]:
-    """A torchvision architecture; never downloads, weights come from the user."""
+def _load_torchvision(name: str, weights: str | None, allow_pickle: bool, seed: int) -> tuple[nn.Module, dict]:
+    """A torchvision architecture; never downloads, weights come from the user (else random, seeded)."""
     import torchvision
 
+    torch.manual_seed(seed)  # random weights: the same seed, the same model
     try:
         model = torchvision.models.get_model(name, weights=None)
     except (ValueError, KeyError) as exc:
@@ -173,14 +177,16 @@ def _load_torchvision(name: str, weights: str | None, allow_pickle: bool) -> tup
         ) from exc
     if weights:
         load_weights(model, weights, allow_pickle=allow_pickle)
+        origin = f"from {Path(weights).name}"
     else:
+        origin = f"random weights (seed {seed})"
         warnings.warn(
-            f"torchvision:{name} has random weights (nothing is downloaded); "
+            f"torchvision:{name} has {origin}: nothing is downloaded; "
             "pass --weights FILE for meaningful accuracy",
             stacklevel=3,
         )
     side = 299 if name == "inception_v3" else 224
-    return model, {"input_shape": (3, side, side), "preset": "imagenet", "name": name}
+    return model, {"input_shape": (3, side, side), "preset": "imagenet", "name": name, "weights": origin}
 
 
 def _import_factory_module(target: str) -> Any:
@@ -222,7 +228,7 @@ def _import_factory_module(target: str) -> Any:
         ) from exc
 
 
-def _load_factory(spec: str, weights: str | None, allow_pickle: bool) -> tuple[nn.Module, dict]:
+def _load_factory(spec: str, weights: str | None, allow_pickle: bool, seed: int) -> tuple[nn.Module, dict]:
     """``file.py:factory`` or ``package.module:factory``: call it, then load weights."""
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
@@ -233,6 +239,7 @@ def _load_factory(spec: str, weights: str | None, allow_pickle: bool) -> tuple[n
         raise ModelError(f"{target} has no attribute {attr!r}; name a function defined in it")
     if not callable(factory):
         raise ModelError(f"{target}:{attr} is not callable; name a function returning an nn.Module")
+    torch.manual_seed(seed)  # a factory that initialises randomly gives the same model for the same seed
     try:
         model = factory()
     except Exception as exc:
@@ -245,7 +252,8 @@ def _load_factory(spec: str, weights: str | None, allow_pickle: bool) -> tuple[n
         )
     if weights:
         load_weights(model, weights, allow_pickle=allow_pickle)
-    hints: dict[str, Any] = {"name": attr}
+    hints: dict[str, Any] = {"name": attr, "weights": f"from {Path(weights).name}" if weights
+                             else f"as {attr}() builds them (torch seeded with {seed} first)"}
     for key, hint in (("INPUT_SHAPE", "input_shape"), ("PRESET", "preset")):
         if hasattr(module, key):
             hints[hint] = getattr(module, key)
@@ -299,12 +307,14 @@ def _load_pickled_file(path: Path, allow_pickle: bool) -> tuple[nn.Module, dict]
 
 
 def load_model(
-    spec: str, weights: str | None = None, *, allow_pickle: bool = False
+    spec: str, weights: str | None = None, *, allow_pickle: bool = False, seed: int = 0
 ) -> tuple[ModelLike, dict]:
     """Load a model from a spec string; returns (eval-mode model, hints).
 
-    Hints may hold ``input_shape`` (C, H, W), ``preset`` (a data preset name) and
-    ``name``; callers use them as defaults the user can override.
+    Hints may hold ``input_shape`` (C, H, W), ``preset`` (a data preset name), ``name``,
+    ``weights`` (where the weights came from) and ``classes`` (class names); callers use
+    them as defaults the user can override. Architectures built without weights
+    (``torchvision:NAME``, factories) are built under ``torch.manual_seed(seed)``.
     """
     spec = spec.strip()
     if not spec:
@@ -318,13 +328,13 @@ def load_model(
     elif spec in BUILTIN_MODELS:
         model, hints = _load_builtin(spec, weights, allow_pickle)
     elif spec.startswith("torchvision:"):
-        model, hints = _load_torchvision(spec.removeprefix("torchvision:"), weights, allow_pickle)
+        model, hints = _load_torchvision(spec.removeprefix("torchvision:"), weights, allow_pickle, seed)
     elif Path(spec).suffix in {".pt", ".pth", ".th", ".bin"} and ":" not in Path(spec).name:
         if weights:
             raise ModelError(f"{spec} is a weights file, not an architecture; {SPEC_HELP}")
         model, hints = _load_pickled_file(Path(spec), allow_pickle)
     elif ":" in spec:
-        model, hints = _load_factory(spec, weights, allow_pickle)
+        model, hints = _load_factory(spec, weights, allow_pickle, seed)
     else:
         raise ModelError(f"cannot tell what model {spec!r} is; {SPEC_HELP}")
     return model.eval(), hints

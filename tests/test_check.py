@@ -136,7 +136,7 @@ def test_check_reads_a_labels_csv_for_an_image_folder(bundle: Path, tmp_path: Pa
     for i in range(6):
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
         rows.append(f"im{i}.png,{i % 4}")
-    (folder / "notes.txt").write_text("not an image")  # skipped, so labels must follow the loaded files
+    (folder / "notes.dat").write_text("not an image")  # skipped, so labels must follow the loaded files
     (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
     res = runner.invoke(app, ["check", str(bundle), "--data", str(folder), "--labels", str(tmp_path / "labels.csv")])
     assert res.exit_code == 0, res.output
@@ -147,8 +147,9 @@ def test_bench_times_every_target(bundle: Path) -> None:
     res = runner.invoke(app, ["bench", str(bundle), "--repeats", "3"])
     assert res.exit_code == 0, res.output
     (line,) = [line for line in res.output.splitlines() if " onnx-qdq " in line]
-    # the median, the float twin's and their ratio, as numbers (times rounded to the microsecond)
-    m = re.search(r"median latency ([\d.]+) ms \(float ([\d.]+) ms, float/int8 x([\d.]+), 1 thread\)", line)
+    # the median, the float twin's and their ratio, as numbers (times rounded to the microsecond), at the
+    # 2 threads quantize and check time with by default
+    m = re.search(r"median latency ([\d.]+) ms \(float ([\d.]+) ms, float/int8 x([\d.]+), 2 threads\)", line)
     assert m, line
     q, f, ratio = map(float, m.groups())
     assert q > 0 and f > 0 and abs(ratio - f / q) <= 0.05 * ratio + 0.01

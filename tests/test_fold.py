@@ -264,16 +264,19 @@ def test_cli_folded_bundle_states_its_contract(workdir: Path) -> None:  # noqa: 
     m = _manifest(bundle)
     assert m["input"]["folded"] is True and m["input"]["expects"] == EXPECTS_PIXELS
     assert m["input"]["preprocessing"]["mean"] == list(PRESETS["cifar"].mean)
-    assert m["input"]["quantization"]["scale"] == [1.0] and m["input"]["quantization"]["zero_point"] == [0]
+    assert "quantization" not in m["input"]  # one form: each target's io
+    assert m["targets"]["onnx-qdq"]["io"]["input"]["quantization"]["scale"] == 1.0
+    assert m["targets"]["onnx-qdq"]["io"]["input"]["quantization"]["zero_point"] == 0
+    assert m["targets"]["tflite-int8"]["io"]["input"]["quantization"]["zero_point"] == -128
     for name, entry in m["targets"].items():
         assert entry["checks"]["argmax_agreement_vs_simulation"] == 1.0, name
         if name != "openvino-ir":
             assert entry["checks"]["max_abs_diff_lsb"] <= (0 if name == "onnx-qdq" else 1), name
     _read_back_io(bundle, m)
     report = (bundle / "report.md").read_text()
-    assert f"model input: {EXPECTS_PIXELS} (normalisation folded" in report
-    assert "- tflite-int8: input `input` int8 NHWC [1, 16, 16, 3] (codes in the tensor: int8" in report
-    assert "zero point -128" in report
+    assert "## Feeding this model" in report and "Normalise" not in report  # folded: pixels go in as they are
+    assert "Quantize: q = clamp(round(p / 1) + (-128), -128, 127)" in report  # tflite: code = pixel - 128
+    assert "the file quantizes it (QuantizeLinear inside the model): q = clamp(round(p / 1) + 0, 0, 255)" in report
     # check re-loads the images with the manifest's preprocessing and gives the model their pixels
     res = runner.invoke(app, ["check", str(bundle), "--data", str(workdir / "data.npz"), "--threads", "1",
                               "--target", "onnx-qdq"])

