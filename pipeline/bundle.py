@@ -33,6 +33,7 @@ import torch
 from . import __version__, feeding
 from .checks import latency, runtime_checks
 from .errors import BundleError, EptqError, UsageError
+from .host import cpu_features
 from .preprocess import input_contract
 from .quantized import QuantizedModel
 
@@ -99,28 +100,6 @@ def _plot_layers(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-#: CPU features that select different integer kernels (and so can change results or speed)
-INTEGER_CPU_FEATURES = ("sse4_1", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16",
-                        "amx_bf16", "amx_int8", "asimddp", "i8mm")
-
-
-def cpu_features() -> dict[str, Any]:
-    """The host CPU's model and which integer-relevant features it has (Linux /proc/cpuinfo)."""
-    flags: set[str] = set()
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key in ("flags", "Features") and not flags:
-                flags = set(value.split())
-            elif key == "model name":
-                model = value.strip()
-    except OSError:
-        pass
-    return {"model": model, **{f: f in flags for f in INTEGER_CPU_FEATURES}}
 
 
 def model_section(qm: QuantizedModel) -> dict[str, Any]:
@@ -264,6 +243,9 @@ def runtime_line(t: dict[str, Any]) -> str:
         parts.append(f"{ins['int8_layers']} of {ins['total_weighted_layers']} weighted layers run in int8"
                      + (f" ({split}: the plugin picks per layer for this CPU, see host.cpu_features)" if split else "")
                      + (f"; NOT int8: {', '.join(ins['not_int8'])}" if ins.get("not_int8") else ""))
+    if ins.get("vnni") is False:
+        parts.append("this CPU has no VNNI: the plugin adds u8 x i8 products in pairs in int16 with saturation, so "
+                     "layers with large weights may differ from the simulation (exact on VNNI CPUs)")
     if "op_versions" in ins:
         parts.append("ops (version): " + ", ".join(f"{k} ({v})" for k, v in sorted(ins["op_versions"].items())))
     if "kernels" in ins:

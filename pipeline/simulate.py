@@ -193,9 +193,14 @@ class RoundingRule:
         """Output codes of a non-weighted op where the runtime has its own integer kernel for it.
 
         ``xs`` are the input codes on grids ``qps``; None means the runtime dequantizes,
-        computes in float and quantizes (the default).
+        computes in float (``float_kernel``) and quantizes (the default).
         """
         return None
+
+    def float_kernel(self, n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        """A non-weighted op on dequantized float32 inputs, as the runtime computes it between
+        its dequantize and quantize (default: torch's float op)."""
+        return float_op(n, xs)
 
 
 class FloatHalfEvenRule(RoundingRule):
@@ -222,6 +227,10 @@ class FloatHalfEvenRule(RoundingRule):
 
 # ------------------------------------------------------ TFLite fixed point
 _I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+#: the least float64 that rounds to float32 inf (float32 max plus half its last step: the tie goes to even, inf)
+_F32_ROUNDS_TO_INF = float(np.finfo(np.float32).max) + 2.0**103
+#: a float64 exp argument safely below float64's overflow (709.78), far past float32's (88.72)
+_F64_EXP_ARG_MAX = 700.0
 
 
 def round_half_away(v: torch.Tensor) -> torch.Tensor:
@@ -413,8 +422,12 @@ class TfliteRule(RoundingRule):
         qi, off_in, off_out = qps[0], int8_container_offset(qps[0]), int8_container_offset(out)
         v = np.arange(-128, 128)
         deq = np.float32(qi.scale[0]) * (v - (int(qi.zero_point[0]) - off_in)).astype(np.float32)
-        e = np.exp(-deq.astype(np.float64)).astype(np.float32)
-        y = np.float32(1.0) / (np.float32(1.0) + e)
+        # float32's exp(-x) is inf beyond x = -88.72, and 1 / (1 + inf) is 0: say so, rather than let the
+        # float64 exp (beyond -709.78) or its float32 cast overflow
+        e64 = np.exp(np.minimum(-deq.astype(np.float64), _F64_EXP_ARG_MAX))
+        inf = e64 >= _F32_ROUNDS_TO_INF
+        e = np.where(inf, 0.0, e64).astype(np.float32)
+        y = np.where(inf, np.float32(0.0), np.float32(1.0) / (np.float32(1.0) + e))
         r = round_half_away(torch.from_numpy(y * (np.float32(1.0) / np.float32(out.scale[0])))).numpy()
         table = torch.from_numpy(np.clip(r + (int(out.zero_point[0]) - off_out), -128, 127).astype(np.int64))
         return table[xs[0] - off_in + 128] + off_out
@@ -513,11 +526,25 @@ def cvt_f32_to_i32(v: np.ndarray) -> np.ndarray:
     return np.where((r >= -(2.0**31)) & (r < 2.0**31), r, -(2.0**31)).astype(np.int64)
 
 
+#: HardSigmoid's alpha as the onnx-qdq file (and the HardSwish function body) holds it: float32(1/6)
+ORT_HARD_SIGMOID_ALPHA = np.float32(1.0 / 6.0)
+
+
+def ort_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's HardSigmoid (alpha 1/6, beta 1/2) in float32: ``min(1, max(0, alpha * x + beta))``
+    with the product and the sum each rounded (no FMA)."""
+    alpha = torch.tensor(ORT_HARD_SIGMOID_ALPHA, dtype=torch.float32)
+    return (x.float() * alpha + torch.tensor(0.5, dtype=torch.float32)).clamp(0.0, 1.0)
+
+
 class OnnxruntimeRule(FloatHalfEvenRule):
     """onnxruntime's CPU provider on x86-64 (MLAS kernels for AVX2).
 
-    Convolutions and Gemm requantise as float-half-even, and so does every op it runs as
-    DQ -> float op -> Q. Its QDQ fusion, however, turns DQ -> Add / Mul / AveragePool /
+    Convolutions and Gemm requantise as float-half-even (their int32 accumulators are exact:
+    a layer whose uint8 x int8 pair sums could saturate in int16 gets uint8 weights in the
+    onnx-qdq file, see ``targets/onnx_qdq.py``), and so does every op it runs as
+    DQ -> float op -> Q, with HardSigmoid and HardSwish computed in float32 as its kernels
+    compute them (``float_kernel``). Its QDQ fusion, however, turns DQ -> Add / Mul / AveragePool /
     GlobalAveragePool -> Q into com.microsoft QLinear* kernels whose float32 arithmetic on
     the uint8 codes rounds differently at (near-)ties; ``integer_op`` reproduces them bit
     for bit (measured against onnxruntime 1.32 over every uint8 code pair of many grids).
@@ -526,6 +553,16 @@ class OnnxruntimeRule(FloatHalfEvenRule):
     """
 
     name = "onnxruntime"
+
+    def float_kernel(self, n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        """HardSigmoid as onnxruntime's CPU kernel computes it, and HardSwish as its ONNX function
+        body, ``x * HardSigmoid(x)``: torch's ``relu6(x + 3) / 6`` rounds differently in the last
+        float32 bit, which decides a QuantizeLinear tie (on power-of-two grids, ``x / 2`` is one)."""
+        if n.op == "hardsigmoid":
+            return ort_hard_sigmoid(xs[0])
+        if n.op == "hardswish":
+            return xs[0].float() * ort_hard_sigmoid(xs[0])
+        return super().float_kernel(n, xs)
 
     def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
         kernel = {"add": self._add, "mul": self._mul, "avg_pool2d": self._avg_pool2d,
@@ -680,7 +717,7 @@ def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
             y = rule.integer_op(n, [env[i] for i in n.inputs], [T[i].quant for i in n.inputs], out)
             if y is None:
                 xs = [dequantize(env[i], T[i].quant) for i in n.inputs]
-                y = rule.quantize(float_op(n, xs), out)
+                y = rule.quantize(rule.float_kernel(n, xs), out)
             if n.op == "add" and n.attrs.get("activation", "none") != "none":
                 lo, hi = activation_bounds(n.attrs["activation"], out, rule)
                 y = y.clamp(lo, hi)

@@ -12,6 +12,13 @@ codes, since Pad takes one scalar and Conv pads with zero only.
 onnxruntime also fuses DQ -> Add/Mul/AveragePool/GlobalAveragePool -> Q into QLinear* kernels
 whose rounding differs from DQ -> float op -> Q at ties: the rounding rule ``onnxruntime``
 reproduces them.
+
+On x86-64 without VNNI, onnxruntime's uint8 x int8 GEMM (QLinearConv, QGemm) adds each two
+adjacent products in int16 with saturation (VPMADDUBSW), so a conv or linear layer whose weights
+hold two large values of one output channel can clip its accumulator (``u8s8_may_saturate``).
+The onnx-qdq file stores such a layer's weights as uint8 with zero point 128 (the same integers):
+onnxruntime then runs its uint8 x uint8 kernels, which widen the codes to int16 before multiplying
+and so accumulate exactly, as the simulation does.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ OPSET = 17
 IR_VERSION = 8
 #: the model file's output tensor (the input keeps the graph input's name)
 OUTPUT_NAME = "output"
+#: largest uint8 activation code, and the int16 bound of VPMADDUBSW's pair sums
+_U8_MAX, _I16_MAX = 255, 2**15 - 1
 
 
 def u8_grid(qp: QParams) -> tuple[float, int]:
@@ -41,10 +50,32 @@ def u8_grid(qp: QParams) -> tuple[float, int]:
     return float(qp.scale[0]), int(qp.zero_point[0]) + uint8_container_offset(qp)
 
 
+def u8s8_may_saturate(g: QuantGraph, n: Node) -> bool:
+    """Whether onnxruntime's uint8 x int8 kernels could clip weighted node ``n``'s accumulator.
+
+    Without VNNI, MLAS (QLinearConv, QGemm) multiplies uint8 activation codes (zero point
+    not yet subtracted, so up to 255) by int8 weights with VPMADDUBSW, which adds each two
+    adjacent products of one output channel in int16 with saturation; which two weights
+    meet depends on the kernel's packing, so the bound takes the two largest magnitudes of
+    each output channel: 255 * (|w1| + |w2|) beyond 32767 can clip (8-bit weights nearly
+    always can, 7 bits or fewer never). A depthwise conv (one output per group) runs MLAS's
+    depthwise kernel, which widens to int16 before multiplying: exact.
+    """
+    w = g.tensors[n.inputs[1]].data
+    if n.op == "depthwise_conv2d" and w.shape[0] == n.attrs["groups"]:
+        return False
+    mag = np.abs(w.astype(np.int64)).reshape(w.shape[0], -1)
+    if mag.shape[1] < 2:
+        return False
+    top2 = np.sort(mag, axis=1)[:, -2:].sum(axis=1)
+    return bool(_U8_MAX * int(top2.max()) > _I16_MAX)
+
+
 class _Emitter:
-    def __init__(self, g: QuantGraph, quantized: bool) -> None:
+    def __init__(self, g: QuantGraph, quantized: bool, u8_weights_where_saturating: bool = False) -> None:
         self.g = g
         self.q = quantized
+        self.u8_weights = u8_weights_where_saturating
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.dq_count: Counter[str] = Counter()
@@ -121,9 +152,13 @@ class _Emitter:
         if not self.q:
             return self.init(wt.name, wt.data.astype(np.float32)), self.init(bt.name, bt.data.astype(np.float32))
         c = wt.data.shape[0]
-        w = self.init(f"{wt.name}.int", wt.data.astype(np.int8))
+        if self.u8_weights and u8s8_may_saturate(self.g, n):  # the same integers, run by the exact u8u8 kernels
+            w = self.init(f"{wt.name}.int", (wt.data.astype(np.int16) + 128).astype(np.uint8))
+            wz = self.init(f"{wt.name}.zero_point", np.full(c, 128, np.uint8))
+        else:
+            w = self.init(f"{wt.name}.int", wt.data.astype(np.int8))
+            wz = self.init(f"{wt.name}.zero_point", np.zeros(c, np.int8))
         ws = self.init(f"{wt.name}.scale", wt.quant.scale.astype(np.float32))
-        wz = self.init(f"{wt.name}.zero_point", np.zeros(c, np.int8))
         self.node("DequantizeLinear", [w, ws, wz], [f"{wt.name}.dq"], f"DQ_{wt.name}", axis=0)
         b = self.init(f"{bt.name}.int", bt.data.astype(np.int32))
         bs = self.init(f"{bt.name}.scale", bt.quant.scale.astype(np.float32))
@@ -265,9 +300,13 @@ def qdq_io_contract(g: QuantGraph) -> dict[str, dict[str, Any]]:
                                 (*u8_grid(y.quant), "uint8", "DequantizeLinear inside the model"))}
 
 
-def build_model(g: QuantGraph, quantized: bool = True) -> onnx.ModelProto:
-    """The QDQ (or, with ``quantized=False``, the float) ONNX model of ``g``."""
-    return _Emitter(g, quantized).build()
+def build_model(g: QuantGraph, quantized: bool = True, *, u8_weights_where_saturating: bool = False) -> onnx.ModelProto:
+    """The QDQ (or, with ``quantized=False``, the float) ONNX model of ``g``.
+
+    ``u8_weights_where_saturating``: store the weights of every layer ``u8s8_may_saturate``
+    flags as uint8 with zero point 128 (the onnx-qdq file); otherwise every weight is int8.
+    """
+    return _Emitter(g, quantized, u8_weights_where_saturating).build()
 
 
 def session(path: Path, threads: int = 1, optimized_path: Path | None = None) -> ort.InferenceSession:
@@ -293,7 +332,8 @@ class OnnxRunner(Runner):
 
 class OnnxQdqTarget(Target):
     name = "onnx-qdq"
-    description = "ONNX QDQ (opset 17), uint8 activations and int8 per-channel weights, run on onnxruntime (CPU)"
+    description = ("ONNX QDQ (opset 17), uint8 activations and int8 per-channel weights (as uint8 with zero point 128 "
+                   "where onnxruntime's u8s8 kernels could saturate), run on onnxruntime (CPU)")
     runtime = "onnxruntime"
     #: "onnxruntime": float-half-even, plus the fused QLinearAdd/Mul/AveragePool/GlobalAveragePool arithmetic
     rules = TargetRules(rounding="onnxruntime", max_weight_bits=8, activation_bits=(8,))
@@ -302,7 +342,7 @@ class OnnxQdqTarget(Target):
 
     def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
         path = Path(folder) / (self.model_file if quantized else self.float_model_file)
-        onnx.save(build_model(graph, quantized), str(path))
+        onnx.save(build_model(graph, quantized, u8_weights_where_saturating=True), str(path))
         return [path]
 
     def load(self, folder: Path, *, float_model: bool = False, threads: int = 1) -> Runner:

@@ -13,6 +13,14 @@ own output grid (it only clamps to its range), so the sum is rounded once instea
 twice. The target's rounding rule ``openvino`` simulates exactly that (measured: 0 LSB
 on resnet20 under int8-pot, where strict QDQ was 3 LSB and 98.3 % argmax agreement);
 the bundle reports the measured agreement either way.
+
+CPU-dependent: on x86 CPUs without VNNI (AVX2 or AVX-512 alone), the plugin's u8 x i8
+convolutions add each two adjacent products in int16 with saturation, so a layer whose
+weights hold two large values of one output channel (``exact_on_this_cpu``) can clip its
+accumulator: measured on an AMD EPYC with AVX2 only, 1 to 3 output LSB on the test
+networks, and up to the full output range on a synthetic conv of full-range weights
+over 255-valued inputs. Layers with 7-bit weights never saturate; on VNNI CPUs nothing
+does. ``inspect`` states which case the host is.
 """
 
 from __future__ import annotations
@@ -29,9 +37,17 @@ import numpy as np
 import openvino as ov
 
 from eptq_deploy.graph import SAME_GRID_OPS, QuantGraph
+from eptq_deploy.host import has_vnni
 
 from . import Runner, Target
-from .onnx_qdq import OUTPUT_NAME, OnnxQdqTarget, build_model, qdq_io_contract, u8_grid
+from .onnx_qdq import (
+    OUTPUT_NAME,
+    OnnxQdqTarget,
+    build_model,
+    qdq_io_contract,
+    u8_grid,
+    u8s8_may_saturate,
+)
 
 #: CPU plugin layer types that hold weights; ``inspect`` reports their runtime precision
 WEIGHTED_LAYER_TYPES = frozenset({"Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul"})
@@ -51,6 +67,12 @@ def convert(graph: QuantGraph, quantized: bool = True) -> ov.Model:
     """The OpenVINO model of ``graph``, converted from the onnx-qdq ONNX without a temp file."""
     proto = build_model(graph, quantized)
     return ov.convert_model(io.BytesIO(proto.SerializeToString()))
+
+
+def exact_on_this_cpu(graph: QuantGraph) -> bool:
+    """Whether the CPU plugin computes ``graph`` exactly here: a VNNI CPU, or no layer whose
+    u8 x i8 pair sums could saturate in int16 (see the module docstring)."""
+    return has_vnni() or not any(u8s8_may_saturate(graph, n) for n in graph.weighted_nodes())
 
 
 def compile_cpu(path: Path, threads: int = 1) -> ov.CompiledModel:
@@ -264,6 +286,7 @@ class OpenVinoIrTarget(Target):
                 "not_int8": [n for n, p in precisions.items() if p not in INT8_PRECISIONS],
                 "runtime_precisions": precisions,
                 "runtime_layers": dict(sorted(census.items())),
+                "vnni": has_vnni(),  # without it, u8 x i8 pair sums saturate in int16 (not bit-exact)
                 "inference_precision": compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()}
 
     def read_back(self, folder: Path) -> dict[str, Any]:

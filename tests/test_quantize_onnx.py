@@ -19,7 +19,7 @@ from eptq_deploy.errors import EptqError, ProfileError, UsageError
 from eptq_deploy.graph import WEIGHTED_OPS, QParams, QuantGraph
 from eptq_deploy.hw_profiles import list_profiles, load_profile
 from eptq_deploy.quantized import QuantizedModel
-from eptq_deploy.targets.onnx_qdq import OnnxQdqTarget
+from eptq_deploy.targets.onnx_qdq import OnnxQdqTarget, u8s8_may_saturate
 
 PROFILES = [name for name, _ in list_profiles()]
 TARGET = "onnx-qdq"
@@ -214,16 +214,19 @@ def test_onnx_initializers_bit_exact(profile: str, quantized: dict[str, Quantize
 
 
 def assert_onnx_holds_graph(path: Path, g: QuantGraph) -> None:
-    """The file's initializers: int8 weights, int32 biases and every activation grid, bit for bit."""
+    """The file's initializers: int8 weights (uint8 with zero point 128 where onnxruntime's u8 x s8 kernels
+    could saturate), int32 biases and every activation grid, bit for bit."""
     inits = _inits(path)
     for n in g.weighted_nodes():
         wt, bt = g.tensors[n.inputs[1]], g.tensors[n.inputs[2]]
-        wi = inits[f"{wt.name}.int"]
-        assert wi.dtype == np.int8
-        np.testing.assert_array_equal(wi, wt.data)
+        wi, wz = inits[f"{wt.name}.int"], inits[f"{wt.name}.zero_point"]
+        if u8s8_may_saturate(g, n):
+            assert wi.dtype == wz.dtype == np.uint8 and np.all(wz == 128)
+            np.testing.assert_array_equal(wi.astype(np.int64) - 128, wt.data)
+        else:
+            assert wi.dtype == wz.dtype == np.int8 and not wz.any()
+            np.testing.assert_array_equal(wi, wt.data)
         _same_bits(inits[f"{wt.name}.scale"], wt.quant.scale)
-        assert inits[f"{wt.name}.zero_point"].dtype == np.int8
-        assert not inits[f"{wt.name}.zero_point"].any()
         bi = inits[f"{bt.name}.int"]
         assert bi.dtype == np.int32
         np.testing.assert_array_equal(bi, bt.data)

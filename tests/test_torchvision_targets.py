@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from test_openvino import assert_openvino_matches
 from test_quantize_onnx import assert_onnx_holds_graph
 from test_tflite import _one_torch_thread, assert_tflite_holds_graph  # noqa: F401  (autouse fixture)
 
@@ -51,11 +52,6 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Quanti
     return out
 
 
-def _lsb(qm: QuantizedModel, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    lsb = float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0])
-    return np.rint(np.abs(a.astype(np.float64) - b.astype(np.float64)) / lsb)
-
-
 @pytest.mark.parametrize("name", list(NETS))
 def test_onnx_qdq(name: str, exported) -> None:
     qm, b, x = exported[name]
@@ -84,5 +80,5 @@ def test_openvino_ir(name: str, exported) -> None:
     assert facts["int8_layers"] == facts["total_weighted_layers"]
     got, sim = t.load(b / t.name).run(x.numpy()), qm.simulate(x, t.name).numpy()
     # the openvino rule is exact on the CIFAR ResNets; resnet18's projection shortcuts (a conv on each side
-    # of the add) leave up to 3 LSB at the output (README, known deviations)
-    assert _lsb(qm, got, sim).max() <= 4
+    # of the add) leave up to 3 LSB at the output (README, known deviations); CPUs without VNNI saturate
+    assert_openvino_matches(qm, got, sim, max_lsb=4)

@@ -209,9 +209,9 @@ def run_row(model_name: str, model: torch.nn.Module, profile: str, weight_bits: 
     if not keep:
         shutil.rmtree(bundle, ignore_errors=True)
     common = {
-        "profile_weight_bits": prof.weights.bits, "calibration_samples": manifest.get("calibration_samples"),
+        "profile_weight_bits": prof.weights.bits, "calibration_samples": manifest["calibration"]["samples"],
         "quant_time_s": round(quant_s, 3), "quant_phases_s": qm.info.get("timings_s"),
-        "graph_sha256": manifest["graph_files"]["graph.npz"]["sha256"], "peak_rss_mib": round(rss.peak / 2**20, 1),
+        "graph_sha256": manifest["files"]["graph.npz"]["sha256"], "peak_rss_mib": round(rss.peak / 2**20, 1),
         "quant_rss_delta_mib": round((rss.peak - rss.start) / 2**20, 1),
         "rss_method": "psutil sampling thread, 25 ms", "threads": threads,
         "tool_version": eptq_deploy.__version__, "torch": torch.__version__,
