@@ -78,13 +78,13 @@ def check_pair(profile: Profile, target: Target) -> None:
                           f"asymmetric; {fix}")
 
 
-def _as_tensor(data: Any, samples: int | None, seed: int) -> torch.Tensor:
+def _as_tensor(data: Any, samples: int | None, seed: int, picked: list[int] | None = None) -> torch.Tensor:
     from .data import take_samples
 
     if samples is None:
-        x = take_samples(data, DEFAULT_SAMPLES, seed=seed, at_most=True)
+        x = take_samples(data, DEFAULT_SAMPLES, seed=seed, at_most=True, picked=picked)
     else:
-        x = take_samples(data, samples, seed=seed)
+        x = take_samples(data, samples, seed=seed, picked=picked)
     if x.dim() != 4:
         raise DataError(f"representative data has shape {tuple(x.shape)}; expected images as (N, C, H, W)")
     if not torch.isfinite(x).all():
@@ -133,7 +133,8 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
         preprocess.pixel_grid(prof)  # an impossible input grid fails before any work
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    x = _as_tensor(data, samples, seed)
+    picked: list[int] = []
+    x = _as_tensor(data, samples, seed, picked)
     if pre is None:
         fg = capture(model, x[:1], fusing=prof.fusing, profile_name=prof.name)
     else:
@@ -145,7 +146,9 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     stats = collect_stats(fg, batches, seed=seed, progress=progress)
     timings = {"capture": round(t_capture, 3), "calibration": round(time.perf_counter() - t0 - t_capture, 3)}
     info: dict[str, Any] = {"method": method, "seed": seed, "samples": int(len(x)), "tool_version": __version__,
-                            "options": opts}
+                            "options": opts,  # which of the given samples calibrated (the CLI names files instead)
+                            "calibration": {"source": "data given to quantize()", "kind": "in-memory data",
+                                            "indices": picked}}
     if pre is not None:
         info["preprocessing"] = preset_info(pre)
     rules = [t.rules for t in tgts]

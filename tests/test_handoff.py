@@ -307,3 +307,18 @@ def test_help_is_readable_in_a_narrow_terminal() -> None:
                              env={**_env(), "COLUMNS": "80"})
     commands = listing.stdout.split("Commands:")[1].splitlines()
     assert commands and not [line for line in commands if line.rstrip().endswith(("...", "…"))]
+
+
+def test_api_records_which_samples_calibrated(tmp_path: Path) -> None:
+    import eptq_deploy
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)).eval()
+    x = torch.randn(20, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    qm = eptq_deploy.quantize(net, x, samples=10, method="ptq", targets=["onnx-qdq"], progress=False)
+    picked = qm.info["calibration"]["indices"]
+    assert len(picked) == 10 and picked == sorted(set(picked)) and max(picked) < 20
+    bundle = eptq_deploy.export(qm, out=tmp_path / "b")
+    assert json.loads((bundle / "calibration.json").read_text())["indices"] == picked
+    report = (bundle / "report.md").read_text()  # no data path known: the command to complete, said so
+    assert "--data IMAGES (a folder or .npz of your own" in report
