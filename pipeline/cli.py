@@ -244,18 +244,26 @@ def calibration_overlap(bundle: Path, data: Path) -> list[str] | list[int]:
     return []
 
 
+#: the profile when neither --profile nor a target with a profile of its own decides
+FALLBACK_PROFILE = "int8-pot"
+
+
 def _native_profile(target: str | None) -> str:
-    """The profile a target is native to (tflite-int8 -> tflite-int8), else int8-pot."""
+    """The profile a target is native to (tflite-int8 -> tflite-int8); where several are
+    (onnx-qdq: imx500, int8-pot, w4a8-pot) the general int8-pot, not the first by name."""
     from .hw_profiles import list_profiles, load_profile
 
     if target and "," not in target and target != "all":
+        native = []
         for name, _ in list_profiles():
             try:
                 if load_profile(name).native_target == target:
-                    return name
+                    native.append(name)
             except EptqError:
                 continue
-    return "int8-pot"
+        if len(native) == 1 or (native and FALLBACK_PROFILE not in native):
+            return native[0]
+    return FALLBACK_PROFILE
 
 
 def target_line(name: str, runtime: str, c: dict[str, Any] | None, lat: dict[str, Any] | None) -> str:

@@ -62,6 +62,7 @@ def test_the_printed_recheck_command_runs_as_printed(workdir: Path) -> None:  # 
                               "--preset", "cifar", "--crop", "16", "--samples", "12", "--no-progress", "--threads",
                               "1", "--out", str(workdir / "b"), "--target", "onnx-qdq"])
     assert res.exit_code == 0, res.output
+    assert "(int8-pot, ptq, 12 samples)" in res.output  # onnx-qdq's general profile, not the first by name
     command = _printed(res.output, "re-check:")
     assert f"--labels {shlex.quote(str(csv))}" in command  # the labels it was given are kept
     done = _run_as_printed(command)
