@@ -164,6 +164,30 @@ def write_side_files(tmp: Path, qm: QuantizedModel) -> None:
         (tmp / CLASSES_FILE).write_text("".join(f"{c}\n" for c in qm.info["classes"]))
 
 
+def calibration_record(data: Path, files: list[str], count: int) -> dict[str, Any]:
+    """Which samples of ``data`` calibrated: file names in a folder, indices (and the file's hash)
+    in an array file, so that ``check`` can leave them out."""
+    source = str(data.resolve())
+    if data.is_dir():
+        return {"source": source, "kind": "image folder", "files": files}
+    return {"source": source, "kind": "array file", "sha256": sha256(data), "indices": list(range(count))}
+
+
+def calibration_overlap(bundle: Path, data: Path) -> list[str] | list[int]:
+    """The samples of ``data`` the bundle was calibrated on (file names or indices); [] if none."""
+    try:
+        rec = json.loads((Path(bundle) / CALIBRATION_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(rec, dict):
+        return []
+    if data.is_dir() and rec.get("kind") == "image folder":
+        return [f for f in rec.get("files") or [] if isinstance(f, str) and (data / f).is_file()]
+    if data.is_file() and rec.get("kind") == "array file" and rec.get("sha256") == sha256(data):
+        return [int(i) for i in rec.get("indices") or [] if isinstance(i, int)]
+    return []
+
+
 def _timings(manifest: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:.1f} s" for k, v in (manifest["quantization_time_s"] or {}).items())
 

@@ -6,7 +6,6 @@ time); never a traceback and never a half-written bundle.
 
 from __future__ import annotations
 
-import json
 import shlex
 import sys
 import time
@@ -161,7 +160,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     pixels (``data.to_pixels``, exact for images), which the folded model takes.
     """
     from . import api
-    from .bundle import refuse_existing
+    from .bundle import calibration_record, refuse_existing
     from .data import get_preset, load_class_names, load_data, load_labels, preset_info, to_pixels
     from .models import load_model
 
@@ -214,34 +213,6 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
                       threads=threads, check_samples=None, check_command=check_cmd)
     print_summary(path)
     return path
-
-
-def calibration_record(data: Path, files: list[str], count: int) -> dict[str, Any]:
-    """Which samples of ``data`` calibrated: file names in a folder, indices (and the file's hash)
-    in an array file, so that ``check`` can leave them out."""
-    from .bundle import sha256
-
-    source = str(data.resolve())
-    if data.is_dir():
-        return {"source": source, "kind": "image folder", "files": files}
-    return {"source": source, "kind": "array file", "sha256": sha256(data), "indices": list(range(count))}
-
-
-def calibration_overlap(bundle: Path, data: Path) -> list[str] | list[int]:
-    """The samples of ``data`` the bundle was calibrated on (file names or indices); [] if none."""
-    from .bundle import CALIBRATION_FILE, sha256
-
-    try:
-        rec = json.loads((Path(bundle) / CALIBRATION_FILE).read_text())
-    except (OSError, ValueError):
-        return []
-    if not isinstance(rec, dict):
-        return []
-    if data.is_dir() and rec.get("kind") == "image folder":
-        return [f for f in rec.get("files") or [] if isinstance(f, str) and (data / f).is_file()]
-    if data.is_file() and rec.get("kind") == "array file" and rec.get("sha256") == sha256(data):
-        return [int(i) for i in rec.get("indices") or [] if isinstance(i, int)]
-    return []
 
 
 #: the profile when neither --profile nor a target with a profile of its own decides
@@ -319,7 +290,7 @@ def check(
 
     def body() -> None:
         from . import api
-        from .bundle import verify_bundle
+        from .bundle import calibration_overlap, verify_bundle
         from .data import DEMO_HOLDOUT, Preset, load_data, load_labels, to_pixels
 
         if not 0.0 <= min_agreement <= 1.0:

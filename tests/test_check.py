@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-from test_cli import _quantize, runner, workdir  # noqa: F401  (fixture)
+from test_cli import _quantize, labelled_image_folder, runner, workdir  # noqa: F401  (fixture)
 
 from eptq_deploy import api
 from eptq_deploy.cli import app
@@ -129,16 +128,9 @@ def test_check_rejects_data_of_the_wrong_shape(bundle: Path, tmp_path: Path) -> 
 
 
 def test_check_reads_a_labels_csv_for_an_image_folder(bundle: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    rows = ["filename,class_index"]
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(folder / f"im{i}.png")
-        rows.append(f"im{i}.png,{i % 4}")
+    folder, csv = labelled_image_folder(tmp_path, 6, (16, 16), seed=0)
     (folder / "notes.dat").write_text("not an image")  # skipped, so labels must follow the loaded files
-    (tmp_path / "labels.csv").write_text("\n".join(rows) + "\n")
-    res = runner.invoke(app, ["check", str(bundle), "--data", str(folder), "--labels", str(tmp_path / "labels.csv")])
+    res = runner.invoke(app, ["check", str(bundle), "--data", str(folder), "--labels", str(csv)])
     assert res.exit_code == 0, res.output
     assert "top-1 float" in res.output
 

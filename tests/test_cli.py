@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from eptq_deploy.cli import app
@@ -42,6 +43,21 @@ def workdir(tmp_path: Path) -> Path:
     images = rng.integers(0, 256, (48, 16, 16, 3), dtype=np.uint8)
     np.savez(tmp_path / "data.npz", images=images, labels=rng.integers(0, 4, 48))
     return tmp_path
+
+
+def labelled_image_folder(root: Path, count: int, size: tuple[int, int], seed: int,
+                          named: bool = False) -> tuple[Path, Path]:
+    """``root/imgs`` of random PNG images and ``root/labels.csv`` (four classes; with a class_name
+    column when ``named``)."""
+    folder = root / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(seed)
+    rows = ["filename,class_index" + (",class_name" if named else "")]
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(folder / f"im{i:02d}.png")
+        rows.append(f"im{i:02d}.png,{i % 4}" + (f",kind{i % 4}" if named else ""))
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+    return folder, root / "labels.csv"
 
 
 def _quantize(workdir: Path, *extra: str) -> object:

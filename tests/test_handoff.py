@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from PIL import Image
-from test_cli import _quantize, runner, workdir  # noqa: F401  (fixture)
+from test_cli import _quantize, labelled_image_folder, runner, workdir  # noqa: F401  (fixture)
 from torch import nn
 
 from eptq_deploy import data as data_module
@@ -49,15 +49,7 @@ def _run_as_printed(command: str) -> subprocess.CompletedProcess:
 
 
 def test_the_printed_recheck_command_runs_as_printed(workdir: Path) -> None:  # noqa: F811
-    csv = workdir / "labels.csv"
-    folder = workdir / "imgs"
-    folder.mkdir()
-    rng = np.random.default_rng(3)
-    rows = ["filename,class_index,class_name"]
-    for i in range(20):
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"im{i:02d}.png")
-        rows.append(f"im{i:02d}.png,{i % 4},kind{i % 4}")
-    csv.write_text("\n".join(rows) + "\n")
+    folder, csv = labelled_image_folder(workdir, 20, (20, 24), seed=3, named=True)
     res = runner.invoke(app, ["quantize", f"{workdir / 'net.py'}:make", "--data", str(folder), "--labels", str(csv),
                               "--preset", "cifar", "--crop", "16", "--samples", "12", "--no-progress", "--threads",
                               "1", "--out", str(workdir / "b"), "--target", "onnx-qdq"])
