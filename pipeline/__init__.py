@@ -8,8 +8,8 @@
 
 __version__ = "0.1.0"
 
-from .api import export, load, quantize  # noqa: E402
+from .api import bench, check, export, load, quantize  # noqa: E402
 from .errors import EptqError  # noqa: E402
 from .quantized import QuantizedModel  # noqa: E402
 
-__all__ = ["EptqError", "QuantizedModel", "__version__", "export", "load", "quantize"]
+__all__ = ["EptqError", "QuantizedModel", "__version__", "bench", "check", "export", "load", "quantize"]

@@ -141,6 +141,8 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
         _check_pixels(x)
         fg = capture(model, normalize_pixels(x[:1], pre), fusing=prof.fusing, profile_name=prof.name)
         fg = preprocess.fold_preprocessing(fg, pre)
+    for t in tgts:  # an op a target cannot write fails now, not after minutes of calibration and EPTQ
+        t.validate(fg)
     t_capture = time.perf_counter() - t0
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     stats = collect_stats(fg, batches, seed=seed, progress=progress)

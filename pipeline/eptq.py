@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import EptqError, UsageError
+from .float_exec import apply_activation, conv, float_op, release, run_float
 from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph
 from .ptq import set_bias
-from .simulate import _conv, apply_activation, float_op, release, run_float
 
 #: iterations by default: chosen from the measured accuracy-vs-iterations curve (README)
 DEFAULT_ITERS = 800
@@ -210,7 +210,7 @@ class FakeQuantNetwork(torch.nn.Module):
         if n.op in WEIGHTED_OPS:
             k = self.key[n.name]
             w, b = self.weight(k, n, self.hard), self.bias[k]
-            y = F.linear(xs[0], w, b) if n.op == "linear" else _conv(n, xs[0], w, b)
+            y = F.linear(xs[0], w, b) if n.op == "linear" else conv(n, xs[0], w, b)
             y = apply_activation(y, n.attrs["activation"])
         else:
             y = float_op(n, xs)

@@ -64,8 +64,9 @@ ACTIVATIONS = ("none", "relu", "relu6")
 class TargetRules:
     """What a target's runtime demands of the parameters, declared by the target.
 
-    ``rounding`` names the requantisation rule its integer kernels follow (see
-    ``simulate.ROUNDING``); ``shared_grid_ops`` are ops whose inputs and output must sit
+    ``rounding`` names the requantisation rule its integer kernels follow (a
+    ``simulate.RoundingRule`` the target's module defines and registers, see
+    ``simulate.register_rule``); ``shared_grid_ops`` are ops whose inputs and output must sit
     on one grid; ``fixed_grids`` maps an op to the (scale, zero point, signed) its
     output must use.
     """

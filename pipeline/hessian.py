@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .float_exec import run_float
 from .graph import WEIGHTED_OPS, QuantGraph
-from .simulate import run_float
 
 
 def _draws(out: torch.Tensor, n_draws: int, gen: torch.Generator) -> list[torch.Tensor]:

@@ -9,8 +9,9 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UsageError
+from .float_exec import run_float
 from .graph import QuantGraph
-from .simulate import dequantize, get_rule, run_float, run_integer
+from .simulate import dequantize, get_rule, run_integer
 
 
 class QuantizedModel:

@@ -11,6 +11,7 @@ point names a :class:`Target` subclass).
 from __future__ import annotations
 
 import difflib
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from importlib import import_module
@@ -51,6 +52,9 @@ class Target(ABC):
     rules: ClassVar[TargetRules]
     model_file: ClassVar[str]  # file name of the integer model inside the target folder
     float_model_file: ClassVar[str]
+    #: every rounding rule this target's runners may follow (``rules.rounding`` first), each defined
+    #: in the target's own module and registered there with ``simulate.register_rule``
+    rounding_rules: ClassVar[tuple[str, ...]] = ()
 
     @abstractmethod
     def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
@@ -59,6 +63,16 @@ class Target(ABC):
     @abstractmethod
     def load(self, folder: Path, *, float_model: bool = False, threads: int = 1) -> Runner:
         """Load the file written by ``emit`` in the runtime."""
+
+    def validate(self, graph: QuantGraph) -> None:
+        """Refuse, right after capture, a float graph this target cannot express (an op, an
+        attribute): the same one-line ``UnsupportedOpError`` export would raise minutes later.
+
+        Default: emit the float twin into a scratch folder, so the check is the emitter itself
+        and can never disagree with it; a target with a cheaper exact test overrides this.
+        """
+        with tempfile.TemporaryDirectory(prefix="eptq-validate-") as tmp:
+            self.emit(graph, Path(tmp), quantized=False)
 
     def runtime_versions(self) -> dict[str, str]:
         return {}

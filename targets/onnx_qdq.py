@@ -30,10 +30,11 @@ from typing import Any
 import numpy as np
 import onnx
 import onnxruntime as ort
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from eptq_deploy.graph import SAME_GRID_OPS, Node, QParams, QuantGraph, TargetRules
-from eptq_deploy.simulate import pad_codes, uint8_container_offset
+from eptq_deploy.simulate import FloatHalfEvenRule, pad_codes, register_rule
 
 from . import Runner, Target, io_tensor
 
@@ -337,6 +338,7 @@ class OnnxQdqTarget(Target):
     runtime = "onnxruntime"
     #: "onnxruntime": float-half-even, plus the fused QLinearAdd/Mul/AveragePool/GlobalAveragePool arithmetic
     rules = TargetRules(rounding="onnxruntime", max_weight_bits=8, activation_bits=(8,))
+    rounding_rules = ("onnxruntime",)
     model_file = "model.onnx"
     float_model_file = "model_float.onnx"
 
@@ -365,3 +367,136 @@ class OnnxQdqTarget(Target):
         ops = Counter(n.op_type for n in m.graph.node)
         float_convs = ops.get("Conv", 0) + ops.get("Gemm", 0) + ops.get("FusedConv", 0) + ops.get("MatMul", 0)
         return {"runtime_ops": dict(sorted(ops.items())), "float_conv_or_gemm_nodes": float_convs}
+
+
+# ------------------------------------------------ the rule onnxruntime's kernels follow
+def uint8_container_offset(qp: QParams) -> int:
+    """onnx-qdq holds every 8-bit activation as uint8: a signed grid's codes shift by +128."""
+    return 2 ** (qp.bits - 1) if qp.signed else 0
+
+
+def fma_f32(a: np.ndarray, b: np.ndarray | np.float32, c: np.ndarray | np.float32) -> np.ndarray:
+    """float32 ``a * b + c`` rounded once, as an FMA instruction computes it.
+
+    The float64 product of two float32 values is exact; the float64 sum may round, and
+    rounding that to float32 again can land on the wrong side of a float32 tie. The sum's
+    exact error (TwoSum) says which side: one float64 step towards it settles the tie.
+    """
+    a64, b64, c64 = (np.asarray(v, np.float32).astype(np.float64) for v in (a, b, c))
+    p = a64 * b64
+    s = p + c64
+    bb = s - p
+    err = (p - (s - bb)) + (c64 - bb)
+    return np.where(err != 0, np.nextafter(s, np.copysign(np.inf, err)), s).astype(np.float32)
+
+
+def cvt_f32_to_i32(v: np.ndarray) -> np.ndarray:
+    """x86 CVTPS2DQ: round half to even; out of int32 range gives -2**31 ("integer indefinite")."""
+    r = np.rint(np.asarray(v, np.float32)).astype(np.float64)
+    return np.where((r >= -(2.0**31)) & (r < 2.0**31), r, -(2.0**31)).astype(np.int64)
+
+
+#: HardSigmoid's alpha as the onnx-qdq file (and the HardSwish function body) holds it: float32(1/6)
+ORT_HARD_SIGMOID_ALPHA = np.float32(1.0 / 6.0)
+
+
+def ort_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """onnxruntime's HardSigmoid (alpha 1/6, beta 1/2) in float32: ``min(1, max(0, alpha * x + beta))``
+    with the product and the sum each rounded (no FMA)."""
+    alpha = torch.tensor(ORT_HARD_SIGMOID_ALPHA, dtype=torch.float32)
+    return (x.float() * alpha + torch.tensor(0.5, dtype=torch.float32)).clamp(0.0, 1.0)
+
+
+class OnnxruntimeRule(FloatHalfEvenRule):
+    """onnxruntime's CPU provider on x86-64 (MLAS kernels for AVX2).
+
+    Convolutions and Gemm requantise as float-half-even (their int32 accumulators are exact:
+    a layer whose uint8 x int8 pair sums could saturate in int16 gets uint8 weights in the
+    onnx-qdq file, see ``targets/onnx_qdq.py``), and so does every op it runs as
+    DQ -> float op -> Q, with HardSigmoid and HardSwish computed in float32 as its kernels
+    compute them (``float_kernel``). Its QDQ fusion, however, turns DQ -> Add / Mul / AveragePool /
+    GlobalAveragePool -> Q into com.microsoft QLinear* kernels whose float32 arithmetic on
+    the uint8 codes rounds differently at (near-)ties; ``integer_op`` reproduces them bit
+    for bit (measured against onnxruntime 1.32 over every uint8 code pair of many grids).
+    Other CPUs get other MLAS kernels (QLinearAdd without AVX2; QLinearAdd and
+    QLinearGlobalAveragePool in fixed point on ARM), which may round those ties otherwise.
+    """
+
+    name = "onnxruntime"
+
+    def float_kernel(self, n: Node, xs: list[torch.Tensor]) -> torch.Tensor:
+        """HardSigmoid as onnxruntime's CPU kernel computes it, and HardSwish as its ONNX function
+        body, ``x * HardSigmoid(x)``: torch's ``relu6(x + 3) / 6`` rounds differently in the last
+        float32 bit, which decides a QuantizeLinear tie (on power-of-two grids, ``x / 2`` is one)."""
+        if n.op == "hardsigmoid":
+            return ort_hard_sigmoid(xs[0])
+        if n.op == "hardswish":
+            return xs[0].float() * ort_hard_sigmoid(xs[0])
+        return super().float_kernel(n, xs)
+
+    def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
+        kernel = {"add": self._add, "mul": self._mul, "avg_pool2d": self._avg_pool2d,
+                  "global_avg_pool": self._global_avg_pool}.get(n.op)
+        if kernel is None or any(qp.bits != 8 for qp in (*qps, out)):
+            return None
+        off = uint8_container_offset(out)
+        if n.attrs.get("activation", "none") != "none" and int(out.zero_point[0]) + off != 0:
+            return None  # ReluQuantFusion drops a Relu only before a Q with zero point 0: else Add runs in float
+        grids = [(np.float32(qp.scale[0]), int(qp.zero_point[0]) + uint8_container_offset(qp)) for qp in (*qps, out)]
+        codes = [x.numpy() + uint8_container_offset(qp) for x, qp in zip(xs, qps, strict=True)]
+        y = np.clip(kernel(n, codes, grids), 0, 255) - off
+        return torch.from_numpy(y.astype(np.float64)).clamp(out.qmin, out.qmax)
+
+    # the kernels: uint8 codes (float64 arrays) and (float32 scale, uint8 zero point) per input, then
+    # the output; they return int64 codes in the uint8 container, before its saturation
+    @staticmethod
+    def _add(n: Node, xs: list[np.ndarray], grids: list[tuple[np.float32, int]]) -> np.ndarray:
+        """MlasQLinearAddKernelAvx2Helper: the zero points folded into one float32 constant, two FMAs
+        on the raw codes, CVTPS2DQ. (The graph's add never broadcasts, so neither input is a scalar.)"""
+        (sa, za), (sb, zb), (sc, zc) = grids
+        ra, rb = sa / sc, sb / sc
+        fixed = np.float32(zc) - fma_f32(ra, np.float32(za), rb * np.float32(zb))
+        a, b = (x.astype(np.float32) for x in xs)
+        return cvt_f32_to_i32(fma_f32(a, ra, fma_f32(b, rb, fixed)))
+
+    @staticmethod
+    def _mul(n: Node, xs: list[np.ndarray], grids: list[tuple[np.float32, int]]) -> np.ndarray:
+        """MlasQLinearMulKernel (SSE2): the exact integer product times float32(s_a * s_b / s_c), plus z_c."""
+        (sa, za), (sb, zb), (sc, zc) = grids
+        prod = ((xs[0] - za) * (xs[1] - zb)).astype(np.float32)  # |prod| <= 255**2: exact
+        return cvt_f32_to_i32(prod * (sa * sb / sc) + np.float32(zc))
+
+    def _avg_pool2d(self, n: Node, xs: list[np.ndarray], grids: list[tuple[np.float32, int]]) -> np.ndarray:
+        """QLinearAveragePool: dequantize to float32, sum each window in float32 in row order, divide by
+        the count, then nearbyint(y / s_out + z_out). A window over the whole unpadded input runs as
+        QLinearGlobalAveragePool."""
+        (si, zi), (so, zo) = grids
+        a, x = n.attrs, xs[0]
+        (kh, kw), (sh, sw), (t, l, b, r) = a["kernel"], a["stride"], a["pads"]
+        if (kh, kw) == x.shape[2:] and not any(a["pads"]):
+            return self._global_avg_pool(n, xs, grids)
+        pad = ((0, 0), (0, 0), (t, b), (l, r))
+        windows = np.lib.stride_tricks.sliding_window_view(  # the padding adds 0.0, as skipping it does
+            np.pad(si * (x - zi).astype(np.float32), pad), (kh, kw), axis=(2, 3))[:, :, ::sh, ::sw]
+        total = windows[..., 0, 0]
+        for i in range(1, kh * kw):
+            total = total + windows[..., i // kw, i % kw]
+        if a["count_include_pad"]:
+            count = np.float32(kh * kw)
+        else:
+            inside = np.lib.stride_tricks.sliding_window_view(np.pad(np.ones(x.shape[2:]), pad[2:]), (kh, kw))
+            count = inside[::sh, ::sw].sum((-1, -2)).astype(np.float32)
+        return cvt_f32_to_i32(total / count / so + np.float32(zo))
+
+    @staticmethod
+    def _global_avg_pool(n: Node, xs: list[np.ndarray], grids: list[tuple[np.float32, int]]) -> np.ndarray:
+        """MlasQLinearGlobalAveragePool (SSE2): the integer sum times float32(s_in / (s_out * N)), clamped to
+        the output range, rounded, plus z_out."""
+        (si, zi), (so, zo) = grids
+        count = xs[0].shape[2] * xs[0].shape[3]
+        acc = (xs[0].sum((2, 3), keepdims=True) - zi * count).astype(np.float32)
+        y = np.clip(acc * (si / (so * np.float32(count))), np.float32(-zo), np.float32(255 - zo))
+        return cvt_f32_to_i32(y) + zo
+
+
+register_rule(OnnxruntimeRule())

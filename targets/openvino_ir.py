@@ -36,8 +36,9 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from eptq_deploy.graph import SAME_GRID_OPS, QuantGraph
+from eptq_deploy.graph import SAME_GRID_OPS, Node, QuantGraph
 from eptq_deploy.host import has_vnni
+from eptq_deploy.simulate import FloatHalfEvenRule, register_rule
 
 from . import Runner, Target
 from .onnx_qdq import (
@@ -249,6 +250,7 @@ class OpenVinoIrTarget(Target):
     # what the file can express is the onnx-qdq emitter's; the rounding is strict QDQ except
     # where the CPU plugin folds a residual add into a convolution (rule "openvino")
     rules = replace(OnnxQdqTarget.rules, rounding="openvino")
+    rounding_rules = ("openvino",)
     model_file = "model.xml"
     float_model_file = "model_float.xml"
 
@@ -292,3 +294,37 @@ class OpenVinoIrTarget(Target):
     def read_back(self, folder: Path) -> dict[str, Any]:
         """The integers and grids in this target's integer IR (see :func:`read_back`)."""
         return read_back(Path(folder) / self.model_file)
+
+
+# ------------------------------------------------ the rule the CPU plugin follows
+class OpenvinoRule(FloatHalfEvenRule):
+    """OpenVINO's CPU plugin on a QDQ graph: as strict QDQ, except that a residual add is
+    fused into the convolution producing one of its inputs, whose own output
+    quantization then only clamps (no rounding); the sum is quantized once."""
+
+    name = "openvino"
+
+    def unrounded_nodes(self, g: QuantGraph) -> set[str]:
+        return folded_into_add(g)
+
+
+
+def folded_into_add(g: QuantGraph) -> set[str]:
+    """Weighted nodes whose output feeds only an add, one per add (the later producer)."""
+    consumers: dict[str, list[Node]] = {}
+    for n in g.nodes:
+        for i in n.inputs:
+            consumers.setdefault(i, []).append(n)
+    producer = {n.outputs[0]: (k, n) for k, n in enumerate(g.nodes)}
+    out: set[str] = set()
+    for n in g.nodes:
+        if n.op != "add":
+            continue
+        cands = [producer[i] for i in n.inputs if i in producer and producer[i][1].op in ("conv2d", "depthwise_conv2d")
+                 and len(consumers.get(i, [])) == 1]
+        if cands:
+            out.add(max(cands, key=lambda c: c[0])[1].name)
+    return out
+
+
+register_rule(OpenvinoRule())

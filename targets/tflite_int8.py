@@ -27,15 +27,20 @@ from typing import Any
 
 import flatbuffers
 import numpy as np
+import torch
+import torch.nn.functional as F
 from ai_edge_litert import schema_py_generated as S
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from eptq_deploy.errors import TargetError, UnsupportedOpError
 from eptq_deploy.graph import Node, QParams, QuantGraph, TargetRules
 from eptq_deploy.simulate import (
-    hardsigmoid_as_depthwise,
-    int8_container_offset,
+    FloatHalfEvenRule,
+    RoundingRule,
+    activation_bounds,
     pad_codes,
+    register_rule,
+    same_grid,
 )
 
 from . import Runner, Target, io_tensor
@@ -614,6 +619,7 @@ class TfliteInt8Target(Target):
     name = "tflite-int8"
     description = "TFLite int8 flatbuffer written directly (per-channel int8 weights, int8 activations), run on ai-edge-litert"
     runtime = "ai-edge-litert"
+    rounding_rules = ("xnnpack", "tflite")  # XNNPACK by default, TFLite's reference kernels on request
     rules = TargetRules(
         rounding="xnnpack",
         shared_grid_ops=frozenset({"max_pool2d", "avg_pool2d", "pad", "slice", "flatten", "reshape", "concat"}),
@@ -659,3 +665,280 @@ class TfliteInt8Target(Target):
                 "tensors": len(sg.tensors), "tensor_types": dict(sorted(types.items())), "file_bytes": path.stat().st_size,
                 "kernels": kernels, "xnnpack_partitions": sum(d["op_name"] == "DELEGATE" for d in details)}
 
+
+# ------------------------------------------------ the rules TFLite's kernels follow
+_I32_MIN, _I32_MAX = -(2**31), 2**31 - 1
+#: the least float64 that rounds to float32 inf (float32 max plus half its last step: the tie goes to even, inf)
+_F32_ROUNDS_TO_INF = float(np.finfo(np.float32).max) + 2.0**103
+#: a float64 exp argument safely below float64's overflow (709.78), far past float32's (88.72)
+_F64_EXP_ARG_MAX = 700.0
+
+
+def round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """``std::round`` (TfLiteRound): ties away from zero, exact for any float."""
+    t = torch.trunc(v)
+    return torch.where((v - t).abs() >= 0.5, t + torch.sign(v), t)
+
+
+def quantize_multiplier(m: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
+    """``tflite::QuantizeMultiplier``: real multipliers -> (Q31 multiplier, shift), int64 arrays."""
+    mant, shift = np.frexp(np.asarray(m, dtype=np.float64))
+    q = np.sign(mant) * np.floor(np.abs(mant) * 2.0**31 + 0.5)
+    top = q == 2.0**31
+    q, shift = np.where(top, q / 2, q), np.where(top, shift + 1, shift)
+    tiny = shift < -31
+    return np.where(tiny, 0, q).astype(np.int64), np.where(tiny, 0, shift).astype(np.int64)
+
+
+def _srdhm(a: torch.Tensor, b: torch.Tensor | int, bits: int = 32) -> torch.Tensor:
+    """gemmlowp SaturatingRoundingDoublingHighMul on int64 tensors holding int32 (or int16) values."""
+    lo = -(2 ** (bits - 1))
+    ab = a * b
+    half = 1 << (bits - 2)
+    r = torch.div(ab + torch.where(ab >= 0, half, 1 - half), 2 * half, rounding_mode="trunc")
+    return torch.where((a == lo) & (torch.as_tensor(b) == lo), -lo - 1, r)
+
+
+def _rdbpot(x: torch.Tensor, e: torch.Tensor | int) -> torch.Tensor:
+    """gemmlowp RoundingDivideByPOT: x / 2**e rounded half away from zero."""
+    e = torch.as_tensor(e, dtype=torch.int64)
+    mask = (1 << e) - 1
+    threshold = (mask >> 1) + (x < 0).long()
+    return (x >> e) + ((x & mask) > threshold).long()
+
+
+def multiply_by_quantized_multiplier(x: torch.Tensor, q: torch.Tensor | int, shift: torch.Tensor | int) -> torch.Tensor:
+    """``tflite::MultiplyByQuantizedMultiplier`` (double rounding, as the ai-edge-litert wheels are built)."""
+    shift = torch.as_tensor(shift, dtype=torch.int64)
+    left, right = shift.clamp(min=0), (-shift).clamp(min=0)
+    return _rdbpot(_srdhm(x * (1 << left), torch.as_tensor(q, dtype=torch.int64)), right)
+
+
+def real_multiplier(s_in: float, s_w: np.ndarray, s_out: float) -> np.ndarray:
+    """double(s_in) * double(s_w) / double(s_out) of the float32 scales, as TFLite's conv and FC prepare it."""
+    return np.float64(np.float32(s_in)) * np.asarray(s_w, np.float32).astype(np.float64) / np.float64(np.float32(s_out))
+
+
+def int8_container_offset(qp: QParams) -> int:
+    """TFLite holds every 8-bit activation as int8: an unsigned grid's codes shift by -128."""
+    return 0 if qp.signed else 2 ** (qp.bits - 1)
+
+
+def hardsigmoid_as_depthwise(s_in: float) -> tuple[int, np.float32, int]:
+    """TFLite has no HARD_SIGMOID: x/6 + 1/2 runs as a 1x1 depthwise conv with these
+    (weight code, weight scale, int32 bias); the target writes them, the simulation runs them."""
+    s_in = np.float64(np.float32(s_in))
+    # weight code 127 for 1/6 where the bias of 1/2 fits int32 (with room for the products); a tiny input
+    # grid needs a coarser weight scale, and then x/6 is far below the output's 1/256 anyway
+    w_scale = np.float32(max(1.0 / (6 * 127), 0.5 / (s_in * 2.0**30)))
+    w = int(np.clip(np.round(1.0 / (6 * np.float64(w_scale))), 0, 127))
+    return w, w_scale, int(np.round(0.5 / (s_in * np.float64(w_scale))))
+
+
+class TfliteRule(RoundingRule):
+    """TFLite int8 kernels (ai-edge-litert): Q31 fixed-point multipliers, ties away from zero.
+
+    Conv and depthwise requantise with ``MultiplyByQuantizedMultiplier`` of
+    double(s_in) * double(s_w) / double(s_out), fully connected (reference kernel) with
+    that multiplier in double and std::round; ADD, MUL, MEAN, AVERAGE_POOL_2D,
+    RELU/RELU6, HARD_SWISH and LOGISTIC follow their own reference kernels
+    (``integer_op``), which work on int8 containers. ``multiplier`` returns the quantized
+    multiplier as the float64 value q * 2**(shift - 31), which holds both exactly.
+    """
+
+    name = "tflite"
+
+    def round(self, v: torch.Tensor) -> torch.Tensor:
+        return round_half_away(v)
+
+    def multiplier(self, s_in: np.ndarray, s_w: np.ndarray, s_out: np.ndarray) -> torch.Tensor:
+        q, shift = quantize_multiplier(real_multiplier(s_in, s_w, s_out))
+        return torch.from_numpy(np.ldexp(q.astype(np.float64), shift - 31))
+
+    def requantize(self, acc: torch.Tensor, mult: torch.Tensor) -> torch.Tensor:
+        mant, e = torch.frexp(mult)
+        return multiply_by_quantized_multiplier(acc.long(), (mant * 2.0**31).long(), e.long()).double()
+
+    def requantize_node(self, n: Node, acc: torch.Tensor, s_in: np.ndarray, s_w: np.ndarray,
+                        s_out: np.ndarray) -> torch.Tensor:
+        """FULLY_CONNECTED's reference kernel rescales in double: round(acc * s_in * s_w / s_out)."""
+        if n.op != "linear":
+            return super().requantize_node(n, acc, s_in, s_w, s_out)
+        m = torch.from_numpy(real_multiplier(s_in, s_w, s_out))
+        return round_half_away(acc.double() * m.reshape((1, -1) + (1,) * (acc.dim() - 2)))
+
+    def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
+        s = torch.tensor(float(qp.scale[0]), dtype=torch.float32)
+        q = round_half_away(x.float() / s) + float(qp.zero_point[0])
+        return q.clamp(qp.qmin, qp.qmax).double()
+
+    def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
+        kernel = {"add": self._add, "mul": self._mul, "relu": self._relu, "relu6": self._relu,
+                  "global_avg_pool": self._global_avg_pool, "avg_pool2d": self._avg_pool2d, "hardswish": self._hardswish,
+                  "sigmoid": self._sigmoid, "hardsigmoid": self._hardsigmoid}.get(n.op)
+        if kernel is None:
+            return None
+        y = kernel(n, [x.long() for x in xs], qps, out)
+        return None if y is None else y.clamp(out.qmin, out.qmax).double()
+
+    # the kernels: int64 codes on the graph's grids in, int64 codes out (clamped by the caller)
+    @staticmethod
+    def _scalar_multiplier(m: float) -> tuple[int, int]:
+        q, shift = quantize_multiplier(m)
+        return int(q), int(shift)
+
+    def _add(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        s1, s2, so = (float(np.float32(p.scale[0])) for p in (*qps, out))
+        twice_max = 2.0 * max(s1, s2)
+        acc = 0
+        for x, qp, s in zip(xs, qps, (s1, s2), strict=True):
+            q, shift = self._scalar_multiplier(s / twice_max)
+            acc = acc + _rdbpot(_srdhm((x - int(qp.zero_point[0])) * (1 << 20), q), -shift)
+        q, shift = self._scalar_multiplier(twice_max / (2.0**20 * so))
+        return _rdbpot(_srdhm(acc, q), -shift) + int(out.zero_point[0])
+
+    def _mul(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        m = np.float32(qps[0].scale[0]) * np.float32(qps[1].scale[0]) / np.float32(out.scale[0])  # float, as mul.cc
+        q, shift = self._scalar_multiplier(float(m))
+        prod = (xs[0] - int(qps[0].zero_point[0])) * (xs[1] - int(qps[1].zero_point[0]))
+        return multiply_by_quantized_multiplier(prod, q, shift) + int(out.zero_point[0])
+
+    def _relu(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        q, shift = self._scalar_multiplier(float(np.float32(qps[0].scale[0]) / np.float32(out.scale[0])))
+        y = multiply_by_quantized_multiplier(xs[0] - int(qps[0].zero_point[0]), q, shift) + int(out.zero_point[0])
+        lo, hi = activation_bounds(n.op, out, self)
+        return y.clamp(int(lo), int(hi))
+
+    def _global_avg_pool(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """reference_ops::QuantizedMeanOrSum: the 1/N folds into the multiplier."""
+        count = xs[0].shape[2] * xs[0].shape[3]
+        q, shift = self._scalar_multiplier(float(np.float32(qps[0].scale[0])) / float(np.float32(out.scale[0])))
+        k = min(count.bit_length() - 1, 32, 31 + shift)
+        q, shift = (q << k) // count, shift - k
+        acc = (xs[0] - int(qps[0].zero_point[0])).sum((2, 3), keepdim=True)
+        return multiply_by_quantized_multiplier(acc, q, shift) + int(out.zero_point[0])
+
+    def _avg_pool2d(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
+        """reference_integer_ops::AveragePool on int8 codes; padding either skipped (SAME) or the zero point."""
+        if not same_grid(qps[0], out):
+            return None
+        off, a = int8_container_offset(out), n.attrs
+        x = (xs[0] - off).double()
+        t, l, b, r = a["pads"]
+        if a["count_include_pad"]:  # an explicit PAD with the zero point, then a VALID pool
+            x, pad = F.pad(x, (l, r, t, b), value=float(out.zero_point[0] - off)), (0, 0)
+        elif (t, l) == (b, r):  # SAME: the pixels outside do not count
+            pad = (t, l)
+        else:
+            return None
+        total = F.avg_pool2d(x, a["kernel"], a["stride"], pad, divisor_override=1)
+        count = F.avg_pool2d(torch.ones_like(x[:1, :1]), a["kernel"], a["stride"], pad, divisor_override=1)
+        acc, count = total.long(), count.long()
+        y = torch.sign(acc) * torch.div(acc.abs() + count // 2, count, rounding_mode="floor")
+        return y + off
+
+    def _hardswish(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """reference_ops::HardSwish: int16 fixed point."""
+        hires = np.float32(1.0 / 128.0) * np.float32(qps[0].scale[0])
+        q_out, e_out = self._scalar_multiplier(float(hires / np.float32(out.scale[0])))
+        q_relu, e_relu = self._scalar_multiplier(float(hires / np.float32(3.0 / 32768.0)))
+        m_out, m_relu = _downscale_to_int16(q_out), _downscale_to_int16(q_relu)
+        x = (xs[0] - int(qps[0].zero_point[0])) * 128
+        pre_out = _srdhm(x, m_out, 16)
+        relu = x
+        if e_relu > 0:
+            relu = (relu * (1 << (e_relu - 1))).clamp(-32768, 32767)
+        relu = _srdhm(relu, m_relu, 16)
+        if e_relu > 0:
+            relu = (relu * 2).clamp(-32768, 32767)
+        if e_relu < 0:
+            relu = _rdbpot(relu, -e_relu)
+        relu = (relu + 32768) >> 1
+        prod = relu * pre_out
+        y = torch.where((relu == -32768) & (pre_out == -32768), 32767, torch.div(prod, 1 << 15, rounding_mode="trunc"))
+        return _rdbpot(y, -e_out) + int(out.zero_point[0])
+
+    def _sigmoid(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """LOGISTIC's 256-entry table, built in float32 as LUTPopulate does."""
+        qi, off_in, off_out = qps[0], int8_container_offset(qps[0]), int8_container_offset(out)
+        v = np.arange(-128, 128)
+        deq = np.float32(qi.scale[0]) * (v - (int(qi.zero_point[0]) - off_in)).astype(np.float32)
+        # float32's exp(-x) is inf beyond x = -88.72, and 1 / (1 + inf) is 0: say so, rather than let the
+        # float64 exp (beyond -709.78) or its float32 cast overflow
+        e64 = np.exp(np.minimum(-deq.astype(np.float64), _F64_EXP_ARG_MAX))
+        inf = e64 >= _F32_ROUNDS_TO_INF
+        e = np.where(inf, 0.0, e64).astype(np.float32)
+        y = np.where(inf, np.float32(0.0), np.float32(1.0) / (np.float32(1.0) + e))
+        r = round_half_away(torch.from_numpy(y * (np.float32(1.0) / np.float32(out.scale[0])))).numpy()
+        table = torch.from_numpy(np.clip(r + (int(out.zero_point[0]) - off_out), -128, 127).astype(np.int64))
+        return table[xs[0] - off_in + 128] + off_out
+
+    def _hardsigmoid(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """The 1x1 depthwise conv of ``hardsigmoid_as_depthwise`` with a fused RELU."""
+        w, w_scale, bias = hardsigmoid_as_depthwise(float(qps[0].scale[0]))
+        acc = (xs[0] - int(qps[0].zero_point[0])) * w + bias
+        y = self.requantize_node(n, acc.double(), qps[0].scale[0], np.array([w_scale]), out.scale[0]).long()
+        return (y + int(out.zero_point[0])).clamp(min=int(out.zero_point[0]))
+
+
+class XnnpackRule(TfliteRule):
+    """TFLite's default CPU path: the XNNPACK delegate (x86-64) on the ops it takes.
+
+    Conv, depthwise, fully connected and MUL requantise in float32: rne(f32(acc) *
+    f32(f32(s_in * s_w) / s_out)), ties to even, where the reference kernels use Q31
+    fixed point and ties away from zero. ADD is fixed point with one rounding: both
+    inputs' scale ratios become 21-bit multipliers of a common shift and the sum is
+    rounded half up. MEAN sums in int32 and rescales in float32. Ops XNNPACK leaves to
+    the builtin kernels (and the input quantization) follow ``TfliteRule``.
+    """
+
+    name = "xnnpack"
+
+    def requantize_node(self, n: Node, acc: torch.Tensor, s_in: np.ndarray, s_w: np.ndarray,
+                        s_out: np.ndarray) -> torch.Tensor:
+        mult = FloatHalfEvenRule.multiplier(self, s_in, s_w, s_out)
+        return FloatHalfEvenRule.requantize(self, acc, mult.reshape((1, -1) + (1,) * (acc.dim() - 2)))
+
+    def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
+        kernel = {"add": self._xnn_add, "mul": self._xnn_mul, "global_avg_pool": self._xnn_mean}.get(n.op)
+        if n.op == "add" and not all(2.0**-10 <= np.float32(qp.scale[0]) / np.float32(out.scale[0]) < 2.0**8 for qp in qps):
+            kernel = None  # outside the scale ratios XNNPACK's add takes: the builtin kernel runs it
+        if kernel is None:
+            return super().integer_op(n, xs, qps, out)
+        return kernel([x.long() for x in xs], qps, out).clamp(out.qmin, out.qmax).double()
+
+    @staticmethod
+    def _xnn_add(xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """xnn_qs8_vadd: multipliers lrintf(ratio * 2**shift) with shift = 20 - floor(log2(max ratio)),
+        acc = sum of (x - z) * multiplier + 2**(shift - 1), arithmetic shift right."""
+        so = np.float32(out.scale[0])
+        ratios = [np.float32(np.float32(qp.scale[0]) / so) for qp in qps]
+        shift = 20 - (int(np.frexp(max(abs(r) for r in ratios))[1]) - 1)
+        acc = torch.full_like(xs[0], 1 << (shift - 1))
+        for x, qp, r in zip(xs, qps, ratios, strict=True):
+            acc = acc + (x - int(qp.zero_point[0])) * int(np.rint(np.float32(np.ldexp(r, shift))))
+        return (acc >> shift) + int(out.zero_point[0])
+
+    @staticmethod
+    def _xnn_mul(xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """xnn_qs8_vmul (fp32): the exact integer product times f32(f32(s_a * s_b) / s_out), ties to even."""
+        m = np.float32(np.float32(qps[0].scale[0]) * np.float32(qps[1].scale[0])) / np.float32(out.scale[0])
+        prod = ((xs[0] - int(qps[0].zero_point[0])) * (xs[1] - int(qps[1].zero_point[0]))).float()
+        return torch.round(prod * torch.tensor(m, dtype=torch.float32)).long() + int(out.zero_point[0])
+
+    @staticmethod
+    def _xnn_mean(xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """xnn_qs8 mean over H, W: the int32 sum less N * z_in, times f32(s_in / s_out / N), ties to even."""
+        count = xs[0].shape[2] * xs[0].shape[3]
+        m = np.float32(np.float32(qps[0].scale[0]) / np.float32(out.scale[0])) / np.float32(count)
+        acc = (xs[0].sum((2, 3), keepdim=True) - int(qps[0].zero_point[0]) * count).float()
+        return torch.round(acc * torch.tensor(m, dtype=torch.float32)).long() + int(out.zero_point[0])
+
+
+def _downscale_to_int16(q: int) -> int:
+    """``DownScaleInt32ToInt16Multiplier``."""
+    return 32767 if q >= _I32_MAX - (1 << 15) else (q + (1 << 15)) >> 16
+
+
+register_rule(TfliteRule())
+register_rule(XnnpackRule())

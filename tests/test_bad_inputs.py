@@ -358,8 +358,13 @@ WRITE_FAULTS: dict[str, tuple[int, str, list[str]]] = {
 
 def _inject(monkeypatch: pytest.MonkeyPatch, code: int, where: str) -> None:
     """Make one step of writing the bundle fail with ``code``, leaving every other write alone."""
-    if where == "mkdtemp":
-        monkeypatch.setattr(bundle_mod.tempfile, "mkdtemp", _raise(code))
+    if where == "mkdtemp":  # the bundle's own temporary folder (beside --out), not a target's scratch folder
+        real_mkdtemp, boom = bundle_mod.tempfile.mkdtemp, _raise(code)
+
+        def mkdtemp(*args: Any, **kwargs: Any) -> str:
+            return boom() if kwargs.get("dir") is not None else real_mkdtemp(*args, **kwargs)
+
+        monkeypatch.setattr(bundle_mod.tempfile, "mkdtemp", mkdtemp)
     elif where == "write_text":
         real = Path.write_text
 

@@ -12,9 +12,9 @@ from torch import nn
 
 from eptq_deploy.capture import capture
 from eptq_deploy.errors import EptqError, ModelError, UnsupportedOpError
+from eptq_deploy.float_exec import run_float
 from eptq_deploy.graph import OPS, WEIGHTED_OPS, QuantGraph
 from eptq_deploy.hw_profiles import load_profile
-from eptq_deploy.simulate import run_float
 from eptq_deploy.zoo import cifar_resnet, efficientnet_lite0, lite0_weights_path
 
 FUSING = load_profile("int8-pot").fusing

@@ -53,7 +53,7 @@ def test_hessian_scores_exact_for_small_outputs() -> None:
                 y.retain_grad()
                 acts[name] = y
 
-        from eptq_deploy.simulate import run_float
+        from eptq_deploy.float_exec import run_float
 
         total = 0
         for k in range(5):
@@ -219,7 +219,7 @@ class TwoLayer(nn.Module):
 def test_hessian_scores_match_the_full_jacobian_and_hutchinson_is_within_5_percent() -> None:
     """Two-layer net, 200 outputs: the exact score (basis probes) equals the full-Jacobian computation
     to 1e-5; 128 Rademacher draws (the Hutchinson estimate) land within 5 % of it."""
-    from eptq_deploy.simulate import run_float
+    from eptq_deploy.float_exec import run_float
 
     m = TwoLayer().eval()
     x = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(5))

@@ -22,9 +22,13 @@ import eptq_deploy
 from eptq_deploy.errors import TargetError, UnsupportedOpError
 from eptq_deploy.graph import QuantGraph
 from eptq_deploy.quantized import QuantizedModel
-from eptq_deploy.simulate import quantize_multiplier
 from eptq_deploy.targets import get_target, list_targets
-from eptq_deploy.targets.tflite_int8 import TfliteInt8Target, i8_grid, interpreter
+from eptq_deploy.targets.tflite_int8 import (
+    TfliteInt8Target,
+    i8_grid,
+    interpreter,
+    quantize_multiplier,
+)
 from eptq_deploy.zoo import CifarResNet
 
 TARGET = "tflite-int8"
@@ -326,7 +330,7 @@ class StridedAvgPool(nn.Module):
 
 
 def test_unexpressible_average_pool_refused(tmp_path: Path) -> None:
-    """count_include_pad=False where SAME would place the windows elsewhere: no TFLite equivalent."""
-    qm = _quantize(StridedAvgPool(), "tflite-int8", CALIB)
+    """count_include_pad=False where SAME would place the windows elsewhere: no TFLite equivalent,
+    refused by quantize right after capture (``Target.validate``), before calibration."""
     with pytest.raises(UnsupportedOpError, match="count_include_pad"):
-        T.emit(qm.graph, tmp_path)
+        _quantize(StridedAvgPool(), "tflite-int8", CALIB)

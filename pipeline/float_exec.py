@@ -1,0 +1,137 @@
+"""Float execution of the canonical graph: what calibration, the Hessian pass and EPTQ run.
+
+``run_float`` executes the graph with float weights (the capture check, calibration
+statistics, Hessian scores, EPTQ's float targets); ``float_op`` is the float op table that
+the integer simulation (``simulate.py``) also uses for ops a runtime computes in float.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from .graph import Node, QuantGraph
+
+
+# ------------------------------------------------------------- float op table
+def conv(n: Node, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+          pad_value: Sequence[float] | None = None) -> torch.Tensor:
+    """Convolution node ``n``; the padding holds ``pad_value`` per channel (default: the
+    node's ``pad_value`` attribute, else zero)."""
+    t, l, bo, r = n.attrs["pads"]
+    values = n.attrs.get("pad_value") if pad_value is None else pad_value
+    if values is not None and any(n.attrs["pads"]):
+        x, pad = pad_channels(x, n.attrs["pads"], values), (0, 0)
+    elif t != bo or l != r:
+        x = F.pad(x, (l, r, t, bo))
+        pad = (0, 0)
+    else:
+        pad = (t, l)
+    return F.conv2d(x, w, b, tuple(n.attrs["stride"]), pad, tuple(n.attrs["dilation"]), n.attrs["groups"])
+
+
+def pad_channels(x: torch.Tensor, pads: Sequence[int], values: Sequence[float]) -> torch.Tensor:
+    """Spatial padding (top, left, bottom, right) of NCHW ``x`` with one value per channel."""
+    t, l, b, r = pads
+    n, c, h, w = x.shape
+    out = torch.as_tensor(values, dtype=x.dtype).view(1, c, 1, 1).repeat(n, 1, h + t + b, w + l + r)
+    out[:, :, t:t + h, l:l + w] = x
+    return out
+
+
+def pool_pad(n: Node, x: torch.Tensor, value: float) -> tuple[torch.Tensor, tuple[int, int]]:
+    t, l, bo, r = n.attrs["pads"]
+    if t != bo or l != r:
+        return F.pad(x, (l, r, t, bo), value=value), (0, 0)
+    return x, (t, l)
+
+
+def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
+    if activation == "relu":
+        return F.relu(y)
+    if activation == "relu6":
+        return F.relu6(y)
+    return y
+
+
+def float_op(n: Node, xs: list[torch.Tensor], pad_value: float = 0.0) -> torch.Tensor:
+    """Non-weighted canonical ops on float (or integer-code) tensors.
+
+    ``pad_value`` is what zero padding becomes on the tensor's grid (the zero point
+    when the tensor holds integer codes).
+    """
+    op, a = n.op, n.attrs
+    x = xs[0]
+    if op == "add":
+        return apply_activation(xs[0] + xs[1], a.get("activation", "none"))
+    if op == "mul":
+        return xs[0] * xs[1]
+    if op == "concat":
+        return torch.cat(xs, a["axis"])
+    if op == "relu":
+        return F.relu(x)
+    if op == "relu6":
+        return F.relu6(x)
+    if op == "hardswish":
+        return F.hardswish(x)
+    if op == "hardsigmoid":
+        return F.hardsigmoid(x)
+    if op == "sigmoid":
+        return torch.sigmoid(x)
+    if op == "max_pool2d":
+        xp, pad = pool_pad(n, x, float("-inf"))
+        if pad != (0, 0):  # torch pads max pools with -inf itself
+            return F.max_pool2d(x, a["kernel"], a["stride"], pad)
+        return F.max_pool2d(xp, a["kernel"], a["stride"], 0)
+    if op == "avg_pool2d":
+        xp, pad = pool_pad(n, x, 0.0)
+        return F.avg_pool2d(xp, a["kernel"], a["stride"], pad, count_include_pad=a["count_include_pad"])
+    if op == "global_avg_pool":
+        return x.mean((2, 3), keepdim=True)
+    if op == "pad":
+        rank = x.dim()
+        p = a["pads"]
+        tp: list[int] = []
+        for d in reversed(range(rank)):
+            tp += [p[d], p[rank + d]]
+        return F.pad(x, tp, value=pad_value)
+    if op == "slice":
+        idx = [slice(None)] * x.dim()
+        for ax, s, e, st in zip(a["axes"], a["starts"], a["ends"], a["steps"], strict=True):
+            idx[ax] = slice(s, e, st)
+        return x[tuple(idx)]
+    if op == "flatten":
+        return x.reshape(x.shape[0], -1)
+    if op == "reshape":
+        return x.reshape([x.shape[0]] + list(a["shape"][1:]))
+    raise NotImplementedError(op)
+
+
+def run_float(g: QuantGraph, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
+              hook: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Execute ``g`` in float; ``weights`` overrides stored constants (name -> tensor)."""
+    env: dict[str, torch.Tensor] = {g.inputs[0]: x}
+    if hook:
+        hook(g.inputs[0], x)
+    for n, dead in zip(g.nodes, g.dead_after(), strict=True):
+        if n.op in ("conv2d", "depthwise_conv2d", "linear"):
+            w = weights[n.inputs[1]] if weights and n.inputs[1] in weights else torch.from_numpy(g.tensors[n.inputs[1]].data)
+            b = weights[n.inputs[2]] if weights and n.inputs[2] in weights else torch.from_numpy(g.tensors[n.inputs[2]].data)
+            xin = env[n.inputs[0]]
+            y = F.linear(xin, w, b) if n.op == "linear" else conv(n, xin, w, b)
+            y = apply_activation(y, n.attrs["activation"])
+        else:
+            y = float_op(n, [env[i] for i in n.inputs])
+        env[n.outputs[0]] = y
+        if hook:
+            hook(n.outputs[0], y)
+        release(env, dead)
+    return env[g.outputs[0]]
+
+
+def release(env: dict[str, torch.Tensor], dead: list[str]) -> None:
+    """Drop activations no later node reads (``QuantGraph.dead_after``)."""
+    for t in dead:
+        env.pop(t, None)
