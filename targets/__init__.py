@@ -27,7 +27,8 @@ from eptq_deploy.graph import QuantGraph, TargetRules
 TARGET_ENTRY_POINT_GROUP = "eptq_deploy.targets"
 _BUILTIN = {"onnx-qdq": "eptq_deploy.targets.onnx_qdq:OnnxQdqTarget",
             "openvino-ir": "eptq_deploy.targets.openvino_ir:OpenVinoIrTarget",
-            "tflite-int8": "eptq_deploy.targets.tflite_int8:TfliteInt8Target"}
+            "tflite-int8": "eptq_deploy.targets.tflite_int8:TfliteInt8Target",
+            "tflite-micro": "eptq_deploy.targets.tflite_micro:TfliteMicroTarget"}
 
 
 class Runner(ABC):

@@ -26,7 +26,9 @@ def test_every_rule_a_target_declares_is_defined_in_its_own_module() -> None:
         assert target.rules.rounding == names[0], name
         for rule_name in names:
             rule = get_rule(rule_name)
-            assert type(rule).__module__ == type(target).__module__, (name, rule_name, type(rule).__module__)
+            # its own module, or the module of the target it builds on (tflite-micro runs TFLite's kernels)
+            homes = {c.__module__ for c in type(target).__mro__}
+            assert type(rule).__module__ in homes - {"eptq_deploy.targets", "abc", "builtins"}, (name, rule_name)
 
 
 def test_pipeline_defines_no_runtime_rule() -> None:

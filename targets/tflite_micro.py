@@ -1,0 +1,241 @@
+"""Target ``tflite-micro``: the int8 TFLite file on TensorFlow Lite for Microcontrollers.
+
+The file is the ``tflite-int8`` writer's (same integers, same grids); it runs on TFLM's
+Python interpreter (PyPI ``tflite-micro``), whose reference kernels follow TFLite's Q31
+fixed-point rule (``tflite``, defined with the tflite-int8 target): measured 0 LSB on
+resnet20 under int8-pot. TFLM runs batch 1, so the runner loops over a batch.
+
+Beside the file, the folder holds what a microcontroller team compiles in:
+``model_data.cc`` (the flatbuffer as a 16-byte-aligned byte array) and ``model_data.h``
+(its declaration, the input and output tensors' shapes, scales and zero points, the
+tensor arena size TFLM's recording allocator measured, and ``AddModelOps``, the
+``MicroMutableOpResolver`` calls the model needs). Both are self-contained C++17: no
+TFLM header is needed to compile them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import replace
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ai_edge_litert import schema_py_generated as S
+
+from eptq_deploy.errors import TargetError
+from eptq_deploy.graph import QuantGraph
+
+from . import Runner
+from .tflite_int8 import OP_NAMES, TfliteInt8Target, quantize_codes
+
+#: ``MicroMutableOpResolver`` method of each builtin op the tflite-int8 writer emits
+RESOLVER_METHODS = {
+    "ADD": "AddAdd", "AVERAGE_POOL_2D": "AddAveragePool2D", "CONCATENATION": "AddConcatenation",
+    "CONV_2D": "AddConv2D", "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D", "DEQUANTIZE": "AddDequantize",
+    "FULLY_CONNECTED": "AddFullyConnected", "HARD_SWISH": "AddHardSwish", "LOGISTIC": "AddLogistic",
+    "MAX_POOL_2D": "AddMaxPool2D", "MEAN": "AddMean", "MUL": "AddMul", "PAD": "AddPad", "PADV2": "AddPadV2",
+    "QUANTIZE": "AddQuantize", "RELU": "AddRelu", "RELU6": "AddRelu6", "RESHAPE": "AddReshape",
+    "SOFTMAX": "AddSoftmax", "SPLIT": "AddSplit", "STRIDED_SLICE": "AddStridedSlice", "SUB": "AddSub",
+    "TRANSPOSE": "AddTranspose",
+}
+#: the C array's alignment: flatbuffers and TFLM read the model in place
+ALIGNMENT = 16
+
+
+def _interpreter(model: bytes) -> Any:
+    from tflite_micro.python.tflite_micro import runtime
+
+    try:
+        return runtime.Interpreter.from_bytes(model)
+    except (RuntimeError, ValueError) as e:
+        raise TargetError(f"TFLM refused the model: {' '.join(str(e).split())[:200]}; re-export it") from None
+
+
+def arena_bytes(model: bytes) -> int:
+    """The tensor arena TFLM's recording allocator uses for ``model`` (its printed total).
+
+    The interpreter prints its allocations from C++ (MicroPrintf), so stdout's and stderr's file
+    descriptors are redirected into a temporary file for the call (C's buffers flushed first).
+    """
+    it = _interpreter(model)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    with tempfile.TemporaryFile() as f:
+        for fd in saved:
+            os.dup2(f.fileno(), fd)
+        try:
+            it.print_allocations()
+        finally:
+            ctypes.CDLL(None).fflush(None)  # C's stdio buffers, before the descriptors go back
+            for fd, old in saved.items():
+                os.dup2(old, fd)
+                os.close(old)
+        f.seek(0)
+        text = f.read().decode(errors="replace")
+    m = re.search(r"Arena allocation total (\d+) bytes", text)
+    if m is None:
+        raise TargetError("TFLM did not report its arena size; re-export the bundle with this tflite-micro version")
+    return int(m.group(1))
+
+
+def model_ops(model: bytes) -> list[str]:
+    """The builtin ops of a TFLite flatbuffer, in first-use order."""
+    m = S.ModelT.InitFromPackedBuf(model, 0)
+    names = [OP_NAMES.get(c.builtinCode, str(c.builtinCode)) for c in m.operatorCodes]
+    return list(dict.fromkeys(names[o.opcodeIndex] for o in m.subgraphs[0].operators))
+
+
+class TfliteMicroRunner(Runner):
+    """Float NHWC-converted input quantized as the simulation does, one sample per invoke."""
+
+    rounding = "tflite"  # TFLM's reference kernels
+    kernels = "TFLM reference"
+
+    def __init__(self, path: Path) -> None:
+        self.it = _interpreter(Path(path).read_bytes())
+        self.threads = 1
+        self.inp, self.out = self.it.get_input_details(0), self.it.get_output_details(0)
+
+    @staticmethod
+    def _grid(details: dict[str, Any]) -> tuple[float, int] | None:
+        q = details.get("quantization_parameters") or {}
+        scales = q.get("scales")
+        return None if scales is None or len(scales) == 0 else (float(scales[0]), int(q["zero_points"][0]))
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim == 4:
+            x = np.transpose(x, (0, 2, 3, 1))
+        grid_in, grid_out = self._grid(self.inp), self._grid(self.out)
+        outs = []
+        for i in range(len(x)):
+            xi = x[i:i + 1]
+            if self.inp["dtype"] == np.int8 and grid_in is not None:
+                xi = quantize_codes(xi, *grid_in)
+            try:
+                self.it.set_input(np.ascontiguousarray(xi, dtype=self.inp["dtype"]), 0)
+                self.it.invoke()
+            except (RuntimeError, ValueError) as e:
+                raise TargetError(f"TFLM failed on input {xi.shape}: {' '.join(str(e).split())[:200]}") from None
+            y = np.array(self.it.get_output(0))
+            if self.out["dtype"] == np.int8 and grid_out is not None:
+                s, z = grid_out
+                y = (y.astype(np.int32) - z).astype(np.float32) * np.float32(s)  # as simulate.dequantize
+            outs.append(y)
+        y = np.concatenate(outs).astype(np.float32)
+        return np.ascontiguousarray(np.transpose(y, (0, 3, 1, 2)) if y.ndim == 4 else y)
+
+
+def _c_array(data: bytes) -> str:
+    rows = [", ".join(f"0x{b:02x}" for b in data[i:i + 12]) for i in range(0, len(data), 12)]
+    return ",\n    ".join(rows)
+
+
+def _c_list(values: list[Any]) -> str:
+    return "{" + ", ".join(str(int(v)) for v in values) + "}"
+
+
+def write_sources(model: bytes, io: dict[str, dict[str, Any]], folder: Path, arena: int) -> list[Path]:
+    """``model_data.cc`` and ``model_data.h``: the flatbuffer, the I/O grids, the arena size and
+    the op resolver calls, self-contained C++17."""
+    ops = model_ops(model)
+    missing = [op for op in ops if op not in RESOLVER_METHODS]
+    if missing:
+        raise TargetError(f"no MicroMutableOpResolver method known for {', '.join(missing)}; use another target")
+    arena16 = -(-arena // ALIGNMENT) * ALIGNMENT
+
+    def tensor(prefix: str, t: dict[str, Any]) -> list[str]:
+        q = t["quantization"]
+        return [f"// {prefix.lower()} tensor '{t['name']}': {t['dtype']} {t['layout']}",
+                f"constexpr int k{prefix}Dims = {len(t['shape'])};",
+                f"constexpr int k{prefix}Shape[k{prefix}Dims] = {_c_list(t['shape'])};",
+                f"constexpr float k{prefix}Scale = {q['scale']!r}f;",
+                f"constexpr int k{prefix}ZeroPoint = {q['zero_point']};"]
+
+    header = [
+        "// Generated by eptq-deploy: the quantized model for TensorFlow Lite for Microcontrollers.",
+        "// Self-contained (no TFLM header needed); include it where the interpreter is set up:",
+        "//   tflite::MicroMutableOpResolver<kModelOpCount> resolver;  AddModelOps(resolver);",
+        "//   alignas(16) static uint8_t arena[kTensorArenaSize];",
+        "//   tflite::MicroInterpreter interpreter(tflite::GetModel(g_model_data), resolver, arena, kTensorArenaSize);",
+        "#ifndef EPTQ_DEPLOY_MODEL_DATA_H_",
+        "#define EPTQ_DEPLOY_MODEL_DATA_H_",
+        "",
+        "extern const unsigned char g_model_data[];",
+        "extern const unsigned int g_model_data_len;",
+        "",
+        f"// tensor arena measured by TFLM's recording allocator ({arena} bytes), rounded up to {ALIGNMENT}",
+        f"constexpr unsigned int kTensorArenaSize = {arena16};",
+        "",
+        *tensor("Input", io["input"]),
+        "// codes: q = clamp(round(x / kInputScale) + kInputZeroPoint, -128, 127), halves away from zero",
+        *tensor("Output", io["output"]),
+        "// scores: (q - kOutputZeroPoint) * kOutputScale",
+        "",
+        f"constexpr int kModelOpCount = {len(ops)};",
+        "",
+        "// Registers every op the model uses with a tflite::MicroMutableOpResolver<kModelOpCount>.",
+        "template <typename Resolver>",
+        "inline void AddModelOps(Resolver& resolver) {",
+        *[f"  resolver.{RESOLVER_METHODS[op]}();  // {op}" for op in ops],
+        "}",
+        "",
+        "#endif  // EPTQ_DEPLOY_MODEL_DATA_H_",
+        "",
+    ]
+    source = [
+        "// Generated by eptq-deploy: the model flatbuffer, read in place by TFLM (hence the alignment).",
+        '#include "model_data.h"',
+        "",
+        f"alignas({ALIGNMENT}) const unsigned char g_model_data[] = {{",
+        f"    {_c_array(model)}}};",
+        f"const unsigned int g_model_data_len = {len(model)};",
+        "",
+    ]
+    h, cc = Path(folder) / "model_data.h", Path(folder) / "model_data.cc"
+    h.write_text("\n".join(header))
+    cc.write_text("\n".join(source))
+    return [cc, h]
+
+
+class TfliteMicroTarget(TfliteInt8Target):
+    name = "tflite-micro"
+    description = ("TFLite int8 flatbuffer on TensorFlow Lite for Microcontrollers (reference kernels), with "
+                   "model_data.cc/.h, op resolver calls and the measured tensor arena")
+    runtime = "tflite-micro"
+    rounding_rules = ("tflite",)  # TFLM's reference kernels: TFLite's Q31 fixed point
+    rules = replace(TfliteInt8Target.rules, rounding="tflite")
+
+    def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
+        written = super().emit(graph, folder, quantized=quantized)
+        if not quantized:
+            return written
+        model = written[0].read_bytes()
+        return written + write_sources(model, self.io_contract(graph), Path(folder), arena_bytes(model))
+
+    def load(self, folder: Path, *, float_model: bool = False, threads: int = 1, kernels: str = "auto") -> Runner:
+        return TfliteMicroRunner(Path(folder) / (self.float_model_file if float_model else self.model_file))
+
+    def runtime_versions(self) -> dict[str, str]:
+        return {"tflite-micro": version("tflite-micro"), "flatbuffers": version("flatbuffers")}
+
+    def inspect(self, folder: Path) -> dict:
+        """The ops and resolver calls, the measured arena and the flash the model array takes."""
+        path = Path(folder) / self.model_file
+        model = path.read_bytes()
+        m = S.ModelT.InitFromPackedBuf(model, 0)
+        codes = [OP_NAMES.get(c.builtinCode, str(c.builtinCode)) for c in m.operatorCodes]
+        ops = Counter(codes[o.opcodeIndex] for o in m.subgraphs[0].operators)
+        return {"runtime_ops": dict(sorted(ops.items())),
+                "resolver": [RESOLVER_METHODS.get(op, op) for op in model_ops(model)],
+                "arena_bytes": arena_bytes(model), "model_bytes": len(model), "kernels": "TFLM reference",
+                "weight_compression": "none: sub-8-bit weights are stored in int8 containers (the manifest's "
+                                      "memory.weight_bytes.packed states their packed size)"}
