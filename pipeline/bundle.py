@@ -272,6 +272,18 @@ def runtime_line(t: dict[str, Any]) -> str:
                      "layers with large weights may differ from the simulation (exact on VNNI CPUs)")
     if "op_versions" in ins:
         parts.append("ops (version): " + ", ".join(f"{k} ({v})" for k, v in sorted(ins["op_versions"].items())))
+    if "arena_bytes" in ins:
+        parts.append(f"memory: model {ins['model_bytes']:,} bytes (flash), tensor arena {ins['arena_bytes']:,} bytes "
+                     "(RAM, measured by the runtime's allocator)")
+    comp = ins.get("weight_compression")
+    if isinstance(comp, dict) and "file_bytes_saved" in comp:
+        parts.append(f"weights: {comp['tensors']} tensors compressed ({comp['method']}), file "
+                     f"{comp['file_bytes_uncompressed']:,} -> {ins['model_bytes']:,} bytes, arena "
+                     f"{comp['arena_bytes_uncompressed']:,} -> {ins['arena_bytes']:,} bytes")
+    elif isinstance(comp, dict):
+        parts.append(f"weights: {comp['note']}")
+    if "resolver" in ins:
+        parts.append("op resolver: " + ", ".join(ins["resolver"]))
     if "kernels" in ins:
         parts.append(f"kernels: {ins['kernels']}")
     if "runtime_ops" in ins and "op_versions" not in ins:

@@ -56,6 +56,8 @@ class Target(ABC):
     #: every rounding rule this target's runners may follow (``rules.rounding`` first), each defined
     #: in the target's own module and registered there with ``simulate.register_rule``
     rounding_rules: ClassVar[tuple[str, ...]] = ()
+    #: the ``load`` keyword sets selecting each kernel set the runtime offers; conformance checks each
+    kernel_variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
 
     @abstractmethod
     def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
@@ -77,6 +79,17 @@ class Target(ABC):
 
     def runtime_versions(self) -> dict[str, str]:
         return {}
+
+    def exact_here(self, graph: QuantGraph) -> bool:
+        """Whether this machine's runtime computes ``graph`` bit for bit as the simulation of its
+        rule does (a target whose kernels depend on the CPU says where they do not)."""
+        return True
+
+    def read_back_mismatches(self, folder: Path, graph: QuantGraph) -> list[str] | None:
+        """Every way the integers and grids stored in the emitted file differ from ``graph``
+        (empty when the file holds exactly the graph's); None where the target cannot read
+        its file back."""
+        return None
 
     def io_contract(self, graph: QuantGraph) -> dict[str, dict[str, Any]]:
         """The integer model file's input and output as firmware sees them (the manifest's ``io``).
@@ -109,6 +122,12 @@ def io_tensor(name: str, shape: Sequence[int | str], layout: str, dtype: str,
     q = None if grid is None else {**dict(zip(("scale", "zero_point", "dtype", "where"), grid, strict=True)),
                                    "rounding": rounding}
     return {"name": name, "shape": list(shape), "layout": axes, "dtype": dtype, "quantization": q}
+
+
+def same_float32(a: Any, b: Any) -> bool:
+    """Whether two scale arrays are the same float32 numbers, bit for bit."""
+    a32, b32 = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return a32.shape == b32.shape and bool(np.array_equal(a32.view(np.uint32), b32.view(np.uint32)))
 
 
 def _load(spec: str) -> type[Target]:

@@ -36,7 +36,7 @@ from onnx import TensorProto, helper, numpy_helper
 from eptq_deploy.graph import SAME_GRID_OPS, Node, QParams, QuantGraph, TargetRules
 from eptq_deploy.simulate import FloatHalfEvenRule, pad_codes, register_rule
 
-from . import Runner, Target, io_tensor
+from . import Runner, Target, io_tensor, same_float32
 
 OPSET = 17
 IR_VERSION = 8
@@ -356,6 +356,9 @@ class OnnxQdqTarget(Target):
     def io_contract(self, graph: QuantGraph) -> dict[str, dict[str, Any]]:
         return qdq_io_contract(graph)
 
+    def read_back_mismatches(self, folder: Path, graph: QuantGraph) -> list[str]:
+        return read_back_mismatches(Path(folder) / self.model_file, graph)
+
     def inspect(self, folder: Path) -> dict:
         """Which kernels onnxruntime actually runs after its graph optimisations."""
         opt = Path(folder) / ".ort_optimized.onnx"
@@ -367,6 +370,44 @@ class OnnxQdqTarget(Target):
         ops = Counter(n.op_type for n in m.graph.node)
         float_convs = ops.get("Conv", 0) + ops.get("Gemm", 0) + ops.get("FusedConv", 0) + ops.get("MatMul", 0)
         return {"runtime_ops": dict(sorted(ops.items())), "float_conv_or_gemm_nodes": float_convs}
+
+
+def read_back_mismatches(path: Path, g: QuantGraph) -> list[str]:
+    """Every way the file's initializers differ from ``g``: int8 weights (uint8 with zero point 128
+    where onnxruntime's u8 x s8 kernels could saturate), int32 biases and each activation grid that
+    has a quantizer (the input's and the output's must), bit for bit; no float weight may remain."""
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    bad = []
+    for n in g.weighted_nodes():
+        wt, bt = g.tensors[n.inputs[1]], g.tensors[n.inputs[2]]
+        wi, wz = inits.get(f"{wt.name}.int"), inits.get(f"{wt.name}.zero_point")
+        bi = inits.get(f"{bt.name}.int")
+        if wi is None or wz is None or bi is None:
+            bad.append(f"{n.name}: integer weight or bias missing")
+            continue
+        u8 = u8s8_may_saturate(g, n)
+        want = (np.uint8, 128) if u8 else (np.int8, 0)
+        if wi.dtype != want[0] or wz.dtype != want[0] or np.any(wz != want[1]):
+            bad.append(f"{wt.name}: stored as {wi.dtype} with zero point {np.unique(wz)}, expected {want}")
+        elif not np.array_equal(wi.astype(np.int64) - want[1], wt.data):
+            bad.append(f"{wt.name}: weight integers differ")
+        if bi.dtype != np.int32 or not np.array_equal(bi, bt.data):
+            bad.append(f"{bt.name}: bias integers differ")
+        for t in (wt, bt):
+            if not same_float32(inits.get(f"{t.name}.scale"), t.quant.scale):
+                bad.append(f"{t.name}: scale differs")
+    for name in g.activation_names():
+        if f"{name}.scale" not in inits:
+            if name in (g.inputs[0], g.outputs[0]):
+                bad.append(f"{name}: no quantizer in the file")
+            continue  # a code-moving op's output without a DQ of its own
+        qp, zp = g.tensors[name].quant, inits[f"{name}.zero_point"]
+        if not same_float32(inits[f"{name}.scale"], qp.scale[:1].reshape(())):
+            bad.append(f"{name}: activation scale differs")
+        if zp.dtype != np.uint8 or zp.shape != () or int(zp) != int(qp.zero_point[0]) + (128 if qp.signed else 0):
+            bad.append(f"{name}: activation zero point {zp} differs")
+    bad += [f"{k}: float weight left in the integer file" for k in inits if k.endswith((".weight", ".bias"))]
+    return bad
 
 
 # ------------------------------------------------ the rule onnxruntime's kernels follow

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from eptq_deploy.graph import SAME_GRID_OPS, Node, QuantGraph
+from eptq_deploy.graph import SAME_GRID_OPS, WEIGHTED_OPS, Node, QuantGraph
 from eptq_deploy.host import has_vnni
 from eptq_deploy.simulate import FloatHalfEvenRule, register_rule
 
@@ -294,6 +294,20 @@ class OpenVinoIrTarget(Target):
     def read_back(self, folder: Path) -> dict[str, Any]:
         """The integers and grids in this target's integer IR (see :func:`read_back`)."""
         return read_back(Path(folder) / self.model_file)
+
+    def read_back_mismatches(self, folder: Path, graph: QuantGraph) -> list[str]:
+        return read_back_mismatches(graph, self.read_back(folder))
+
+    def exact_here(self, graph: QuantGraph) -> bool:
+        """Exact on this CPU (see :func:`exact_on_this_cpu`) and outside the two measured deviations
+        of the ``openvino`` rule: asymmetric activation grids, and an add fed by a weighted layer on
+        both sides (a projection shortcut)."""
+        producer = graph.producer()
+        two_sided = any(n.op == "add" and all(i in producer and producer[i].op in WEIGHTED_OPS for i in n.inputs)
+                        for n in graph.nodes)
+        asymmetric = any(graph.tensors[t].quant is not None and np.any(graph.tensors[t].quant.zero_point != 0)
+                         for t in graph.activation_names())
+        return exact_on_this_cpu(graph) and not two_sided and not asymmetric
 
 
 # ------------------------------------------------ the rule the CPU plugin follows

@@ -43,7 +43,7 @@ from eptq_deploy.simulate import (
     same_grid,
 )
 
-from . import Runner, Target, io_tensor
+from . import Runner, Target, io_tensor, same_float32
 
 BO, TT, ACT = S.BuiltinOperator, S.TensorType, S.ActivationFunctionType
 OP_NAMES = {v: k for k, v in vars(BO).items() if not k.startswith("_")}
@@ -58,6 +58,64 @@ UNIT_GRID = (1.0 / 256.0, -128, True)
 KERNELS = {"auto": OpResolverType.AUTO, "builtin": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES,
            "reference": OpResolverType.BUILTIN_REF}
 _NHWC_AXIS = {0: 0, 1: 3, 2: 1, 3: 2}
+
+
+#: weighted op -> (transpose from the graph's layout to TFLite's, the per-channel axis there)
+WEIGHT_LAYOUT: dict[str, tuple[tuple[int, ...], int]] = {
+    "conv2d": ((0, 2, 3, 1), 0), "depthwise_conv2d": ((1, 2, 3, 0), 3), "linear": ((), 0)}
+_NUMPY_TYPES = {TT.INT8: np.int8, TT.INT32: np.int32, TT.FLOAT32: np.float32, TT.UINT8: np.uint8,
+                TT.INT16: np.int16, TT.INT64: np.int64}
+
+
+def stored_tensors(m: Any) -> dict[str, dict[str, Any]]:
+    """A parsed model's tensors by name: type, data (None without a buffer), scales, zero points, axis."""
+    out = {}
+    for t in m.subgraphs[0].tensors:
+        raw = m.buffers[t.buffer].data if t.buffer else None
+        data = None
+        if raw is not None and len(raw) and t.type in _NUMPY_TYPES:
+            data = np.frombuffer(bytes(raw), _NUMPY_TYPES[t.type]).reshape([int(d) for d in t.shape])
+        q = t.quantization
+        out[t.name.decode()] = {"type": t.type, "data": data,
+                                "scales": None if q is None or q.scale is None else np.asarray(q.scale, np.float32),
+                                "zero_points": None if q is None or q.zeroPoint is None else np.asarray(q.zeroPoint),
+                                "axis": 0 if q is None else int(q.quantizedDimension)}
+    return out
+
+
+def read_back_mismatches(m: Any, g: QuantGraph, tensors: dict[str, dict[str, Any]] | None = None) -> list[str]:
+    """Every way a parsed model (``tensors``: its ``stored_tensors``, where the caller decoded some)
+    differs from ``g``: int8 weights in TFLite's layout with their per-channel scales and axis,
+    int32 biases, every activation's int8 grid, and the input and output named as in the graph."""
+    tensors = stored_tensors(m) if tensors is None else tensors
+    bad = []
+    for n in g.weighted_nodes():
+        layout, axis = WEIGHT_LAYOUT[n.op]
+        for t, ttype in ((g.tensors[n.inputs[1]], TT.INT8), (g.tensors[n.inputs[2]], TT.INT32)):
+            got = tensors.get(t.name)
+            want = np.transpose(t.data, layout) if ttype == TT.INT8 and layout else t.data
+            if got is None or got["type"] != ttype or got["data"] is None:
+                bad.append(f"{t.name}: no {_TYPE_NAMES.get(ttype)} constant in the file")
+                continue
+            if not np.array_equal(got["data"], want):
+                bad.append(f"{t.name}: integers differ")
+            if not same_float32(got["scales"], t.quant.scale) or np.any(got["zero_points"] != 0):
+                bad.append(f"{t.name}: scales or zero points differ")
+            if ttype == TT.INT8 and got["axis"] != axis:
+                bad.append(f"{t.name}: quantized dimension {got['axis']}, expected {axis}")
+    for name in g.activation_names():
+        got = tensors.get(name)
+        if got is None or got["type"] != TT.INT8 or got["scales"] is None:
+            bad.append(f"{name}: no int8 activation tensor in the file")
+            continue
+        s, z = i8_grid(g.tensors[name].quant)
+        if not same_float32(got["scales"], [s]) or got["zero_points"].tolist() != [z]:
+            bad.append(f"{name}: grid {got['scales'].tolist()}/{got['zero_points'].tolist()}, expected {s}/{z}")
+    sg = m.subgraphs[0]
+    io = [sg.tensors[sg.inputs[0]].name.decode(), sg.tensors[sg.outputs[0]].name.decode()]
+    if io != [g.inputs[0], g.outputs[0]]:
+        bad.append(f"input/output named {io}, expected {[g.inputs[0], g.outputs[0]]}")
+    return bad
 
 
 def i8_grid(qp: QParams) -> tuple[float, int]:
@@ -317,12 +375,12 @@ class _Emitter:
         else:
             padding, x = self.padding(src, self.output(src), [kh, kw], a["stride"], a["dilation"], a["pads"])
         if depthwise:
-            w, b = self.weights(n, (1, 2, 3, 0), 3)  # [1, kh, kw, C*mult]
+            w, b = self.weights(n, *WEIGHT_LAYOUT[n.op])  # [1, kh, kw, C*mult]
             o = S.DepthwiseConv2DOptionsT()
             o.depthMultiplier = o_ch // cin
             code, ot = BO.DEPTHWISE_CONV_2D, S.BuiltinOptions.DepthwiseConv2DOptions
         else:
-            w, b = self.weights(n, (0, 2, 3, 1), 0)  # [O, kh, kw, I]
+            w, b = self.weights(n, *WEIGHT_LAYOUT[n.op])  # [O, kh, kw, I]
             o = S.Conv2DOptionsT()
             code, ot = BO.CONV_2D, S.BuiltinOptions.Conv2DOptions
         o.padding, o.strideH, o.strideW = padding, a["stride"][0], a["stride"][1]
@@ -331,7 +389,7 @@ class _Emitter:
         self.op(code, [x, w, b], [self.output(n.outputs[0])], ot, o)
 
     def fully_connected(self, n: Node) -> None:
-        w, b = self.weights(n, (), 0)
+        w, b = self.weights(n, *WEIGHT_LAYOUT[n.op])
         o = S.FullyConnectedOptionsT()
         o.fusedActivationFunction = self.fused(n)
         self.op(BO.FULLY_CONNECTED, [self.output(n.inputs[0]), w, b], [self.output(n.outputs[0])],
@@ -627,6 +685,7 @@ class TfliteInt8Target(Target):
         max_weight_bits=8, activation_bits=(8,))
     model_file = "model.tflite"
     float_model_file = "model_float.tflite"
+    kernel_variants = ({}, {"kernels": "reference"})
 
     def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
         path = Path(folder) / (self.model_file if quantized else self.float_model_file)
@@ -650,6 +709,9 @@ class TfliteInt8Target(Target):
                              (s, z, "int8", "codes in the tensor"), rounding="half away from zero")
 
         return {"input": one(graph.inputs[0]), "output": one(graph.outputs[0])}
+
+    def read_back_mismatches(self, folder: Path, graph: QuantGraph) -> list[str]:
+        return read_back_mismatches(S.ModelT.InitFromPackedBuf((Path(folder) / self.model_file).read_bytes(), 0), graph)
 
     def inspect(self, folder: Path) -> dict:
         """The ops (and their versions) and tensors the integer file holds, and the kernels ``load`` runs it on."""

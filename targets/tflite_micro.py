@@ -11,11 +11,19 @@ Beside the file, the folder holds what a microcontroller team compiles in:
 tensor arena size TFLM's recording allocator measured, and ``AddModelOps``, the
 ``MicroMutableOpResolver`` calls the model needs). Both are self-contained C++17: no
 TFLM header is needed to compile them.
+
+Weights of fewer than 8 bits are stored compressed with TFLM's own look-up-table compression
+(the pinned package's compressor): each such weight tensor becomes packed indices into
+per-channel value tables, decoded by a ``TFLM_DECODE`` op into the arena before its layer
+runs. The same integers reach the kernels, so the outputs are unchanged (tested); the file
+shrinks and the arena grows by the decode buffers, both stated in the manifest.
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
+import math
 import os
 import re
 import sys
@@ -30,12 +38,21 @@ import numpy as np
 from ai_edge_litert import schema_py_generated as S
 
 from eptq_deploy.errors import TargetError
-from eptq_deploy.graph import Node, QuantGraph
+from eptq_deploy.graph import Node, QuantGraph, TensorInfo
 from eptq_deploy.simulate import RoundingRule, register_rule
 
 from . import Runner
-from .tflite_int8 import OP_NAMES, TfliteInt8Target, TfliteRule, quantize_codes
+from .tflite_int8 import (
+    OP_NAMES,
+    TfliteInt8Target,
+    TfliteRule,
+    quantize_codes,
+    read_back_mismatches,
+    stored_tensors,
+)
 
+#: the custom op TFLM's compressor inserts to decode a compressed tensor into the arena
+DECODE_OP = "TFLM_DECODE"
 #: ``MicroMutableOpResolver`` method of each builtin op the tflite-int8 writer emits
 RESOLVER_METHODS = {
     "ADD": "AddAdd", "AVERAGE_POOL_2D": "AddAveragePool2D", "CONCATENATION": "AddConcatenation",
@@ -44,7 +61,7 @@ RESOLVER_METHODS = {
     "MAX_POOL_2D": "AddMaxPool2D", "MEAN": "AddMean", "MUL": "AddMul", "PAD": "AddPad", "PADV2": "AddPadV2",
     "QUANTIZE": "AddQuantize", "RELU": "AddRelu", "RELU6": "AddRelu6", "RESHAPE": "AddReshape",
     "SOFTMAX": "AddSoftmax", "SPLIT": "AddSplit", "STRIDED_SLICE": "AddStridedSlice", "SUB": "AddSub",
-    "TRANSPOSE": "AddTranspose",
+    "TRANSPOSE": "AddTranspose", DECODE_OP: "AddDecode",
 }
 #: the C array's alignment: flatbuffers and TFLM read the model in place
 ALIGNMENT = 16
@@ -87,11 +104,102 @@ def arena_bytes(model: bytes) -> int:
     return int(m.group(1))
 
 
+def op_names(m: Any) -> list[str]:
+    """The name of each operator code of a parsed model (a custom op's own name)."""
+    return [c.customCode.decode() if c.builtinCode == S.BuiltinOperator.CUSTOM and c.customCode
+            else OP_NAMES.get(c.builtinCode, str(c.builtinCode)) for c in m.operatorCodes]
+
+
 def model_ops(model: bytes) -> list[str]:
-    """The builtin ops of a TFLite flatbuffer, in first-use order."""
+    """The ops of a TFLite flatbuffer, in first-use order."""
     m = S.ModelT.InitFromPackedBuf(model, 0)
-    names = [OP_NAMES.get(c.builtinCode, str(c.builtinCode)) for c in m.operatorCodes]
+    names = op_names(m)
     return list(dict.fromkeys(names[o.opcodeIndex] for o in m.subgraphs[0].operators))
+
+
+def lut_index_bits(t: TensorInfo, data: np.ndarray, axis: int) -> int | None:
+    """The LUT index width that stores ``data`` (a weight tensor ``t`` as the file holds it) in fewer
+    bytes, or None: only weights of fewer than 8 bits, and only where the packed indices plus one
+    value table per channel are smaller than the int8 container."""
+    if t.quant is None or t.quant.bits >= 8 or data.dtype != np.int8:
+        return None
+    per_channel = np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1)
+    distinct = max(len(np.unique(c)) for c in per_channel)
+    bits = max(1, math.ceil(math.log2(distinct)))
+    stored = -(-data.size * bits // 8) + data.shape[axis] * 2**bits
+    return bits if stored < data.size else None
+
+
+def compress_weights(model: bytes, graph: QuantGraph) -> bytes:
+    """``model`` with every sub-8-bit weight tensor LUT-compressed by TFLM's compressor (per
+    channel, along the tensor's quantized dimension: TFLM decodes a per-tensor table of a
+    per-channel tensor wrongly, measured), or ``model`` itself when nothing would shrink."""
+    from tflite_micro.tensorflow.lite.micro.compression import spec
+    from tflite_micro.tensorflow.lite.micro.compression.compress import compress
+
+    m = S.ModelT.InitFromPackedBuf(model, 0)
+    sg = m.subgraphs[0]
+    specs = []
+    for i, t in enumerate(sg.tensors):
+        gt = graph.tensors.get(t.name.decode())
+        if gt is None or gt.data is None or t.type != S.TensorType.INT8 or t.quantization is None:
+            continue
+        axis = int(t.quantization.quantizedDimension)
+        data = np.frombuffer(bytes(m.buffers[t.buffer].data), np.int8).reshape(t.shape)
+        bits = lut_index_bits(gt, data, axis)
+        if bits is not None:
+            specs.append(spec.Tensor(0, i, [spec.LookUpTableCompression(bits, spec.PerChannel(axis))]))
+    if not specs:
+        return model
+    try:
+        return bytes(compress(model, specs))
+    except Exception as e:  # the compressor's own error types vary by build
+        raise TargetError(f"TFLM's weight compression failed: {' '.join(str(e).split())[:200]}; "
+                          "quantize with 8-bit weights for tflite-micro") from None
+
+
+#: beside a compressed model: the uncompressed file's size and arena, for the saving and the cost
+COMPRESSION_FILE = "compression.json"
+
+
+def weight_compression(model: bytes, before: dict[str, int] | None = None) -> dict[str, Any]:
+    """What the file's ``TFLM_DECODE`` ops decode (tensors, bytes decoded and stored) and, given the
+    uncompressed file's figures (``COMPRESSION_FILE``), the file bytes saved and the arena bytes added."""
+    m = S.ModelT.InitFromPackedBuf(model, 0)
+    sg, names = m.subgraphs[0], op_names(m)
+    decoded = stored = count = 0
+    for o in sg.operators:
+        if names[o.opcodeIndex] != DECODE_OP:
+            continue
+        for out in o.outputs:
+            decoded += int(np.prod(sg.tensors[out].shape))  # int8: one byte per weight
+            count += 1
+        stored += sum(len(m.buffers[sg.tensors[i].buffer].data) for i in o.inputs)
+    if not count:
+        return {"method": "none", "note": "weights stay in int8 containers: LUT compression is applied to weights of fewer than 8 bits where it shrinks them"}
+    out: dict[str, Any] = {"method": "TFLM LUT (TFLM_DECODE op; per-channel value tables)", "tensors": count,
+                           "decoded_bytes": decoded, "stored_bytes": stored}
+    if before:
+        out["file_bytes_uncompressed"] = before["model_bytes"]
+        out["file_bytes_saved"] = before["model_bytes"] - len(model)
+        out["arena_bytes_uncompressed"] = before["arena_bytes"]
+    out["note"] = "the arena holds decoded weights while their layer runs (arena_bytes includes them)"
+    return out
+
+
+def decode_lut(encoded: bytes, ancillary: bytes, shape: list[int]) -> np.ndarray:
+    """An int8 tensor as a ``TFLM_DECODE`` op rebuilds it from TFLM's LUT format: big-endian packed
+    indices into value tables; the ancillary data is a 16-byte header (byte 5: channel axis in the
+    high nibble, 15 for one table, index width in the low three bits; byte 6: table length per
+    channel) followed by the tables."""
+    ancillary = bytes(ancillary)
+    axis, bits, stride = ancillary[5] >> 4, ancillary[5] & 7, ancillary[6]
+    tables = np.frombuffer(ancillary[16:], np.int8)
+    n = int(np.prod(shape))
+    packed = np.unpackbits(np.frombuffer(bytes(encoded), np.uint8))[: n * bits].reshape(n, bits)
+    index = (packed.astype(np.int64) << np.arange(bits - 1, -1, -1)).sum(1).reshape(shape)
+    channel = 0 if axis == 15 else np.indices(shape)[axis]
+    return tables[channel * stride + index]
 
 
 class TfliteMicroRule(TfliteRule):
@@ -190,6 +298,8 @@ def write_sources(model: bytes, io: dict[str, dict[str, Any]], folder: Path, are
         "",
         f"// tensor arena measured by TFLM's recording allocator ({arena} bytes), rounded up to {ALIGNMENT}",
         f"constexpr unsigned int kTensorArenaSize = {arena16};",
+        *(["// sub-8-bit weights are LUT-compressed: TFLM_DECODE ops (AddDecode) unpack each into the arena",
+            "// before its layer runs; the arena size above includes those buffers"] if DECODE_OP in ops else []),
         "",
         *tensor("Input", io["input"]),
         "// codes: q = clamp(round(x / kInputScale) + kInputZeroPoint, -128, 127), halves away from zero",
@@ -229,12 +339,19 @@ class TfliteMicroTarget(TfliteInt8Target):
     runtime = "tflite-micro"
     rounding_rules = ("tflite-micro",)
     rules = replace(TfliteInt8Target.rules, rounding="tflite-micro")
+    kernel_variants = ({},)
 
     def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
         written = super().emit(graph, folder, quantized=quantized)
         if not quantized:
             return written
-        model = written[0].read_bytes()
+        raw = written[0].read_bytes()
+        model = compress_weights(raw, graph)
+        if model is not raw:
+            written[0].write_bytes(model)
+            side = Path(folder) / COMPRESSION_FILE
+            side.write_text(json.dumps({"model_bytes": len(raw), "arena_bytes": arena_bytes(raw)}, indent=1) + "\n")
+            written.append(side)
         return written + write_sources(model, self.io_contract(graph), Path(folder), arena_bytes(model))
 
     def load(self, folder: Path, *, float_model: bool = False, threads: int = 1, kernels: str = "auto") -> Runner:
@@ -243,15 +360,30 @@ class TfliteMicroTarget(TfliteInt8Target):
     def runtime_versions(self) -> dict[str, str]:
         return {"tflite-micro": version("tflite-micro"), "flatbuffers": version("flatbuffers")}
 
+    def read_back_mismatches(self, folder: Path, graph: QuantGraph) -> list[str]:
+        """As tflite-int8's, with each LUT-compressed weight decoded from the file first."""
+        m = S.ModelT.InitFromPackedBuf((Path(folder) / self.model_file).read_bytes(), 0)
+        sg, names, tensors = m.subgraphs[0], op_names(m), stored_tensors(m)
+        for o in sg.operators:
+            if names[o.opcodeIndex] == DECODE_OP:
+                for k, out in enumerate(o.outputs):  # inputs: (packed indices, ancillary data) per output
+                    enc, anc = (sg.tensors[i] for i in o.inputs[2 * k:2 * k + 2])
+                    decoded = sg.tensors[out]  # shape, type and grid of the weight; the indices keep its name
+                    data = decode_lut(m.buffers[enc.buffer].data, m.buffers[anc.buffer].data,
+                                      [int(d) for d in decoded.shape])
+                    tensors[enc.name.decode()] = {**tensors[decoded.name.decode()], "data": data}
+        return read_back_mismatches(m, graph, tensors)
+
     def inspect(self, folder: Path) -> dict:
         """The ops and resolver calls, the measured arena and the flash the model array takes."""
         path = Path(folder) / self.model_file
         model = path.read_bytes()
+        side = Path(folder) / COMPRESSION_FILE
+        before = json.loads(side.read_text()) if side.is_file() else None
         m = S.ModelT.InitFromPackedBuf(model, 0)
-        codes = [OP_NAMES.get(c.builtinCode, str(c.builtinCode)) for c in m.operatorCodes]
+        codes = op_names(m)
         ops = Counter(codes[o.opcodeIndex] for o in m.subgraphs[0].operators)
         return {"runtime_ops": dict(sorted(ops.items())),
                 "resolver": [RESOLVER_METHODS.get(op, op) for op in model_ops(model)],
                 "arena_bytes": arena_bytes(model), "model_bytes": len(model), "kernels": "TFLM reference",
-                "weight_compression": "none: sub-8-bit weights are stored in int8 containers (the manifest's "
-                                      "memory.weight_bytes.packed states their packed size)"}
+                "weight_compression": weight_compression(model, before)}

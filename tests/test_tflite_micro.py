@@ -80,3 +80,66 @@ def test_sources_and_arena(bundle: tuple[eptq_deploy.QuantizedModel, Path]) -> N
     done = subprocess.run(["g++", "-std=c++17", "-Wall", "-c", "model_data.cc", "-o", str(b / "model_data.o")],
                           cwd=folder, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+class Wide(nn.Module):
+    """Big enough layers that 4- and 2-bit indices plus value tables beat the int8 container."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a = nn.Conv2d(3, 16, 3, padding=1)  # 432 weights: tables would cost more than they save
+        self.b = nn.Conv2d(16, 32, 3, padding=1)
+        self.d = nn.Conv2d(32, 32, 3, padding=1, groups=32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.d(torch.relu(self.b(torch.relu(self.a(x))))))
+        return self.fc(y.mean((2, 3)))
+
+
+#: per width: (tensors compressed, weights they hold, their output channels). A layer is compressed
+#: when ceil(n * bits / 8) + channels * 2**bits < n: at 4 bits only b (4,608 weights; a: 216 + 256 >
+#: 432, d: 144 + 512 > 288, fc: 160 + 160 = 320), at 2 bits all four
+LUT_EXPECTED = {4: (1, 4608, 32), 2: (4, 432 + 4608 + 288 + 320, 16 + 32 + 32 + 10)}
+
+
+@pytest.mark.parametrize("bits", [4, 2])
+def test_sub_8_bit_weights_are_lut_compressed_and_exact(bits: int, tmp_path: Path) -> None:
+    x = torch.randn(96, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    qm = eptq_deploy.quantize(Wide().eval(), x[:64], profile="imx500", weight_bits=bits, targets=[TARGET],
+                              method="ptq", progress=False)
+    t = get_target(TARGET)
+    t.emit(qm.graph, tmp_path)
+    np.testing.assert_array_equal(t.load(tmp_path).run(x[64:].numpy()), qm.simulate(x[64:], TARGET).numpy())
+    facts = t.inspect(tmp_path)
+    comp = facts["weight_compression"]
+    tensors, weights, channels = LUT_EXPECTED[bits]
+    assert (comp["tensors"], comp["decoded_bytes"]) == (tensors, weights)
+    assert comp["stored_bytes"] >= -(-weights * bits // 8) + channels * 2**bits
+    assert comp["file_bytes_saved"] > 0
+    assert facts["model_bytes"] == comp["file_bytes_uncompressed"] - comp["file_bytes_saved"]
+    assert "AddDecode" in facts["resolver"] and "resolver.AddDecode();" in (tmp_path / "model_data.h").read_text()
+    assert facts["arena_bytes"] >= comp["arena_bytes_uncompressed"]
+
+
+def test_eight_bit_weights_stay_uncompressed(bundle: tuple[eptq_deploy.QuantizedModel, Path]) -> None:
+    _, b = bundle
+    facts = get_target(TARGET).inspect(b / TARGET)
+    assert facts["weight_compression"]["method"] == "none" and "AddDecode" not in facts["resolver"]
+    assert not (b / TARGET / "compression.json").exists()
+
+
+def test_read_back_decodes_compressed_weights(tmp_path: Path) -> None:
+    """The file holds the graph's integers once its LUT-compressed weights are decoded (and not before)."""
+    x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    qm = eptq_deploy.quantize(Wide().eval(), x, profile="imx500", weight_bits=2, targets=[TARGET], method="ptq",
+                              progress=False)
+    t = get_target(TARGET)
+    t.emit(qm.graph, tmp_path)
+    assert t.read_back_mismatches(tmp_path, qm.graph) == []
+    from ai_edge_litert import schema_py_generated as S
+
+    from eptq_deploy.targets.tflite_int8 import read_back_mismatches
+    raw = read_back_mismatches(S.ModelT.InitFromPackedBuf((tmp_path / t.model_file).read_bytes(), 0), qm.graph)
+    assert len([m for m in raw if "integers differ" in m or "no INT8" in m]) == 4  # the four packed weights
