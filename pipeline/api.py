@@ -12,22 +12,23 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import __version__, preprocess
+from . import __version__, fold
 from .bundle import read_manifest, verify_bundle, write_bundle
 from .capture import capture
 from .checks import latency, runtime_checks
-from .data import Preset, get_preset, normalize_pixels, preset_info
 from .eptq import EptqConfig, optimize, optimize_layerwise
 from .errors import BundleError, DataError, TargetError, UsageError
 from .graph import QuantGraph, TargetRules
 from .hessian import hessian_scores
 from .hw_profiles import Profile, load_profile
+from .preprocess import Preset, get_preset, normalize_pixels, preset_info
 from .ptq import collect_stats, ptq
 from .quantized import QuantizedModel
 from .targets import Runner, Target, get_target, list_targets
@@ -114,7 +115,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     parameters, and an impossible profile/target pair fails here before any work.
 
     ``fold_preprocessing`` (a preset or its name) folds that preset's normalisation into
-    the first layer (see ``preprocess.py``): the quantized model then takes RGB pixels
+    the first layer (see ``fold.py``): the quantized model then takes RGB pixels
     0..255, so ``data`` here, and every input given to it later (simulate, export's
     check data, runners), is raw pixels as float NCHW (``data.to_pixels`` converts
     normalised tensors back).
@@ -130,7 +131,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     pre = None
     if fold_preprocessing is not None:
         pre = get_preset(fold_preprocessing)
-        preprocess.pixel_grid(prof)  # an impossible input grid fails before any work
+        fold.pixel_grid(prof)  # an impossible input grid fails before any work
     torch.manual_seed(seed)
     t0 = time.perf_counter()
     picked: list[int] = []
@@ -140,7 +141,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     else:
         _check_pixels(x)
         fg = capture(model, normalize_pixels(x[:1], pre), fusing=prof.fusing, profile_name=prof.name)
-        fg = preprocess.fold_preprocessing(fg, pre)
+        fg = fold.fold_preprocessing(fg, pre)
     for t in tgts:  # an op a target cannot write fails now, not after minutes of calibration and EPTQ
         t.validate(fg)
     t_capture = time.perf_counter() - t0
@@ -164,15 +165,14 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     return QuantizedModel(qg, fg, prof, [t.name for t in tgts], {t.name: t.rules.rounding for t in tgts}, info)
 
 
+#: the Hessian pass's options (EPTQ's own come from ``EptqConfig``; ``seed`` is quantize's)
+HESSIAN_OPTIONS: dict[str, Any] = {"hessian": "eptq", "n_draws": 32, "hmse": True}
+EPTQ_OPTIONS: dict[str, Any] = {f.name: f.default for f in fields(EptqConfig) if f.name != "seed"}
+
+
 def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     """Validated options of ``method`` (EPTQ's knobs; PTQ takes none)."""
-    known: dict[str, Any] = {}
-    if method in ("eptq", "adaround"):
-        cfg = EptqConfig()
-        known = {"iters": cfg.iters, "batch_size": cfg.batch_size, "lr": cfg.lr, "bias_lr": cfg.bias_lr,
-                 "reg_weight": cfg.reg_weight, "hessian": "eptq", "n_draws": 32, "hmse": True, "bias_tune": cfg.bias_tune, "act_ramp": cfg.act_ramp,
-                 "max_memory": cfg.max_memory, "checkpoint_dir": cfg.checkpoint_dir, "resume": cfg.resume,
-                 "checkpoint_every": cfg.checkpoint_every}
+    known: dict[str, Any] = {**EPTQ_OPTIONS, **HESSIAN_OPTIONS} if method in ("eptq", "adaround") else {}
     unknown = sorted(set(options) - set(known))
     if unknown:
         allowed = ", ".join(sorted(known)) or "none"
@@ -186,12 +186,16 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
                 raise UsageError(f"{k}={out[k]!r} must be a positive integer")
         if out["max_memory"] is not None and (not isinstance(out["max_memory"], int) or out["max_memory"] < 1):
             raise UsageError(f"max_memory={out['max_memory']!r} must be a number of bytes, e.g. 4000000000")
+        out["resume"] = bool(out["resume"])
     return out
 
 
 def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: list[TargetRules], opts: dict[str, Any],
           seed: int, progress: bool, timings: dict[str, float], info: dict[str, Any]) -> QuantGraph:
     """Hessian scores, Hessian-weighted thresholds, then network-wise rounding optimisation."""
+    if not fg.weighted_nodes():  # no rounding to learn: the calibrated grids are the whole result
+        info["eptq_log"] = {"skipped": "the model has no weighted layer; its grids come from calibration (PTQ)"}
+        return ptq(fg, stats, prof, rules)
     t = time.perf_counter()
     scores = whess = None
     if (opts["hessian"] == "eptq" and info["method"] == "eptq") or opts["hmse"]:
@@ -202,10 +206,7 @@ def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: lis
         info["hessian_scores"] = {n.name: float(np.mean(scores[n.outputs[0]])) for n in fg.weighted_nodes()}
     timings["hessian"] = round(time.perf_counter() - t, 3)
     qg = ptq(fg, stats, prof, rules, hessians=whess if opts["hmse"] else None)
-    cfg = EptqConfig(iters=opts["iters"], batch_size=opts["batch_size"], lr=opts["lr"], bias_lr=opts["bias_lr"],
-                     reg_weight=opts["reg_weight"], bias_tune=opts["bias_tune"], act_ramp=opts["act_ramp"], seed=seed,
-                     max_memory=opts["max_memory"], checkpoint_dir=opts["checkpoint_dir"], resume=bool(opts["resume"]),
-                     checkpoint_every=opts["checkpoint_every"])
+    cfg = EptqConfig(seed=seed, **{k: opts[k] for k in EPTQ_OPTIONS})
     t = time.perf_counter()
     if info["method"] == "adaround":
         qg, log = optimize_layerwise(qg, fg, x, cfg, prof.bias_bits, progress)
@@ -236,7 +237,7 @@ def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: s
         from .data import take_samples
 
         x = take_samples(data, None)
-        if preprocess.is_folded(qmodel.graph):
+        if fold.is_folded(qmodel.graph):
             _check_pixels(x)
         if check_samples is not None:
             x = x[:check_samples]
@@ -287,7 +288,7 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = 
         verify_bundle(bundle_dir, n)
     g = QuantGraph.load(bundle_dir)
     x = take_samples(data, None)
-    if preprocess.is_folded(g):
+    if fold.is_folded(g):
         _check_pixels(x)
     expected = tuple(g.tensors[g.inputs[0]].shape[1:])
     if tuple(x.shape[1:]) != expected:

@@ -33,8 +33,8 @@ import torch
 from . import __version__, feeding
 from .checks import latency, runtime_checks
 from .errors import BundleError, EptqError, UsageError
+from .fold import input_contract
 from .host import cpu_features
-from .preprocess import input_contract
 from .quantized import QuantizedModel
 
 MANIFEST_VERSION = 2

@@ -18,7 +18,7 @@ import typer
 
 from . import __version__
 from .errors import DataError, EptqError, UsageError
-from .presets import DEFAULT_PRESET, describe_presets
+from .preprocess import DEFAULT_PRESET, describe_presets
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="EPTQ post-training quantization for edge targets: quantize, export, check.")
@@ -161,8 +161,9 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     """
     from . import api
     from .bundle import calibration_record, refuse_existing
-    from .data import get_preset, load_class_names, load_data, load_labels, preset_info, to_pixels
+    from .data import load_class_names, load_data, load_labels
     from .models import load_model
+    from .preprocess import get_preset, preset_info, to_pixels
 
     if data is None:
         raise UsageError("--data is required with a MODEL: give an image folder or an .npz/.npy array")
@@ -291,7 +292,9 @@ def check(
     def body() -> None:
         from . import api
         from .bundle import calibration_overlap, verify_bundle
-        from .data import DEMO_HOLDOUT, Preset, load_data, load_labels, to_pixels
+        from .data import load_data, load_labels
+        from .demo import DEMO_HOLDOUT
+        from .preprocess import Preset, to_pixels
 
         if not 0.0 <= min_agreement <= 1.0:
             raise UsageError(f"--min-agreement {min_agreement} must be a fraction between 0 and 1, e.g. 0.995")

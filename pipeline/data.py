@@ -1,4 +1,4 @@
-"""Calibration and evaluation data: presets, loaders, batching and demo photos.
+"""Calibration and evaluation data: loaders, labels and batching.
 
 Quantization quality depends on feeding the model exactly the preprocessing it
 was trained with, so every path in (image folders, ``.npz``/``.npy`` arrays,
@@ -8,11 +8,8 @@ go wrong is a one-line :class:`DataError`.
 
 from __future__ import annotations
 
-import importlib.util
-import math
 import warnings
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,154 +17,17 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from .demo import DEMO_HOLDOUT, DEMO_HOLDOUT_SAMPLES, demo_photos
 from .errors import DataError, UsageError
-from .presets import DEFAULT_PRESET, PRESETS, Preset
+from .preprocess import Preset, get_preset, normalize_uint8, preprocess_uint8, resize_crop
 
 __all__ = [
-    "DEMO_HOLDOUT",
-    "DEMO_HOLDOUT_SAMPLES",
-    "DEMO_PHOTOS",
-    "PRESETS",
-    "Preset",
-    "demo_photos",
-    "get_preset",
     "iter_batches",
-    "load_data",
     "load_class_names",
+    "load_data",
     "load_labels",
-    "normalize_pixels",
-    "preprocess_uint8",
     "take_samples",
-    "to_pixels",
 ]
-
-
-def get_preset(
-    preset: str | Preset | None = None,
-    *,
-    resize: int | None = None,
-    crop: int | None = None,
-    mean: tuple[float, ...] | None = None,
-    std: tuple[float, ...] | None = None,
-) -> Preset:
-    """A preset by name (default "imagenet") with any field overridden.
-
-    Overridden mean/std are read on the 0..255 scale when any given value exceeds 1,
-    else on the 0..1 scale, so both common spellings work.
-    """
-    if preset is None:
-        base = PRESETS[DEFAULT_PRESET]
-    elif isinstance(preset, Preset):
-        base = preset
-    elif preset in PRESETS:
-        base = PRESETS[preset]
-    else:
-        raise UsageError(f"unknown data preset {preset!r}; use one of {', '.join(PRESETS)}")
-    changes: dict[str, Any] = {}
-    if mean is not None or std is not None:
-        new_mean = _triple(mean, "mean") if mean is not None else None
-        new_std = _triple(std, "std") if std is not None else None
-        given = (new_mean or ()) + (new_std or ())
-        scale = 1.0 if max(given) > 1.0 else 1 / 255
-        if new_mean is None:  # only std given: keep the preset's mean on the new scale
-            new_mean = tuple(m * base.scale / scale for m in base.mean)
-        if new_std is None:
-            new_std = tuple(s * base.scale / scale for s in base.std)
-        if any(s <= 0 for s in new_std):
-            raise UsageError(f"std {new_std} must be positive; pass values like 0.229,0.224,0.225")
-        changes.update(mean=new_mean, std=new_std, scale=scale)
-    if crop is not None:
-        if crop < 1:
-            raise UsageError(f"crop {crop} must be a positive size in pixels")
-        changes["crop"] = crop
-        # Keep the preset's resize-to-crop ratio (256/224) unless resize is given.
-        changes["resize"] = round(crop * base.resize / base.crop)
-    if resize is not None:
-        changes["resize"] = resize
-    out = replace(base, **changes)
-    if out.resize < out.crop:
-        out = replace(out, resize=out.crop)
-    return out
-
-
-def preset_info(p: Preset) -> dict[str, Any]:
-    """The preprocessing contract as the bundle's manifest states it."""
-    return {"resize": p.resize, "crop": p.crop, "formula": "(x * scale - mean) / std on RGB 0..255",
-            "scale": p.scale, "mean": list(p.mean), "std": list(p.std)}
-
-
-def _triple(values: tuple[float, ...], what: str) -> tuple[float, float, float]:
-    """One value per RGB channel (a single value is repeated)."""
-    vals = tuple(float(v) for v in values)
-    if len(vals) == 1:
-        vals = vals * 3
-    if len(vals) != 3:
-        raise UsageError(
-            f"{what} needs 1 or 3 values, got {len(vals)}; pass e.g. 0.5 or 0.5,0.5,0.5"
-        )
-    return vals  # type: ignore[return-value]
-
-
-# --------------------------------------------------------------------------- preprocessing
-
-
-def _resize_crop(img: Image.Image, resize: int, crop: int) -> Image.Image:
-    """Bicubic resize of the shorter side to ``resize``, then a centre crop."""
-    w, h = img.size
-    if min(w, h) != resize:  # each side round(side * resize / shorter), as the manifest's recipe states
-        short = min(w, h)
-        img = img.resize((max(crop, round(w * resize / short)), max(crop, round(h * resize / short))), Image.BICUBIC)
-        w, h = img.size
-    if (w, h) != (crop, crop):
-        left, top = int(round((w - crop) / 2)), int(round((h - crop) / 2))
-        img = img.crop((left, top, left + crop, top + crop))
-    return img
-
-
-def _normalize(images: np.ndarray, preset: Preset) -> torch.Tensor:
-    """NHWC uint8 -> normalised float32 NCHW."""
-    if not images.flags.writeable:  # e.g. np.asarray(PIL image); torch wants writable memory
-        images = images.copy()
-    return normalize_pixels(torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2), preset)
-
-
-def normalize_pixels(pixels: torch.Tensor, preset: Preset) -> torch.Tensor:
-    """RGB pixels 0..255 (NCHW) -> ``(x * scale - mean) / std``, float32 NCHW."""
-    mean = torch.tensor(preset.mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std = torch.tensor(preset.std, dtype=torch.float32).view(1, -1, 1, 1)
-    return ((pixels.to(torch.float32) * preset.scale - mean) / std).contiguous()
-
-
-def to_pixels(x: torch.Tensor, preset: Preset) -> torch.Tensor:
-    """Normalised float32 NCHW back to the integer RGB pixels 0..255 it came from (float32).
-
-    The inverse of ``normalize_pixels`` in float64, rounded: data loaded from images is
-    recovered exactly; already-preprocessed float arrays land on the nearest pixel value.
-    """
-    mean = torch.tensor(preset.mean, dtype=torch.float64).view(1, -1, 1, 1)
-    std = torch.tensor(preset.std, dtype=torch.float64).view(1, -1, 1, 1)
-    p = (x.to(torch.float64) * std + mean) / preset.scale
-    return torch.round(p).clamp(0, 255).to(torch.float32).contiguous()
-
-
-def preprocess_uint8(images: np.ndarray, preset: str | Preset) -> torch.Tensor:
-    """NHWC uint8 RGB -> float32 NCHW, resizing only when not already crop-sized."""
-    p = get_preset(preset)
-    if not isinstance(images, np.ndarray) or images.dtype != np.uint8:
-        raise DataError("preprocess_uint8 needs a uint8 numpy array (N, H, W, 3); convert it first")
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise DataError(
-            f"uint8 images must be NHWC with 3 channels, got shape {images.shape}; "
-            "store RGB images as (N, H, W, 3)"
-        )
-    if images.shape[1:3] != (p.crop, p.crop):
-        images = np.stack(
-            [np.asarray(_resize_crop(Image.fromarray(im), p.resize, p.crop)) for im in images]
-        )
-    return _normalize(images, p)
-
-
-# --------------------------------------------------------------------------- loading
 
 
 def _check_finite(x: torch.Tensor, source: str) -> None:
@@ -267,7 +127,7 @@ def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool,
                     converted += 1
                     img = img.convert("RGB")
                 upscaled += min(img.size) < preset.crop
-                images.append(np.asarray(_resize_crop(img, preset.resize, preset.crop)))
+                images.append(np.asarray(resize_crop(img, preset.resize, preset.crop)))
                 if names is not None:
                     names.append(path.relative_to(root).as_posix())
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
@@ -291,7 +151,7 @@ def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool,
         warnings.warn(f"{' and '.join(done)} in {root}; check they are the images you meant", stacklevel=3)
     if not images:
         raise DataError(f"no readable images in {root}; point to a folder of JPEG/PNG files")
-    return _normalize(np.stack(images), preset)
+    return normalize_uint8(np.stack(images), preset)
 
 
 def load_data(
@@ -546,140 +406,3 @@ def take_samples(data: Any, n: int | None, seed: int = 0, *, at_most: bool = Fal
     if picked is not None:
         picked.extend(range(got))
     return x
-
-
-# --------------------------------------------------------------------------- demo photos
-
-# Photographs that ship inside the scikit-image wheel (no download). Licences as
-# stated in each loader's docstring in skimage.data (the package's data/README.txt
-# states none). motorcycle_left/right are left out: no licence is stated for them.
-DEMO_PHOTOS: dict[str, dict[str, str]] = {
-    "astronaut": {
-        "file": "astronaut.png",
-        "split": "calibration",
-        "subject": "astronaut Eileen Collins, portrait",
-        "source": "NASA Great Images database (https://flic.kr/p/r9qvLn)",
-        "licence": "public domain (no known copyright restrictions)",
-    },
-    "coffee": {
-        "file": "coffee.png",
-        "split": "holdout",
-        "subject": "coffee cup on a wooden table",
-        "source": "Rachel Michetti, courtesy of Pikolo Espresso Bar",
-        "licence": "CC0",
-    },
-    "rocket": {
-        "file": "rocket.jpg",
-        "split": "calibration",
-        "subject": "Falcon 9 launch carrying DSCOVR",
-        "source": "SpaceX Photos on Flickr",
-        "licence": "public domain (released by SpaceX)",
-    },
-    "immunohistochemistry": {
-        "file": "ihc.png",
-        "split": "calibration",
-        "subject": "IHC-stained colonic glands (microscopy)",
-        "source": "Center for Microscopy And Molecular Imaging (CMMI)",
-        "licence": "no known copyright restrictions",
-    },
-    "chelsea": {
-        "file": "chelsea.png",
-        "split": "holdout",
-        "subject": "Chelsea the cat",
-        "source": "Stefan van der Walt",
-        "licence": "CC0",
-    },
-    "hubble_deep_field": {
-        "file": "hubble_deep_field.jpg",
-        "split": "calibration",
-        "subject": "Hubble eXtreme Deep Field",
-        "source": "NASA / HubbleSite",
-        "licence": "public domain (NASA)",
-    },
-    "retina": {
-        "file": "retina.jpg",
-        "split": "calibration",
-        "subject": "fundus photograph of a human retina",
-        "source": "Mikael Häggström, Wikimedia Commons",
-        "licence": "CC0 1.0",
-    },
-}
-
-
-def _skimage_data_dir() -> Path:
-    """The folder of bundled images, found without importing scikit-image."""
-    spec = importlib.util.find_spec("skimage")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError(
-            "scikit-image is not installed; run `pip install scikit-image` for demo photos"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "data"
-
-
-def _demo_photo(name: str) -> Image.Image:
-    """One bundled photo as RGB."""
-    path = _skimage_data_dir() / DEMO_PHOTOS[name]["file"]
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except OSError as exc:
-        raise DataError(
-            f"bundled photo {path.name} is missing or unreadable; reinstall scikit-image"
-        ) from exc
-
-
-def _augmented_views(
-    names: list[str], count: int, size: int, rng: np.random.Generator
-) -> np.ndarray:
-    """``count`` views of the photos: one full centre crop each, then random crops."""
-    photos = [_demo_photo(n) for n in names]
-    out = np.empty((count, size, size, 3), dtype=np.uint8)
-    for i in range(count):
-        img = photos[i % len(photos)]
-        w, h = img.size
-        short = min(w, h)
-        if i < len(photos):
-            cw = ch = short
-            left, top, flip = (w - short) // 2, (h - short) // 2, False
-        else:
-            side = short * rng.uniform(0.35, 1.0)
-            aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-            cw = min(w, max(8, round(side * math.sqrt(aspect))))
-            ch = min(h, max(8, round(side / math.sqrt(aspect))))
-            left = int(rng.integers(0, w - cw + 1))
-            top = int(rng.integers(0, h - ch + 1))
-            flip = bool(rng.random() < 0.5)
-        view = img.resize((size, size), Image.BICUBIC, box=(left, top, left + cw, top + ch))
-        if flip:
-            view = view.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        out[i] = np.asarray(view)
-    return out
-
-
-#: ``--data`` spelling of the demo's held-out photos (what the demo's re-check command runs on)
-DEMO_HOLDOUT = "builtin:demo-holdout"
-#: held-out crops the demo checks on (and ``DEMO_HOLDOUT`` gives back)
-DEMO_HOLDOUT_SAMPLES = 128
-
-
-def demo_photos(
-    n_calib: int, n_holdout: int, size: int = 224, seed: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real photos for a no-data demo: (calibration, holdout), "lite"-normalised.
-
-    The two sets come from different photos, so holdout numbers are not measured
-    on crops of the calibration images; each set has its own seeded stream, so
-    changing one count leaves the other set unchanged.
-    """
-    if n_calib < 0 or n_holdout < 0:
-        raise UsageError(f"sample counts must be >= 0, got {n_calib} and {n_holdout}")
-    if size < 8:
-        raise UsageError(f"size {size} is too small; use at least 8 pixels")
-    lite = PRESETS["lite"]
-    sets = []
-    for index, (split, count) in enumerate((("calibration", n_calib), ("holdout", n_holdout))):
-        names = [n for n, info in DEMO_PHOTOS.items() if info["split"] == split]
-        rng = np.random.default_rng([seed, index])
-        views = _augmented_views(names, count, size, rng)
-        sets.append(_normalize(views, lite))
-    return sets[0], sets[1]

@@ -17,15 +17,9 @@ is hard (h >= 0.5) and the result is an ordinary quantized graph.
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import signal
-import tempfile
 import time
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .errors import EptqError, UsageError
+from .checkpoint import Checkpoint, interrupt_at_step_boundary, interrupted
+from .errors import UsageError
 from .float_exec import apply_activation, conv, float_op, release, run_float
 from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph
 from .ptq import set_bias
@@ -61,6 +56,10 @@ class EptqConfig:
     checkpoint_dir: str | None = None  # save the optimisation state here (survives Ctrl-C)
     checkpoint_every: int = 50  # iterations between checkpoints
     resume: bool = False  # continue from checkpoint_dir's state
+
+
+#: options that drive a run without shaping its result (a checkpoint may be resumed across them)
+RUN_CONTROL = ("checkpoint_dir", "checkpoint_every", "resume", "max_memory", "device")
 
 
 # --------------------------------------------------------------- the pieces
@@ -326,79 +325,6 @@ def layer_attention(scores: dict[str, np.ndarray] | None, layers: list[str], n: 
     return {t: torch.from_numpy(scores[t].astype(np.float32)) / norm for t in layers}
 
 
-class Interrupted(EptqError):
-    """Ctrl-C during the optimisation, honoured at a step boundary."""
-
-    exit_code = 130
-
-
-@contextmanager
-def interrupt_at_step_boundary():
-    """Turn SIGINT into a flag the loop checks once per step (main thread only)."""
-    flag = {"hit": False}
-
-    def handler(signum, frame) -> None:
-        if flag["hit"]:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        flag["hit"] = True
-
-    try:
-        old = signal.signal(signal.SIGINT, handler)
-    except ValueError:  # not the main thread: leave signals alone
-        yield flag
-        return
-    try:
-        yield flag
-    finally:
-        signal.signal(signal.SIGINT, old)
-
-
-class Checkpoint:
-    """The optimisation state in ``folder/eptq_state.pt``, tied to one graph and config.
-
-    Written atomically (temporary file, then rename) and read with
-    ``weights_only=True``; a checkpoint made for another model or other options is
-    refused rather than silently mixed in.
-    """
-
-    def __init__(self, folder: str | os.PathLike, qg: QuantGraph, x: torch.Tensor, cfg: EptqConfig) -> None:
-        self.path = Path(folder) / "eptq_state.pt"
-        h = hashlib.sha256()
-        for n in qg.nodes:
-            if n.op in WEIGHTED_OPS:
-                h.update(qg.tensors[n.inputs[1]].data.tobytes())
-                h.update(qg.tensors[n.inputs[1]].quant.scale.tobytes())
-        h.update(x[:: max(1, len(x) // 16)].numpy().tobytes())
-        keep = {k: v for k, v in asdict(cfg).items() if k not in ("checkpoint_dir", "checkpoint_every", "resume", "max_memory", "device")}
-        h.update(repr(sorted(keep.items())).encode())
-        self.key = h.hexdigest()
-
-    def save(self, state: dict[str, Any]) -> None:
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".eptq_state-", dir=self.path.parent)
-            with os.fdopen(fd, "wb") as f:
-                torch.save({"key": self.key, **state}, f)
-            os.replace(tmp, self.path)
-        except OSError as e:
-            raise EptqError(f"cannot write the EPTQ checkpoint to {self.path.parent}: {e.strerror or e}; "
-                            "choose a writable --checkpoint-dir with free space") from None
-
-    def load(self) -> dict[str, Any]:
-        if not self.path.is_file():
-            raise UsageError(f"--resume but there is no checkpoint in {self.path.parent}; run once with "
-                             "--checkpoint-dir first, or drop --resume")
-        try:
-            state = torch.load(self.path, weights_only=True, map_location="cpu")
-        except Exception as e:  # truncated or foreign file: one line, no traceback
-            raise UsageError(f"cannot read the EPTQ checkpoint {self.path}: {type(e).__name__}; delete it and "
-                             "start again without --resume") from None
-        if not isinstance(state, dict) or state.get("key") != self.key:
-            raise UsageError(f"the checkpoint in {self.path.parent} was made for another model, data or options; "
-                             "use the same command as the interrupted run, or drop --resume")
-        return state
-
-
 def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, np.ndarray] | None,
              cfg: EptqConfig, bias_bits: int = 32, progress: bool = True) -> tuple[QuantGraph, dict[str, Any]]:
     """Learn every layer's rounding and bias at once; returns the new graph and a log."""
@@ -409,7 +335,8 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     layers = [n.outputs[0] for n in qg.nodes if n.op in WEIGHTED_OPS]
     layer_set = set(layers)
     t0 = time.perf_counter()
-    ckpt = Checkpoint(cfg.checkpoint_dir, qg, x, cfg) if cfg.checkpoint_dir else None
+    shaping = {k: v for k, v in asdict(cfg).items() if k not in RUN_CONTROL}
+    ckpt = Checkpoint(cfg.checkpoint_dir, qg, x, shaping) if cfg.checkpoint_dir else None
     if cfg.resume and ckpt is None:
         raise UsageError("--resume needs --checkpoint-dir (where the interrupted run saved its state)")
     float_acts = FloatActivations(fg, x, layers, memory_budget(cfg.max_memory), dev)
@@ -457,7 +384,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     with interrupt_at_step_boundary() as stop:
         for step in bar:
             if stop["hit"]:
-                raise _interrupted(step, ckpt, state)
+                raise interrupted(step, ckpt, state)
             if ckpt is not None and step > start and step % cfg.checkpoint_every == 0:
                 ckpt.save(state(step))
             idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
@@ -484,7 +411,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
         bias_opt = torch.optim.Adam(list(net.bias.values()), lr=cfg.bias_lr)
         for _ in range(int(cfg.bias_tune * cfg.iters)):
             if stop["hit"]:
-                raise _interrupted(cfg.iters, ckpt, None)
+                raise interrupted(cfg.iters, ckpt, None)
             task = task_loss(torch.randint(0, len(x), (cfg.batch_size,), generator=gen), 1.0)
             bias_opt.zero_grad(set_to_none=True)
             task.backward()
@@ -494,17 +421,6 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     g = net.finalize(qg, bias_bits)
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return g, log
-
-
-def _interrupted(step: int, ckpt: Checkpoint | None, state) -> Interrupted:
-    """Save the state at this step boundary (if checkpointing) and say how to go on."""
-    if ckpt is None:
-        return Interrupted(f"interrupted at EPTQ step {step}; nothing was written (pass --checkpoint-dir DIR to be "
-                           "able to --resume an interrupted run)")
-    if state is not None:
-        ckpt.save(state(step))
-    return Interrupted(f"interrupted at EPTQ step {step}; state saved in {ckpt.path.parent}, no bundle was written; "
-                       "run the same command with --resume to continue")
 
 
 def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: EptqConfig, bias_bits: int = 32,

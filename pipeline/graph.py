@@ -32,7 +32,7 @@ FORMAT_VERSION = 1
 #: op name -> (number of inputs or None for variadic, attributes it may carry)
 OPS: dict[str, tuple[int | None, frozenset[str]]] = {
     # pad_value: per input channel, the real value the padding holds instead of zero (a folded
-    # input normalisation pads with the mean pixel, see preprocess.py); absent means zero
+    # input normalisation pads with the mean pixel, see fold.py); absent means zero
     "conv2d": (3, frozenset({"stride", "pads", "dilation", "groups", "activation", "pad_value"})),
     "depthwise_conv2d": (3, frozenset({"stride", "pads", "dilation", "groups", "activation"})),
     "linear": (3, frozenset({"activation"})),

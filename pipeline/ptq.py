@@ -17,8 +17,8 @@ from tqdm.auto import tqdm
 
 from .calibrate import ActStats, quantize_bias, search_activation_grid, search_weight_grid
 from .float_exec import run_float
+from .fold import is_folded, pixel_grid
 from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph, TargetRules
-from .preprocess import is_folded, pixel_grid
 
 #: values kept per tensor per batch for the threshold search
 SAMPLES_PER_BATCH = 16384

@@ -752,7 +752,7 @@ def quantize_multiplier(m: np.ndarray | float) -> tuple[np.ndarray, np.ndarray]:
     return np.where(tiny, 0, q).astype(np.int64), np.where(tiny, 0, shift).astype(np.int64)
 
 
-def _srdhm(a: torch.Tensor, b: torch.Tensor | int, bits: int = 32) -> torch.Tensor:
+def srdhm(a: torch.Tensor, b: torch.Tensor | int, bits: int = 32) -> torch.Tensor:
     """gemmlowp SaturatingRoundingDoublingHighMul on int64 tensors holding int32 (or int16) values."""
     lo = -(2 ** (bits - 1))
     ab = a * b
@@ -761,7 +761,7 @@ def _srdhm(a: torch.Tensor, b: torch.Tensor | int, bits: int = 32) -> torch.Tens
     return torch.where((a == lo) & (torch.as_tensor(b) == lo), -lo - 1, r)
 
 
-def _rdbpot(x: torch.Tensor, e: torch.Tensor | int) -> torch.Tensor:
+def rounding_divide_by_pot(x: torch.Tensor, e: torch.Tensor | int) -> torch.Tensor:
     """gemmlowp RoundingDivideByPOT: x / 2**e rounded half away from zero."""
     e = torch.as_tensor(e, dtype=torch.int64)
     mask = (1 << e) - 1
@@ -773,7 +773,7 @@ def multiply_by_quantized_multiplier(x: torch.Tensor, q: torch.Tensor | int, shi
     """``tflite::MultiplyByQuantizedMultiplier`` (double rounding, as the ai-edge-litert wheels are built)."""
     shift = torch.as_tensor(shift, dtype=torch.int64)
     left, right = shift.clamp(min=0), (-shift).clamp(min=0)
-    return _rdbpot(_srdhm(x * (1 << left), torch.as_tensor(q, dtype=torch.int64)), right)
+    return rounding_divide_by_pot(srdhm(x * (1 << left), torch.as_tensor(q, dtype=torch.int64)), right)
 
 
 def real_multiplier(s_in: float, s_w: np.ndarray, s_out: float) -> np.ndarray:
@@ -855,9 +855,9 @@ class TfliteRule(RoundingRule):
         acc = 0
         for x, qp, s in zip(xs, qps, (s1, s2), strict=True):
             q, shift = self._scalar_multiplier(s / twice_max)
-            acc = acc + _rdbpot(_srdhm((x - int(qp.zero_point[0])) * (1 << 20), q), -shift)
+            acc = acc + rounding_divide_by_pot(srdhm((x - int(qp.zero_point[0])) * (1 << 20), q), -shift)
         q, shift = self._scalar_multiplier(twice_max / (2.0**20 * so))
-        return _rdbpot(_srdhm(acc, q), -shift) + int(out.zero_point[0])
+        return rounding_divide_by_pot(srdhm(acc, q), -shift) + int(out.zero_point[0])
 
     def _mul(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
         m = np.float32(qps[0].scale[0]) * np.float32(qps[1].scale[0]) / np.float32(out.scale[0])  # float, as mul.cc
@@ -906,19 +906,19 @@ class TfliteRule(RoundingRule):
         q_relu, e_relu = self._scalar_multiplier(float(hires / np.float32(3.0 / 32768.0)))
         m_out, m_relu = _downscale_to_int16(q_out), _downscale_to_int16(q_relu)
         x = (xs[0] - int(qps[0].zero_point[0])) * 128
-        pre_out = _srdhm(x, m_out, 16)
+        pre_out = srdhm(x, m_out, 16)
         relu = x
         if e_relu > 0:
             relu = (relu * (1 << (e_relu - 1))).clamp(-32768, 32767)
-        relu = _srdhm(relu, m_relu, 16)
+        relu = srdhm(relu, m_relu, 16)
         if e_relu > 0:
             relu = (relu * 2).clamp(-32768, 32767)
         if e_relu < 0:
-            relu = _rdbpot(relu, -e_relu)
+            relu = rounding_divide_by_pot(relu, -e_relu)
         relu = (relu + 32768) >> 1
         prod = relu * pre_out
         y = torch.where((relu == -32768) & (pre_out == -32768), 32767, torch.div(prod, 1 << 15, rounding_mode="trunc"))
-        return _rdbpot(y, -e_out) + int(out.zero_point[0])
+        return rounding_divide_by_pot(y, -e_out) + int(out.zero_point[0])
 
     def _sigmoid(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
         """LOGISTIC's 256-entry table, built in float32 as LUTPopulate does."""

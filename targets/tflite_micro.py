@@ -35,10 +35,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from ai_edge_litert import schema_py_generated as S
 
 from eptq_deploy.errors import TargetError
-from eptq_deploy.graph import Node, QuantGraph, TensorInfo
+from eptq_deploy.graph import Node, QParams, QuantGraph, TensorInfo
 from eptq_deploy.simulate import RoundingRule, register_rule
 
 from . import Runner
@@ -46,13 +47,19 @@ from .tflite_int8 import (
     OP_NAMES,
     TfliteInt8Target,
     TfliteRule,
+    int8_container_offset,
+    multiply_by_quantized_multiplier,
     quantize_codes,
     read_back_mismatches,
+    rounding_divide_by_pot,
+    srdhm,
     stored_tensors,
 )
 
 #: the custom op TFLM's compressor inserts to decode a compressed tensor into the arena
 DECODE_OP = "TFLM_DECODE"
+#: the header of a TFLM_DECODE op's ancillary data (its DECODE common metadata)
+LUT_HEADER_BYTES = 16
 #: ``MicroMutableOpResolver`` method of each builtin op the tflite-int8 writer emits
 RESOLVER_METHODS = {
     "ADD": "AddAdd", "AVERAGE_POOL_2D": "AddAveragePool2D", "CONCATENATION": "AddConcatenation",
@@ -119,14 +126,14 @@ def model_ops(model: bytes) -> list[str]:
 
 def lut_index_bits(t: TensorInfo, data: np.ndarray, axis: int) -> int | None:
     """The LUT index width that stores ``data`` (a weight tensor ``t`` as the file holds it) in fewer
-    bytes, or None: only weights of fewer than 8 bits, and only where the packed indices plus one
-    value table per channel are smaller than the int8 container."""
+    bytes, or None: only weights of fewer than 8 bits, and only where the packed indices, one value
+    table per channel and the decode header are smaller than the int8 container."""
     if t.quant is None or t.quant.bits >= 8 or data.dtype != np.int8:
         return None
     per_channel = np.moveaxis(data, axis, 0).reshape(data.shape[axis], -1)
     distinct = max(len(np.unique(c)) for c in per_channel)
     bits = max(1, math.ceil(math.log2(distinct)))
-    stored = -(-data.size * bits // 8) + data.shape[axis] * 2**bits
+    stored = -(-data.size * bits // 8) + data.shape[axis] * 2**bits + LUT_HEADER_BYTES
     return bits if stored < data.size else None
 
 
@@ -194,7 +201,7 @@ def decode_lut(encoded: bytes, ancillary: bytes, shape: list[int]) -> np.ndarray
     channel) followed by the tables."""
     ancillary = bytes(ancillary)
     axis, bits, stride = ancillary[5] >> 4, ancillary[5] & 7, ancillary[6]
-    tables = np.frombuffer(ancillary[16:], np.int8)
+    tables = np.frombuffer(ancillary[LUT_HEADER_BYTES:], np.int8)
     n = int(np.prod(shape))
     packed = np.unpackbits(np.frombuffer(bytes(encoded), np.uint8))[: n * bits].reshape(n, bits)
     index = (packed.astype(np.int64) << np.arange(bits - 1, -1, -1)).sum(1).reshape(shape)
@@ -202,16 +209,82 @@ def decode_lut(encoded: bytes, ancillary: bytes, shape: list[int]) -> np.ndarray
     return tables[channel * stride + index]
 
 
+# ---------------------------------------------- gemmlowp's fixed-point logistic, as TFLM runs it
+_I32_MAX = 2**31 - 1
+
+
+def _shift_left_saturating(x: torch.Tensor, n: int) -> torch.Tensor:
+    return (x * (1 << n)).clamp(-(2**31), _I32_MAX)
+
+
+def _exp_on_quarter_interval(a: torch.Tensor) -> torch.Tensor:
+    """exp(a) for Q0.31 ``a`` in [-1/4, 0): Taylor series around -1/8 (gemmlowp's constants)."""
+    x = a + (1 << 28)
+    x2 = srdhm(x, x)
+    x3, x4 = srdhm(x2, x), srdhm(x2, x2)
+    poly = rounding_divide_by_pot(srdhm(rounding_divide_by_pot(x4, 2) + x3, 715827883) + x2, 1)  # 715827883: 1/3
+    return 1895147668 + srdhm(torch.full_like(x, 1895147668), x + poly)  # 1895147668: exp(-1/8)
+
+
+def _exp_on_negative_values(a: torch.Tensor) -> torch.Tensor:
+    """exp(a) for Q4.27 ``a`` <= 0, in Q0.31: the quarter interval, then a barrel of exp(-2**k) factors."""
+    quarter = 1 << 25
+    a_mod = (a & (quarter - 1)) - quarter
+    result = _exp_on_quarter_interval(_shift_left_saturating(a_mod, 4))
+    remainder = a_mod - a
+    for k, factor in ((-2, 1672461947), (-1, 1302514674), (0, 790015084), (1, 290630308), (2, 39332535), (3, 720401)):
+        result = torch.where((remainder & (1 << (27 + k))) != 0, srdhm(result, factor), result)
+    return torch.where(a == 0, _I32_MAX, result)
+
+
+def _one_over_one_plus_x(a: torch.Tensor) -> torch.Tensor:
+    """1 / (1 + a) for Q0.31 ``a`` in [0, 1], in Q0.31: three Newton-Raphson steps in Q2.29."""
+    s = a + _I32_MAX
+    half = torch.div(s + torch.where(s >= 0, 1, -1), 2, rounding_mode="trunc")  # RoundingHalfSum(a, 1)
+    x = 1515870810 + srdhm(half, -1010580540)  # 48/17 - 32/17 * half
+    for _ in range(3):
+        x = x + _shift_left_saturating(srdhm(x, (1 << 29) - srdhm(half, x)), 2)
+    return _shift_left_saturating(x, 1)
+
+
+def gemmlowp_logistic(a: torch.Tensor) -> torch.Tensor:
+    """``gemmlowp::logistic`` of Q4.27 raw values (int64 tensor holding int32), in Q0.31."""
+    positive = _one_over_one_plus_x(_exp_on_negative_values(-a.abs()))
+    return torch.where(a == 0, 1 << 30, torch.where(a > 0, positive, _I32_MAX - positive))
+
+
+def tflm_logistic_table(qi: QParams) -> torch.Tensor:
+    """The int8 output code of TFLM's LOGISTIC for each int8 input code -128..127 (its Prepare and
+    ``reference_integer_ops::Logistic``: input rescaled to Q4.27, gemmlowp's logistic, output on
+    scale 1/256 with zero point -128 whatever the output tensor states)."""
+    zero = int(qi.zero_point[0]) - int8_container_offset(qi)
+    mantissa, shift = math.frexp(float(np.float32(qi.scale[0])) * 2.0 ** 27)
+    multiplier = int(math.floor(abs(mantissa) * 2**31 + 0.5)) * (1 if mantissa >= 0 else -1)  # TfLiteRound
+    radius = math.floor(15 * 2.0**27 / 2.0**shift)  # CalculateInputRadius(4, shift, 31)
+    x = torch.arange(-128, 128, dtype=torch.int64) - zero
+    inner = x.clamp(-radius + 1, radius - 1)  # outside the radius the kernel saturates without the math
+    q4 = multiply_by_quantized_multiplier(inner, multiplier, shift)
+    y = (rounding_divide_by_pot(gemmlowp_logistic(q4), 23) - 128).clamp(-128, 127)
+    return torch.where(x <= -radius, -128, torch.where(x >= radius, 127, y))
+
+
 class TfliteMicroRule(TfliteRule):
     """TFLM's reference kernels: TFLite's Q31 fixed point, except FULLY_CONNECTED, which TFLM
     requantizes per channel with the quantized multiplier (``MultiplyByQuantizedMultiplier``)
     as convolutions do, where TFLite's reference kernel rescales in double (measured: that one
-    difference left 1 LSB on 0.1 % of resnet20's outputs)."""
+    difference left 1 LSB on 0.1 % of resnet20's outputs), and LOGISTIC, which TFLM computes in
+    gemmlowp's fixed point where TFLite looks up a float-built table (found by the property tests)."""
 
     name = "tflite-micro"
 
     def requantize_node(self, n: Node, acc: Any, s_in: np.ndarray, s_w: np.ndarray, s_out: np.ndarray) -> Any:
         return RoundingRule.requantize_node(self, n, acc, s_in, s_w, s_out)
+
+    def _sigmoid(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor:
+        """LOGISTIC in fixed point (gemmlowp), where TFLite's kernel looks up a table built in float:
+        measured 1 LSB apart on some inputs."""
+        off_in, off_out = int8_container_offset(qps[0]), int8_container_offset(out)
+        return tflm_logistic_table(qps[0])[xs[0] - off_in + 128] + off_out
 
 
 register_rule(TfliteMicroRule())
@@ -338,7 +411,9 @@ class TfliteMicroTarget(TfliteInt8Target):
                    "model_data.cc/.h, op resolver calls and the measured tensor arena")
     runtime = "tflite-micro"
     rounding_rules = ("tflite-micro",)
-    rules = replace(TfliteInt8Target.rules, rounding="tflite-micro")
+    #: TFLM's RELU6 clamps in its input's grid without requantizing (RELU does requantize): same grid
+    rules = replace(TfliteInt8Target.rules, rounding="tflite-micro",
+                    shared_grid_ops=TfliteInt8Target.rules.shared_grid_ops | {"relu6"})
     kernel_variants = ({},)
 
     def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:

@@ -140,6 +140,7 @@ def test_interrupt_and_resume_give_the_same_graph(tmp_path, monkeypatch) -> None
     import signal
 
     from eptq_deploy import eptq as E
+    from eptq_deploy.checkpoint import Interrupted
 
     m, x = Tiny().eval(), _data(32)
     kw = dict(profile="imx500", weight_bits=4, method="eptq", progress=False, iters=30, batch_size=8)
@@ -154,7 +155,7 @@ def test_interrupt_and_resume_give_the_same_graph(tmp_path, monkeypatch) -> None
 
     monkeypatch.setattr(E, "annealed_beta", ctrl_c_at_13)
     ck = tmp_path / "ck"
-    with pytest.raises(E.Interrupted, match="step 14.*--resume") as err:
+    with pytest.raises(Interrupted, match="step 14.*--resume") as err:
         eptq_deploy.quantize(m, x, checkpoint_dir=str(ck), checkpoint_every=5, **kw)
     assert err.value.exit_code == 130
     assert (ck / "eptq_state.pt").is_file()

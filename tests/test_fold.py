@@ -25,17 +25,17 @@ from torch import nn
 import eptq_deploy
 from eptq_deploy.capture import capture
 from eptq_deploy.cli import app
-from eptq_deploy.data import PRESETS, Preset, normalize_pixels, to_pixels
 from eptq_deploy.errors import DataError, UsageError
 from eptq_deploy.float_exec import run_float
-from eptq_deploy.graph import QuantGraph
-from eptq_deploy.hw_profiles import load_profile
-from eptq_deploy.preprocess import (
+from eptq_deploy.fold import (
     EXPECTS_NORMALISED,
     EXPECTS_PIXELS,
     fold_preprocessing,
     pixel_grid,
 )
+from eptq_deploy.graph import QuantGraph
+from eptq_deploy.hw_profiles import load_profile
+from eptq_deploy.preprocess import PRESETS, Preset, normalize_pixels, to_pixels
 from eptq_deploy.quantized import QuantizedModel
 from eptq_deploy.targets import get_target
 from eptq_deploy.targets.openvino_ir import read_back_mismatches

@@ -24,10 +24,10 @@ from PIL import Image
 from test_cli import _quantize, labelled_image_folder, runner, workdir  # noqa: F401  (fixture)
 from torch import nn
 
-from eptq_deploy import data as data_module
 from eptq_deploy import zoo
 from eptq_deploy.cli import app
-from eptq_deploy.data import DEMO_HOLDOUT, DEMO_HOLDOUT_SAMPLES, load_data
+from eptq_deploy.data import load_data
+from eptq_deploy.demo import DEMO_HOLDOUT, DEMO_HOLDOUT_SAMPLES, demo_photos
 
 
 def _env() -> dict[str, str]:
@@ -99,7 +99,7 @@ def test_demo_prints_a_recheck_command_that_runs(tmp_path: Path, monkeypatch: py
 def test_demo_holdout_spec_loads_the_held_out_photos() -> None:
     x = load_data(DEMO_HOLDOUT)
     assert x.shape == (DEMO_HOLDOUT_SAMPLES, 3, 224, 224)
-    torch.testing.assert_close(x, data_module.demo_photos(0, DEMO_HOLDOUT_SAMPLES)[1])
+    torch.testing.assert_close(x, demo_photos(0, DEMO_HOLDOUT_SAMPLES)[1])
 
 
 # ----------------------------------------------------------------------------- modes

@@ -99,8 +99,8 @@ class Wide(nn.Module):
 
 
 #: per width: (tensors compressed, weights they hold, their output channels). A layer is compressed
-#: when ceil(n * bits / 8) + channels * 2**bits < n: at 4 bits only b (4,608 weights; a: 216 + 256 >
-#: 432, d: 144 + 512 > 288, fc: 160 + 160 = 320), at 2 bits all four
+#: when ceil(n * bits / 8) + channels * 2**bits + 16 (header) < n: at 4 bits only b (4,608 weights;
+#: a: 216 + 256 + 16 > 432, d: 144 + 512 + 16 > 288, fc: 160 + 160 + 16 > 320), at 2 bits all four
 LUT_EXPECTED = {4: (1, 4608, 32), 2: (4, 432 + 4608 + 288 + 320, 16 + 32 + 32 + 10)}
 
 
@@ -116,7 +116,7 @@ def test_sub_8_bit_weights_are_lut_compressed_and_exact(bits: int, tmp_path: Pat
     comp = facts["weight_compression"]
     tensors, weights, channels = LUT_EXPECTED[bits]
     assert (comp["tensors"], comp["decoded_bytes"]) == (tensors, weights)
-    assert comp["stored_bytes"] >= -(-weights * bits // 8) + channels * 2**bits
+    assert comp["stored_bytes"] >= -(-weights * bits // 8) + channels * 2**bits + 16 * tensors
     assert comp["file_bytes_saved"] > 0
     assert facts["model_bytes"] == comp["file_bytes_uncompressed"] - comp["file_bytes_saved"]
     assert "AddDecode" in facts["resolver"] and "resolver.AddDecode();" in (tmp_path / "model_data.h").read_text()
@@ -143,3 +143,41 @@ def test_read_back_decodes_compressed_weights(tmp_path: Path) -> None:
     from eptq_deploy.targets.tflite_int8 import read_back_mismatches
     raw = read_back_mismatches(S.ModelT.InitFromPackedBuf((tmp_path / t.model_file).read_bytes(), 0), qm.graph)
     assert len([m for m in raw if "integers differ" in m or "no INT8" in m]) == 4  # the four packed weights
+
+
+def test_standalone_relu6_shares_its_input_grid(tmp_path: Path) -> None:
+    """TFLM's RELU6 clamps in its input's grid and never requantizes (RELU does): the tflite-micro
+    rules give RELU6 its input's grid, so TFLM computes what the simulation does (found by the
+    property tests: 128 LSB off before)."""
+
+    class AddRelu6(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.relu6(x[:, :1] + x[:, 1:])
+
+    x = torch.randn(40, 2, 3, 3, generator=torch.Generator().manual_seed(0)) * 4
+    qm = eptq_deploy.quantize(AddRelu6().eval(), x[:24], profile="int8-pot", targets=[TARGET], method="ptq",
+                              progress=False)
+    relu6 = next(n for n in qm.graph.nodes if n.op == "relu6")
+    assert qm.graph.tensors[relu6.inputs[0]].quant == qm.graph.tensors[relu6.outputs[0]].quant
+    t = get_target(TARGET)
+    t.emit(qm.graph, tmp_path)
+    np.testing.assert_array_equal(t.load(tmp_path).run(x[24:].numpy()), qm.simulate(x[24:], TARGET).numpy())
+
+
+@pytest.mark.parametrize("scale", [0.01, 0.1, 100.0])
+def test_logistic_in_gemmlowp_fixed_point(scale: float, tmp_path: Path) -> None:
+    """TFLM's LOGISTIC runs gemmlowp's fixed-point logistic (TFLite's kernel a float-built table):
+    the tflite-micro rule computes it exactly, over narrow to saturating input grids."""
+
+    class Sigmoid(nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.sigmoid(x)
+
+    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * scale
+    qm = eptq_deploy.quantize(Sigmoid().eval(), x[:32], profile="int8-pot", targets=[TARGET], method="ptq",
+                              progress=False)
+    t = get_target(TARGET)
+    t.emit(qm.graph, tmp_path)
+    got = t.load(tmp_path).run(x.numpy())
+    np.testing.assert_array_equal(got, qm.simulate(x, TARGET).numpy())
+    assert not np.array_equal(got, qm.simulate(x, TARGET, rounding="tflite").numpy())  # 1 to 5 LSB apart

@@ -3,9 +3,10 @@
 Next to the single-op tests and the CIFAR ResNets: real architectures bring the ops
 in their real neighbourhoods (HARD_SWISH, the hard-sigmoid lowering and MUL of the
 squeeze-excitation blocks, MAX_POOL_2D behind a padded stem, MEAN, FULLY_CONNECTED).
-Each file must hold the graph's integers and grids (read back from the runtime or the
-file) and compute what the simulation computes: onnxruntime, TFLite through XNNPACK and
-through its reference kernels to the bit; OpenVINO within its documented deviation. The
+Each target's file (every target of ``list_targets()``) must hold the graph's integers and
+grids (read back from the file) and compute what the simulation computes: onnxruntime,
+TFLite through XNNPACK and its reference kernels, and TFLM to the bit; OpenVINO within its
+documented deviation. The
 batch-norm statistics come from a forward pass in training mode, so activations are of
 order 1 as in a trained network (untrained statistics shrink mobilenet_v3's output to
 1e-10, a degenerate grid no deployment meets).
@@ -20,15 +21,13 @@ import pytest
 import torch
 import torchvision
 from test_openvino import assert_openvino_matches
-from test_quantize_onnx import assert_onnx_holds_graph
-from test_tflite import _one_torch_thread, assert_tflite_holds_graph  # noqa: F401  (autouse fixture)
+from test_tflite import _one_torch_thread  # noqa: F401  (autouse fixture)
 
 import eptq_deploy
 from eptq_deploy.quantized import QuantizedModel
-from eptq_deploy.targets import get_target
-from eptq_deploy.targets.openvino_ir import read_back_mismatches
+from eptq_deploy.targets import get_target, list_targets
 
-TARGETS = ["onnx-qdq", "tflite-int8", "openvino-ir"]
+TARGETS = [name for name, _ in list_targets()]
 #: model -> TFLite ops its file must hold
 NETS = {
     "resnet18": {"CONV_2D", "MAX_POOL_2D", "ADD", "MEAN", "FULLY_CONNECTED"},
@@ -53,32 +52,32 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Quanti
 
 
 @pytest.mark.parametrize("name", list(NETS))
-def test_onnx_qdq(name: str, exported) -> None:
+@pytest.mark.parametrize("target", TARGETS)
+def test_file_holds_graph_and_runs_as_simulated(target: str, name: str, exported) -> None:
+    """Every target (``list_targets()``): the file read back holds the graph's integers and grids, and each
+    kernel set computes the simulation of its rule, bit for bit where the target says it is exact here."""
     qm, b, x = exported[name]
-    assert_onnx_holds_graph(b / "onnx-qdq" / "model.onnx", qm.graph)
-    np.testing.assert_array_equal(eptq_deploy.load(b, "onnx-qdq").run(x.numpy()), qm.simulate(x, "onnx-qdq").numpy())
+    t = get_target(target)
+    assert t.read_back_mismatches(b / target, qm.graph) in ([], None)
+    for kwargs in t.kernel_variants:
+        runner = t.load(b / target, **kwargs)
+        got, sim = runner.run(x.numpy()), qm.simulate(x, target, rounding=runner.rounding).numpy()
+        if t.exact_here(qm.graph):
+            np.testing.assert_array_equal(got, sim, err_msg=f"{target} {kwargs}")
+        else:  # OpenVINO: resnet18's projection shortcuts (a conv on each side of the add) leave up to 3 LSB
+            # at the output (README, known deviations); CPUs without VNNI saturate
+            assert_openvino_matches(qm, got, sim, max_lsb=4)
 
 
 @pytest.mark.parametrize("name", list(NETS))
-def test_tflite_int8(name: str, exported) -> None:
-    qm, b, x = exported[name]
-    t = get_target("tflite-int8")
-    assert NETS[name] <= set(t.inspect(b / t.name)["runtime_ops"])
-    assert_tflite_holds_graph(b / t.name / t.model_file, qm.graph)
-    for kernels in ("auto", "reference"):
-        runner = t.load(b / t.name, kernels=kernels)
-        sim = qm.simulate(x, t.name, rounding=runner.rounding).numpy()
-        np.testing.assert_array_equal(runner.run(x.numpy()), sim, err_msg=f"{kernels} kernels")
+def test_tflite_files_hold_the_architectures_ops(name: str, exported) -> None:
+    _, b, _ = exported[name]
+    for target in ("tflite-int8", "tflite-micro"):
+        assert NETS[name] <= set(get_target(target).inspect(b / target)["runtime_ops"]), target
 
 
 @pytest.mark.parametrize("name", list(NETS))
-def test_openvino_ir(name: str, exported) -> None:
-    qm, b, x = exported[name]
-    t = get_target("openvino-ir")
-    assert read_back_mismatches(qm.graph, t.read_back(b / t.name)) == []
-    facts = t.inspect(b / t.name)
+def test_openvino_runs_every_weighted_layer_in_integer(name: str, exported) -> None:
+    _, b, _ = exported[name]
+    facts = get_target("openvino-ir").inspect(b / "openvino-ir")
     assert facts["int8_layers"] == facts["total_weighted_layers"]
-    got, sim = t.load(b / t.name).run(x.numpy()), qm.simulate(x, t.name).numpy()
-    # the openvino rule is exact on the CIFAR ResNets; resnet18's projection shortcuts (a conv on each side
-    # of the add) leave up to 3 LSB at the output (README, known deviations); CPUs without VNNI saturate
-    assert_openvino_matches(qm, got, sim, max_lsb=4)

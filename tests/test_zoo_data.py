@@ -12,18 +12,11 @@ import torch
 from PIL import Image
 from torch import nn
 
-from eptq_deploy.data import (
-    DEMO_PHOTOS,
-    PRESETS,
-    demo_photos,
-    iter_batches,
-    load_data,
-    load_labels,
-    preprocess_uint8,
-    take_samples,
-)
+from eptq_deploy.data import iter_batches, load_data, load_labels, take_samples
+from eptq_deploy.demo import DEMO_PHOTOS, demo_photos
 from eptq_deploy.errors import DataError, ModelError
 from eptq_deploy.models import load_model
+from eptq_deploy.preprocess import PRESETS, preprocess_uint8
 from eptq_deploy.zoo import BUILTIN_MODELS, cifar_resnet, shared_data_dir
 
 DATA = shared_data_dir()

@@ -45,8 +45,8 @@ import torch
 
 import eptq_deploy
 from eptq_deploy.api import METHODS, check_pair, resolve_profile
-from eptq_deploy.data import preprocess_uint8
 from eptq_deploy.errors import EptqError
+from eptq_deploy.preprocess import preprocess_uint8
 from eptq_deploy.targets import get_target, list_targets
 from eptq_deploy.zoo import BUILTIN_MODELS, load_cifar_resnet, shared_data_dir
 

@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 import eptq_deploy
-from eptq_deploy.data import demo_photos, preprocess_uint8
+from eptq_deploy.demo import demo_photos
+from eptq_deploy.preprocess import preprocess_uint8
 from eptq_deploy.targets import get_target
 from eptq_deploy.zoo import BUILTIN_MODELS, load_cifar_resnet, shared_data_dir
 

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 import eptq_deploy
-from eptq_deploy.data import preprocess_uint8
 from eptq_deploy.models import load_model
+from eptq_deploy.preprocess import preprocess_uint8
 from eptq_deploy.zoo import shared_data_dir
 
 HERE = Path(__file__).resolve().parent

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 import eptq_deploy
-from eptq_deploy.data import preprocess_uint8
+from eptq_deploy.preprocess import preprocess_uint8
 from eptq_deploy.zoo import load_cifar_resnet
 
 
