@@ -1,0 +1,452 @@
+"""ONNX files into the canonical float graph (opsets 11 to 21).
+
+The file is parsed with ``onnx`` (no external data, no custom domains, the ONNX checker
+passed), then run once on onnxruntime at batch 1 with every intermediate tensor exposed:
+that run gives each activation's static shape and the value of every tensor that does not
+depend on the input (shape arithmetic such as Shape -> Gather -> Concat -> Reshape, as
+older exporters write it, folds away). The remaining nodes map one by one onto canonical
+ops; anything else is refused by its op type and node name before calibration.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from .errors import ModelError, UnsupportedOpError
+from .graph import Node, QuantGraph, TensorInfo
+from .readers import SourceGraph
+
+MIN_OPSET, MAX_OPSET = 11, 21
+#: ONNX op types this reader maps (every other op, and every custom domain, is refused by name)
+SUPPORTED = ("Conv", "Gemm", "MatMul", "BatchNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid",
+             "HardSwish", "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
+             "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Identity", "Dropout")
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def load(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
+    """Parse and check an ONNX model; every refusal is one line naming the problem and the fix."""
+    if isinstance(source, onnx.ModelProto):
+        model, where = source, "the ONNX model"
+    else:
+        where = str(source)
+        try:
+            model = onnx.load(where, load_external_data=False)
+        except Exception as e:  # truncated or not protobuf at all
+            raise ModelError(f"cannot parse {where} as ONNX ({_one_line(e)}); check it is an .onnx file") from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise ModelError(f"{where} keeps weights in external data files; save it with every tensor inside the .onnx "
+                         "(onnx.save(model, path, save_as_external_data=False))")
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
+    if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ModelError(f"{where} uses ONNX opset {opset}; export it with an opset from {MIN_OPSET} to {MAX_OPSET}")
+    for n in model.graph.node:
+        if n.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(f"custom op {n.domain}::{n.op_type} (node {n.name or n.output[0]!r}) in {where}; "
+                                     "export the model with standard ONNX ops only")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise ModelError(f"{where} fails the ONNX checker ({_one_line(e)}); re-export the model") from None
+    if any(_is_quantized(t) for t in model.graph.initializer) or any(
+            n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in model.graph.node):
+        raise ModelError(f"{where} is already quantized (integer weights or Q/DQ nodes); give the float model")
+    return model
+
+
+def _is_quantized(t: onnx.TensorProto) -> bool:
+    return t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(t.dims) > 1
+
+
+class _Reader:
+    """Walks the ONNX graph once, emitting canonical nodes."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        g = model.graph
+        inits = {t.name for t in g.initializer}
+        inputs = [i for i in g.input if i.name not in inits]
+        if len(inputs) != 1:
+            raise ModelError(f"the ONNX model takes {len(inputs)} inputs; eptq-deploy handles single-image-input models")
+        self.input = inputs[0]
+        dims = self.input.type.tensor_type.shape.dim
+        shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+        if len(shape) != 4 or any(s is None or s < 1 for s in shape[1:]) or shape[0] not in (None, 1):
+            shown = [s if s is not None else "?" for s in shape]
+            raise ModelError(f"ONNX input {self.input.name!r} has shape {shown}; eptq-deploy reads models with one "
+                             "NCHW image input of fixed C, H, W (batch 1 or dynamic); re-export with a fixed input size")
+        self.shape = (1, *shape[1:])
+        self.values = self._run_everything()
+        self.nodes: list[Node] = []
+        self.tensors: dict[str, TensorInfo] = {"input": TensorInfo("input", self.shape, "input")}
+        self.names: dict[str, str] = {self.input.name: "input"}  # ONNX tensor -> canonical tensor
+        self.const: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in g.initializer}
+        self.count: dict[str, int] = {}
+        self.uses: dict[str, int] = {}
+        for n in g.node:
+            for i in n.input:
+                self.uses[i] = self.uses.get(i, 0) + 1
+        for o in g.output:
+            self.uses[o.name] = self.uses.get(o.name, 0) + 1
+
+    # ---------------------------------------------------------------- the batch-1 run
+    def _session(self, outputs: list[str]) -> ort.InferenceSession:
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        inferred = onnx.shape_inference.infer_shapes(m)
+        types = {v.name: v.type.tensor_type.elem_type for v in
+                 list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
+        del m.graph.output[:]
+        for name in outputs:
+            m.graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor by name
+        opts.intra_op_num_threads = 1
+        opts.log_severity_level = 3
+        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def _run_everything(self) -> dict[str, np.ndarray]:
+        names = list(dict.fromkeys(o for n in self.model.graph.node for o in n.output if o))
+        try:
+            sess = self._session(names)
+            got = sess.run(None, {self.input.name: np.zeros(self.shape, np.float32)})
+        except Exception as e:
+            raise ModelError(f"onnxruntime cannot run the ONNX model ({_one_line(e)}); check the file") from None
+        return dict(zip(names, got, strict=True))
+
+    # -------------------------------------------------------------------- helpers
+    def fresh(self, op: str) -> str:
+        k = self.count.get(op, 0)
+        self.count[op] = k + 1
+        return f"{op}_{k}"
+
+    def is_const(self, name: str) -> bool:
+        return name == "" or name in self.const
+
+    def value(self, name: str) -> np.ndarray:
+        return self.const[name]
+
+    def act(self, name: str, node: onnx.NodeProto) -> str:
+        if name in self.names:
+            return self.names[name]
+        raise UnsupportedOpError(f"{node.op_type} node {node.name or node.output[0]!r} takes constant input {name!r} "
+                                 "where eptq-deploy needs an activation; fold it into a layer before export")
+
+    def emit(self, node: onnx.NodeProto, op: str, inputs: list[str], attrs: dict[str, Any],
+             weights: tuple[np.ndarray, np.ndarray] | None = None, out: str | None = None) -> str:
+        name = self.fresh(op)
+        ins = list(inputs)
+        if weights is not None:
+            w, b = weights
+            for suffix, data, kind in ((".weight", w, "weight"), (".bias", b, "bias")):
+                self.tensors[name + suffix] = TensorInfo(name + suffix, tuple(data.shape), kind,
+                                                         data=np.ascontiguousarray(data, np.float32))
+                ins.append(name + suffix)
+        onnx_out = out if out is not None else node.output[0]
+        self.tensors[name] = TensorInfo(name, tuple(int(s) for s in self.values[onnx_out].shape), "activation")
+        self.nodes.append(Node(name, op, ins, [name], attrs, node.name or node.output[0]))
+        self.names[onnx_out] = name
+        return name
+
+    def refuse(self, node: onnx.NodeProto, why: str = "") -> None:
+        raise UnsupportedOpError(
+            f"ONNX op {node.op_type} (node {node.name or node.output[0]!r}){': ' + why if why else ''} is not read by "
+            f"eptq-deploy yet; readable ops: {', '.join(SUPPORTED)}")
+
+    # ----------------------------------------------------------------------- walk
+    def run(self) -> tuple[QuantGraph, dict[str, str]]:
+        for node in self.model.graph.node:
+            if all(self.is_const(i) for i in node.input) and node.op_type not in ("Dropout",):
+                for o in node.output:  # no path from the image: fold it to its value
+                    if o:
+                        self.const[o] = self.values[o]
+                continue
+            handler = _HANDLERS.get(node.op_type)
+            if handler is None:
+                self.refuse(node)
+            handler(self, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+        outs = [o.name for o in self.model.graph.output]
+        if len(outs) != 1:
+            raise ModelError(f"the ONNX model has {len(outs)} outputs; eptq-deploy handles one-output models for now")
+        if outs[0] not in self.names:
+            raise ModelError(f"the ONNX model's output {outs[0]!r} does not depend on its input; check the file")
+        g = QuantGraph(self.nodes, self.tensors, ["input"], [self.names[outs[0]]])
+        g.validate()
+        return g, {c: o for o, c in self.names.items()}
+
+    def only_consumer(self, onnx_name: str) -> bool:
+        return self.uses.get(onnx_name, 0) == 1
+
+
+# ---------------------------------------------------------------------- handlers
+def _conv(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    if len(n.input) < 2 or not r.is_const(n.input[1]):
+        r.refuse(n, "weights that are not constant")
+    x = r.act(n.input[0], n)
+    w = r.value(n.input[1]).astype(np.float32)
+    if w.ndim != 4:
+        r.refuse(n, f"{w.ndim - 2}-D convolution")
+    b = r.value(n.input[2]).astype(np.float32) if len(n.input) > 2 and n.input[2] else np.zeros(w.shape[0], np.float32)
+    stride = [int(s) for s in a.get("strides", [1, 1])]
+    dilation = [int(d) for d in a.get("dilations", [1, 1])]
+    groups = int(a.get("group", 1))
+    pads = _pads(r, n, a, r.tensors[x].shape[2:], w.shape[2:], stride, dilation)
+    cin = r.tensors[x].shape[1]
+    op = "depthwise_conv2d" if groups > 1 and groups == cin else "conv2d"
+    if groups > 1 and op == "conv2d":
+        r.refuse(n, f"grouped convolution with {groups} groups (depthwise, groups == input channels, is read)")
+    r.emit(n, op, [x], {"stride": stride, "pads": pads, "dilation": dilation, "groups": groups, "activation": "none"},
+           (w, b))
+
+
+def _pads(r: _Reader, n: onnx.NodeProto, a: dict[str, Any], size: tuple[int, ...], kernel: tuple[int, ...],
+          stride: list[int], dilation: list[int]) -> list[int]:
+    """[top, left, bottom, right] from ``pads`` or ``auto_pad``."""
+    auto = a.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    if auto in ("NOTSET", ""):
+        return [int(p) for p in a.get("pads", [0, 0, 0, 0])]
+    if auto == "VALID":
+        return [0, 0, 0, 0]
+    begin, end = [], []
+    for s, k, st, d in zip(size, kernel, stride, dilation, strict=True):
+        total = max((-(-s // st) - 1) * st + (k - 1) * d + 1 - s, 0)
+        small, big = total // 2, total - total // 2
+        begin.append(small if auto == "SAME_UPPER" else big)
+        end.append(big if auto == "SAME_UPPER" else small)
+    return begin + end
+
+
+def _gemm(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    if not r.is_const(n.input[1]) or a.get("transA", 0):
+        r.refuse(n, "a non-constant B or transA=1")
+    x = r.act(n.input[0], n)
+    if len(r.tensors[x].shape) != 2:
+        r.refuse(n, f"on a rank-{len(r.tensors[x].shape)} input")
+    w = r.value(n.input[1]).astype(np.float32)
+    w = (w if a.get("transB", 0) else w.T) * np.float32(a.get("alpha", 1.0))
+    b = np.zeros(w.shape[0], np.float32)
+    if len(n.input) > 2 and n.input[2]:
+        b = np.broadcast_to(r.value(n.input[2]).astype(np.float32) * np.float32(a.get("beta", 1.0)), (w.shape[0],))
+    r.emit(n, "linear", [x], {"activation": "none"}, (w, b.copy()))
+
+
+def _matmul(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    if not r.is_const(n.input[1]) or r.value(n.input[1]).ndim != 2:
+        r.refuse(n, "a non-constant or non-2-D second operand")
+    x = r.act(n.input[0], n)
+    if len(r.tensors[x].shape) != 2:
+        r.refuse(n, f"on a rank-{len(r.tensors[x].shape)} input")
+    w = r.value(n.input[1]).astype(np.float32).T
+    r.emit(n, "linear", [x], {"activation": "none"}, (w, np.zeros(w.shape[0], np.float32)))
+
+
+def _weighted_producer(r: _Reader, onnx_name: str) -> Node | None:
+    """The conv/linear node that produced ``onnx_name``, when this tensor feeds nothing else."""
+    t = r.names.get(onnx_name)
+    if t is None or not r.only_consumer(onnx_name):
+        return None
+    node = next((m for m in reversed(r.nodes) if m.outputs == [t]), None)
+    ok = node is not None and node.op in ("conv2d", "depthwise_conv2d", "linear") and node.attrs["activation"] == "none"
+    return node if ok else None
+
+
+def _batch_norm(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    p = _weighted_producer(r, n.input[0])
+    if p is None:
+        r.refuse(n, "a batch norm that does not follow a convolution or Gemm alone")
+    scale, bias, mean, var = (r.value(i).astype(np.float64) for i in n.input[1:5])
+    k = scale / np.sqrt(var + float(a.get("epsilon", 1e-5)))
+    wt, bt = r.tensors[p.inputs[1]], r.tensors[p.inputs[2]]
+    shape = (-1,) + (1,) * (wt.data.ndim - 1)
+    wt.data = (wt.data * k.reshape(shape)).astype(np.float32)
+    bt.data = ((bt.data - mean) * k + bias).astype(np.float32)
+    r.names[n.output[0]] = p.outputs[0]
+    r.tensors[p.outputs[0]].shape = tuple(int(s) for s in r.values[n.output[0]].shape)
+
+
+def _add_or_mul(op: str) -> Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]:
+    def h(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+        consts = [i for i in n.input if r.is_const(i)]
+        if consts:  # a constant folds into the layer before it, as torch exports a separate bias
+            p = _weighted_producer(r, next(i for i in n.input if not r.is_const(i)))
+            c = r.value(consts[0]).astype(np.float32)
+            channels = r.tensors[p.outputs[0]].shape[1] if p is not None else 0
+            per_channel = p is not None and c.size in (1, channels) and (
+                c.ndim <= 1 and p.op == "linear" or c.squeeze().ndim <= 1 and c.size in (1, channels))
+            if not per_channel:
+                r.refuse(n, f"{op} of a constant that follows no convolution or linear layer")
+            v = np.broadcast_to(c.reshape(-1), (channels,))
+            wt, bt = r.tensors[p.inputs[1]], r.tensors[p.inputs[2]]
+            if op == "add":
+                bt.data = (bt.data + v).astype(np.float32)
+            else:
+                wt.data = (wt.data * v.reshape((-1,) + (1,) * (wt.data.ndim - 1))).astype(np.float32)
+                bt.data = (bt.data * v).astype(np.float32)
+            r.names[n.output[0]] = p.outputs[0]
+            return
+        x, y = (r.act(i, n) for i in n.input)
+        sx, sy = r.tensors[x].shape, r.tensors[y].shape
+        if op == "add" and sx != sy:
+            r.refuse(n, f"broadcasting add {sx} + {sy}")
+        r.emit(n, op, [x, y], {"activation": "none"} if op == "add" else {})
+
+    return h
+
+
+def _unary(op: str) -> Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]:
+    def h(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+        r.emit(n, op, [r.act(n.input[0], n)], {})
+
+    return h
+
+
+def _clip(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    lo = float(r.value(n.input[1])) if len(n.input) > 1 and n.input[1] else float(a.get("min", -np.inf))
+    hi = float(r.value(n.input[2])) if len(n.input) > 2 and n.input[2] else float(a.get("max", np.inf))
+    op = {(0.0, 6.0): "relu6", (0.0, np.inf): "relu"}.get((lo, hi))
+    if op is None:
+        r.refuse(n, f"Clip({lo}, {hi}) (ReLU = Clip(0, inf) and ReLU6 = Clip(0, 6) are read)")
+    r.emit(n, op, [r.act(n.input[0], n)], {})
+
+
+def _hard_sigmoid(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    alpha, beta = float(a.get("alpha", 0.2)), float(a.get("beta", 0.5))
+    if not (np.isclose(alpha, 1 / 6, rtol=1e-6) and beta == 0.5):
+        r.refuse(n, f"HardSigmoid(alpha={alpha}, beta={beta}) (torch's, alpha 1/6 and beta 0.5, is read)")
+    r.emit(n, "hardsigmoid", [r.act(n.input[0], n)], {})
+
+
+def _concat(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    xs = [r.act(i, n) for i in n.input]
+    r.emit(n, "concat", xs, {"axis": int(a["axis"]) % len(r.tensors[xs[0]].shape)})
+
+
+def _pool(op: str) -> Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]:
+    def h(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+        x = r.act(n.input[0], n)
+        k = [int(v) for v in a["kernel_shape"]]
+        s = [int(v) for v in a.get("strides", [1] * len(k))]
+        if a.get("ceil_mode", 0) or any(d != 1 for d in a.get("dilations", [1, 1])) or len(k) != 2:
+            r.refuse(n, "ceil_mode, dilation or a pool that is not 2-D")
+        attrs: dict[str, Any] = {"kernel": k, "stride": s, "pads": _pads(r, n, a, r.tensors[x].shape[2:], tuple(k), s,
+                                                                         [1, 1])}
+        if op == "avg_pool2d":
+            attrs["count_include_pad"] = bool(a.get("count_include_pad", 0))
+        r.emit(n, op, [x], attrs)
+
+    return h
+
+
+def _global_pool(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    r.emit(n, "global_avg_pool", [r.act(n.input[0], n)], {})
+
+
+def _reduce_mean(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    x = r.act(n.input[0], n)
+    rank = len(r.tensors[x].shape)
+    axes = a.get("axes") if "axes" in a else (r.value(n.input[1]).tolist() if len(n.input) > 1 else None)
+    if rank != 4 or axes is None or sorted(int(v) % rank for v in axes) != [2, 3]:
+        r.refuse(n, f"mean over axes {axes} (the spatial mean of an NCHW tensor is read)")
+    if a.get("keepdims", 1):
+        r.emit(n, "global_avg_pool", [x], {})
+        return
+    pooled = r.fresh("global_avg_pool")
+    nb, c = r.tensors[x].shape[:2]
+    r.tensors[pooled] = TensorInfo(pooled, (nb, c, 1, 1), "activation")
+    r.nodes.append(Node(pooled, "global_avg_pool", [x], [pooled], {}, n.name or n.output[0]))
+    r.emit(n, "flatten", [pooled], {})
+
+
+def _reshape_like(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    """Flatten, Reshape, Squeeze, Unsqueeze: the output's static shape (from the batch-1 run) decides."""
+    x = r.act(n.input[0], n)
+    shape = [int(s) for s in r.values[n.output[0]].shape]
+    if shape == list(r.tensors[x].shape):
+        r.names[n.output[0]] = x
+    elif len(shape) == 2 and shape[0] == r.tensors[x].shape[0]:
+        r.emit(n, "flatten", [x], {})
+    elif shape and shape[0] == 1:
+        r.emit(n, "reshape", [x], {"shape": shape})
+    else:
+        r.refuse(n, f"a reshape to {shape} that moves the batch axis")
+
+
+def _identity(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    r.names[n.output[0]] = r.act(n.input[0], n)
+
+
+def _slice(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    x = r.act(n.input[0], n)
+    shape = r.tensors[x].shape
+    if "starts" in a:  # opset < 10 style attributes
+        starts, ends = list(a["starts"]), list(a["ends"])
+        axes, steps = list(a.get("axes", range(len(starts)))), [1] * len(starts)
+    else:
+        starts, ends = r.value(n.input[1]).tolist(), r.value(n.input[2]).tolist()
+        axes = r.value(n.input[3]).tolist() if len(n.input) > 3 and n.input[3] else list(range(len(starts)))
+        steps = r.value(n.input[4]).tolist() if len(n.input) > 4 and n.input[4] else [1] * len(starts)
+    out = {"axes": [], "starts": [], "ends": [], "steps": []}
+    for ax, st, en, sp in zip(axes, starts, ends, steps, strict=True):
+        ax, dim = int(ax) % len(shape), shape[int(ax) % len(shape)]
+        if sp <= 0 or ax == 0:
+            r.refuse(n, "a slice with a non-positive step or along the batch axis")
+        st = min(max(st + dim if st < 0 else st, 0), dim)
+        en = min(max(en + dim if en < 0 else en, 0), dim)
+        if (st, en, sp) != (0, dim, 1):
+            for k, v in zip(out, (ax, int(st), int(en), int(sp)), strict=True):
+                out[k].append(v)
+    if not out["axes"]:
+        r.names[n.output[0]] = x
+        return
+    r.emit(n, "slice", [x], out)
+
+
+def _pad(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    x = r.act(n.input[0], n)
+    mode = a.get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    pads = [int(p) for p in (a["pads"] if "pads" in a else r.value(n.input[1]).tolist())]
+    value = float(r.value(n.input[2])) if len(n.input) > 2 and n.input[2] else float(a.get("value", 0.0))
+    if mode != "constant" or value != 0.0 or any(p < 0 for p in pads) or (len(n.input) > 3 and n.input[3]):
+        r.refuse(n, f"pad mode {mode!r} value {value} (zero constant padding of all axes is read)")
+    r.emit(n, "pad", [x], {"pads": pads})
+
+
+_HANDLERS: dict[str, Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]] = {
+    "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _batch_norm,
+    "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "HardSwish": _unary("hardswish"), "Clip": _clip,
+    "HardSigmoid": _hard_sigmoid, "Add": _add_or_mul("add"), "Mul": _add_or_mul("mul"), "Concat": _concat,
+    "MaxPool": _pool("max_pool2d"), "AveragePool": _pool("avg_pool2d"), "GlobalAveragePool": _global_pool,
+    "ReduceMean": _reduce_mean, "Flatten": _reshape_like, "Reshape": _reshape_like, "Squeeze": _reshape_like,
+    "Unsqueeze": _reshape_like, "Slice": _slice, "Pad": _pad, "Identity": _identity, "Dropout": _identity,
+}
+
+
+def read(source: str | Path | onnx.ModelProto) -> SourceGraph:
+    """The canonical float graph of an ONNX model, and a runner of the model on onnxruntime."""
+    model = load(source)
+    reader = _Reader(model)
+    g, names = reader.run()
+    wanted_cache: dict[tuple[str, ...], ort.InferenceSession] = {}
+
+    def run_source(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
+        key = tuple(wanted)
+        if key not in wanted_cache:
+            wanted_cache[key] = reader._session(list(wanted))
+        sess = wanted_cache[key]
+        per_sample = [sess.run(None, {reader.input.name: x[i:i + 1].astype(np.float32)}) for i in range(len(x))]
+        return [np.concatenate([s[k] for s in per_sample]) for k in range(len(wanted))]
+
+    name = Path(source).stem if not isinstance(source, onnx.ModelProto) else (model.graph.name or "onnx-model")
+    return SourceGraph(g, run_source, names, {"input_shape": reader.shape[1:], "name": name})

@@ -1,0 +1,106 @@
+"""Model files in, the canonical float graph out: readers looked up by file suffix.
+
+A reader turns an untrusted model file (nothing in it is executed) into the same float
+``QuantGraph`` that ``capture`` makes from PyTorch code, so every profile, method and
+target applies. Right after reading, the graph is run beside the file's own runtime
+(:func:`check_against_source`): a reader that misreads an op stops there, naming it,
+before any calibration. A new format is one module with a ``read(path) -> SourceGraph``
+function, registered here by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ModelError
+from .float_exec import run_float
+from .graph import QuantGraph
+
+#: reader name -> (file suffixes, "module:function")
+READERS: dict[str, tuple[tuple[str, ...], str]] = {
+    "onnx": ((".onnx",), "eptq_deploy.read_onnx:read"),
+}
+#: model files above this size are refused before parsing (a protobuf holds at most 2 GiB)
+MAX_FILE_BYTES = 2**31
+
+
+@dataclass
+class SourceGraph:
+    """A model read from a file: its float graph, and how to run the file itself for comparison.
+
+    ``run_source(x, names)`` runs the source model's own runtime on ``x`` (NCHW float32) and
+    returns the values of the source tensors ``names``; ``source_names`` maps each canonical
+    tensor to the source tensor it reproduces (in execution order), so the first op that
+    diverges can be named.
+    """
+
+    graph: QuantGraph
+    run_source: Callable[[np.ndarray, list[str]], list[np.ndarray]]
+    source_names: dict[str, str] = field(default_factory=dict)
+    hints: dict[str, Any] = field(default_factory=dict)
+
+
+def reader_names() -> list[str]:
+    return sorted(READERS)
+
+
+def model_file_suffixes() -> set[str]:
+    return {s for suffixes, _ in READERS.values() for s in suffixes}
+
+
+def read_model_file(path: str | Path) -> SourceGraph:
+    """Read ``path`` with the reader its suffix names; one-line errors for a missing or oversized file."""
+    path = Path(path)
+    for suffixes, spec in READERS.values():
+        if path.suffix.lower() in suffixes:
+            break
+    else:
+        raise ModelError(f"no reader for {path.suffix or 'files without a suffix'} ({path.name}); "
+                         f"readable: {', '.join(sorted(model_file_suffixes()))}")
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}; check the path")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise ModelError(f"{path} is {path.stat().st_size:,} bytes, above the {MAX_FILE_BYTES:,}-byte limit for a "
+                         "model file; check it is the model")
+    module, _, func = spec.partition(":")
+    return getattr(import_module(module), func)(path)
+
+
+#: float tolerance of the reader check: |graph - source| <= ATOL_REL * max|source| + RTOL * |source|
+ATOL_REL, RTOL = 1e-4, 1e-3
+
+
+def _close(ours: np.ndarray, theirs: np.ndarray) -> bool:
+    scale = float(np.abs(theirs).max()) if theirs.size else 0.0
+    return ours.shape == theirs.shape and bool(
+        np.all(np.abs(ours - theirs) <= ATOL_REL * max(scale, 1e-6) + RTOL * np.abs(theirs)))
+
+
+def check_against_source(src: SourceGraph, x: torch.Tensor) -> None:
+    """Run the float graph and the source runtime on ``x``; beyond float tolerance, stop with the
+    first canonical op whose output differs from the source tensor it stands for."""
+    g = src.graph
+    ours: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        run_float(g, x, hook=lambda t, v: ours.__setitem__(t, v) if t in src.source_names else None)
+    out = g.outputs[0]
+    (theirs,) = src.run_source(x.numpy(), [src.source_names[out]])
+    if _close(ours[out].numpy(), theirs):
+        return
+    names = [t for t in g.activation_names() if t in src.source_names and t not in g.inputs]
+    values = src.run_source(x.numpy(), [src.source_names[t] for t in names])
+    for t, v in zip(names, values, strict=True):
+        if not _close(ours[t].numpy(), v):
+            node = g.producer()[t]
+            raise ModelError(f"the read graph differs from the source model at {node.op} {node.name} (source tensor "
+                             f"{src.source_names[t]!r}): max |diff| {float(np.abs(ours[t].numpy().ravel() - v.ravel()).max()):.3g}"
+                             "; the reader misreads this op: please report it with the model")
+    raise ModelError(f"the read graph's output differs from the source model's (max |diff| "
+                     f"{float(np.abs(ours[out].numpy() - theirs).max()):.3g}); please report it with the model")
