@@ -21,7 +21,7 @@ import torch
 
 from . import __version__, fold
 from .bundle import read_manifest, verify_bundle, write_bundle
-from .capture import capture
+from .capture import capture, fuse_activations
 from .checks import latency, runtime_checks
 from .eptq import EptqConfig, optimize, optimize_layerwise
 from .errors import BundleError, DataError, TargetError, UsageError
@@ -31,6 +31,7 @@ from .hw_profiles import Profile, load_profile
 from .preprocess import Preset, get_preset, normalize_pixels, preset_info
 from .ptq import collect_stats, ptq
 from .quantized import QuantizedModel
+from .readers import check_against_source, read_source
 from .targets import Runner, Target, get_target, list_targets
 
 METHODS = ("ptq", "eptq", "adaround")
@@ -134,13 +135,18 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
         fold.pixel_grid(prof)  # an impossible input grid fails before any work
     torch.manual_seed(seed)
     t0 = time.perf_counter()
+    src = read_source(model)  # a model file is read (and a bad one refused) before the data is touched
     picked: list[int] = []
     x = _as_tensor(data, samples, seed, picked)
-    if pre is None:
-        fg = capture(model, x[:1], fusing=prof.fusing, profile_name=prof.name)
-    else:
+    if pre is not None:
         _check_pixels(x)
-        fg = capture(model, normalize_pixels(x[:1], pre), fusing=prof.fusing, profile_name=prof.name)
+    example = x[:8] if pre is None else normalize_pixels(x[:8], pre)
+    if src is None:
+        fg = capture(model, example[:1], fusing=prof.fusing, profile_name=prof.name)
+    else:  # the read graph must compute what the file's own runtime computes, before any work
+        check_against_source(src, example)
+        fg = fuse_activations(src.graph, prof.fusing)
+    if pre is not None:
         fg = fold.fold_preprocessing(fg, pre)
     for t in tgts:  # an op a target cannot write fails now, not after minutes of calibration and EPTQ
         t.validate(fg)

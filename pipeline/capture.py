@@ -433,10 +433,7 @@ def _slice(b: _Builder, fx: torch.fx.Node, source: str) -> None:
         return
     prod = b.nodes[-1] if b.nodes and b.nodes[-1].outputs == [x] else None
     attrs = {"axes": [axis], "starts": [start], "ends": [end], "steps": [step]}
-    if prod is not None and prod.op == "slice" and axis not in prod.attrs["axes"] and len(fx.args[0].users) == 1:
-        # merge x[:, :, ::2][..., ::2] into one strided slice
-        for k in attrs:
-            prod.attrs[k] = prod.attrs[k] + attrs[k]
+    if extend_slice(prod, attrs, len(fx.args[0].users) == 1):
         b.tensors[x].shape = tuple(int(s) for s in fx.meta["val"].shape)
         b.names[fx.name] = x
         return
@@ -506,6 +503,17 @@ _HANDLERS: dict[str, Callable[[_Builder, torch.fx.Node, str], None]] = {
 def supported_ops() -> list[str]:
     """ATen ops the front end understands (for ``eptq-deploy ops`` and error messages)."""
     return sorted(set(_HANDLERS) | _IDENTITY)
+
+
+def extend_slice(prev: Node | None, attrs: dict[str, list[int]], sole_consumer: bool) -> bool:
+    """Fold a slice on other axes into ``prev``, the slice whose output (read by nothing else) it
+    takes: ``x[:, :, ::2][..., ::2]`` (an option-A shortcut, as torch and its ONNX exporter write
+    it) becomes one strided slice, one op and one grid, whichever format the model came in."""
+    if prev is None or prev.op != "slice" or not sole_consumer or set(prev.attrs["axes"]) & set(attrs["axes"]):
+        return False
+    for k in ("axes", "starts", "ends", "steps"):
+        prev.attrs[k] = prev.attrs[k] + attrs[k]
+    return True
 
 
 def fuse_activations(g: QuantGraph, fusing: tuple[str, ...]) -> QuantGraph:

@@ -22,16 +22,18 @@ import torch
 from torch import nn
 
 from .errors import ModelError
+from .readers import SourceGraph, model_file_suffixes, read_model_file
 from .zoo import BUILTIN_MODELS
 
 __all__ = ["SPEC_HELP", "load_model", "load_weights", "read_weights_file"]
 
 SPEC_HELP = (
     "use builtin:NAME (" + ", ".join(BUILTIN_MODELS) + "), path/to/file.py:factory, "
-    "package.module:factory, torchvision:NAME or a .pt2 file from torch.export.save"
+    "package.module:factory, torchvision:NAME, a .pt2 file from torch.export.save or a model file ("
+    + ", ".join(sorted(model_file_suffixes())) + ")"
 )
 
-ModelLike = nn.Module | torch.export.ExportedProgram
+ModelLike = nn.Module | torch.export.ExportedProgram | SourceGraph
 
 
 def _one_line(exc: BaseException, limit: int = 160) -> str:
@@ -323,6 +325,11 @@ def load_model(
     model: ModelLike
     if spec.endswith(".pt2"):
         return _load_exported(Path(spec), weights)
+    if Path(spec).suffix.lower() in model_file_suffixes():
+        if weights:
+            raise ModelError(f"{spec} already holds its weights; drop --weights for a model file")
+        src = read_model_file(Path(spec))
+        return src, dict(src.hints)
     if spec.startswith("builtin:"):
         model, hints = _load_builtin(spec.removeprefix("builtin:"), weights, allow_pickle)
     elif spec in BUILTIN_MODELS:

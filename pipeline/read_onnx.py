@@ -19,6 +19,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from .capture import extend_slice
 from .errors import ModelError, UnsupportedOpError
 from .graph import Node, QuantGraph, TensorInfo
 from .readers import SourceGraph
@@ -407,6 +408,11 @@ def _slice(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
             for k, v in zip(out, (ax, int(st), int(en), int(sp)), strict=True):
                 out[k].append(v)
     if not out["axes"]:
+        r.names[n.output[0]] = x
+        return
+    prev = r.nodes[-1] if r.nodes and r.nodes[-1].outputs == [x] else None
+    if extend_slice(prev, out, r.only_consumer(n.input[0])):
+        r.tensors[x].shape = tuple(int(s) for s in r.values[n.output[0]].shape)
         r.names[n.output[0]] = x
         return
     r.emit(n, "slice", [x], out)

@@ -10,6 +10,7 @@ function, registered here by name.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -47,6 +48,19 @@ class SourceGraph:
     hints: dict[str, Any] = field(default_factory=dict)
 
 
+def read_source(model: Any) -> SourceGraph | None:
+    """The model as a read file: a ``SourceGraph`` as is, a path with a reader's suffix, or an in-memory
+    ``onnx.ModelProto``; None for anything else (PyTorch modules and programs are captured instead)."""
+    if isinstance(model, SourceGraph):
+        return model
+    if isinstance(model, str | os.PathLike) and Path(model).suffix.lower() in model_file_suffixes():
+        return read_model_file(model)
+    if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
+        module, _, func = READERS["onnx"][1].partition(":")
+        return getattr(import_module(module), func)(model)
+    return None
+
+
 def reader_names() -> list[str]:
     return sorted(READERS)
 
@@ -58,10 +72,8 @@ def model_file_suffixes() -> set[str]:
 def read_model_file(path: str | Path) -> SourceGraph:
     """Read ``path`` with the reader its suffix names; one-line errors for a missing or oversized file."""
     path = Path(path)
-    for suffixes, spec in READERS.values():
-        if path.suffix.lower() in suffixes:
-            break
-    else:
+    spec = next((spec for suffixes, spec in READERS.values() if path.suffix.lower() in suffixes), None)
+    if spec is None:
         raise ModelError(f"no reader for {path.suffix or 'files without a suffix'} ({path.name}); "
                          f"readable: {', '.join(sorted(model_file_suffixes()))}")
     if not path.is_file():
