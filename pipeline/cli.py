@@ -386,6 +386,14 @@ def targets() -> None:
 
 
 @app.command()
+def readers() -> None:
+    """List the model-file readers: the suffixes `quantize` reads and the source ops each maps."""
+    from .readers import list_readers
+
+    _print_listing(list_readers)
+
+
+@app.command()
 def ops() -> None:
     """List the PyTorch (ATen) ops the graph capture understands."""
     from .capture import supported_ops

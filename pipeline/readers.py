@@ -24,9 +24,10 @@ from .errors import ModelError
 from .float_exec import run_float
 from .graph import QuantGraph
 
-#: reader name -> (file suffixes, "module:function")
-READERS: dict[str, tuple[tuple[str, ...], str]] = {
-    "onnx": ((".onnx",), "eptq_deploy.read_onnx:read"),
+#: reader name -> (file suffixes, "module:function", one-line description)
+READERS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "onnx": ((".onnx",), "eptq_deploy.read_onnx:read",
+             "ONNX files, opsets 11 to 21 (eptq_deploy.read_onnx.SUPPORTED lists the ops; others are refused by name)"),
 }
 #: model files above this size are refused before parsing (a protobuf holds at most 2 GiB)
 MAX_FILE_BYTES = 2**31
@@ -61,18 +62,19 @@ def read_source(model: Any) -> SourceGraph | None:
     return None
 
 
-def reader_names() -> list[str]:
-    return sorted(READERS)
+def list_readers() -> list[tuple[str, str]]:
+    """(name, suffixes and description) of every model-file reader."""
+    return [(name, f"{', '.join(suffixes)}: {text}") for name, (suffixes, _, text) in sorted(READERS.items())]
 
 
 def model_file_suffixes() -> set[str]:
-    return {s for suffixes, _ in READERS.values() for s in suffixes}
+    return {s for suffixes, _, _ in READERS.values() for s in suffixes}
 
 
 def read_model_file(path: str | Path) -> SourceGraph:
     """Read ``path`` with the reader its suffix names; one-line errors for a missing or oversized file."""
     path = Path(path)
-    spec = next((spec for suffixes, spec in READERS.values() if path.suffix.lower() in suffixes), None)
+    spec = next((spec for suffixes, spec, _ in READERS.values() if path.suffix.lower() in suffixes), None)
     if spec is None:
         raise ModelError(f"no reader for {path.suffix or 'files without a suffix'} ({path.name}); "
                          f"readable: {', '.join(sorted(model_file_suffixes()))}")

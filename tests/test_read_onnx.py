@@ -50,17 +50,19 @@ class Net(nn.Module):
 X = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(3))
 
 
-def _export(model: nn.Module, opset: int = 17, dynamic: bool = False) -> onnx.ModelProto:
+def _export(model: nn.Module, opset: int = 17, dynamic: bool = False, dynamo: bool = False) -> onnx.ModelProto:
+    if dynamo:  # torch's current exporter (needs onnxscript)
+        return torch.onnx.export(model, (X[:1],), dynamo=True, opset_version=opset, verbose=False).model_proto
     f = io.BytesIO()
     torch.onnx.export(model, X[:1], f, dynamo=False, opset_version=opset, input_names=["x"], output_names=["y"],
                       dynamic_axes={"x": {0: "n"}, "y": {0: "n"}} if dynamic else None)
     return onnx.load_from_string(f.getvalue())
 
 
-@pytest.mark.parametrize(("opset", "dynamic"), [(13, False), (17, True)])
-def test_read_graph_computes_the_file(opset: int, dynamic: bool) -> None:
+@pytest.mark.parametrize(("opset", "dynamic", "dynamo"), [(13, False, False), (17, True, False), (18, False, True)])
+def test_read_graph_computes_the_file(opset: int, dynamic: bool, dynamo: bool) -> None:
     model = Net().eval()
-    src = read(_export(model, opset, dynamic))
+    src = read(_export(model, opset, dynamic, dynamo))
     check_against_source(src, X[:4])  # raises where it differs from onnxruntime
     with torch.no_grad():
         np.testing.assert_allclose(run_float(src.graph, X).numpy(), model(X).numpy(), rtol=1e-4, atol=1e-5)
