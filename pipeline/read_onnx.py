@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+import onnx.external_data_helper
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
@@ -46,8 +47,7 @@ def load(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
         except Exception as e:  # truncated or not protobuf at all
             raise ModelError(f"cannot parse {where} as ONNX ({_one_line(e)}); check it is an .onnx file") from None
     if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
-        raise ModelError(f"{where} keeps weights in external data files; save it with every tensor inside the .onnx "
-                         "(onnx.save(model, path, save_as_external_data=False))")
+        _load_external_data(model, source, where)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None or not MIN_OPSET <= opset <= MAX_OPSET:
         raise ModelError(f"{where} uses ONNX opset {opset}; export it with an opset from {MIN_OPSET} to {MAX_OPSET}")
@@ -63,6 +63,27 @@ def load(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
             n.op_type in ("QuantizeLinear", "DequantizeLinear", "QLinearConv") for n in model.graph.node):
         raise ModelError(f"{where} is already quantized (integer weights or Q/DQ nodes); give the float model")
     return model
+
+
+def _load_external_data(model: onnx.ModelProto, source: object, where: str) -> None:
+    """Weights kept beside the file (as torch's dynamo exporter writes them): read only from plain
+    files in the model's own folder, never from a path the file names elsewhere."""
+    if isinstance(source, onnx.ModelProto):
+        raise ModelError("the ONNX model keeps weights in external data files; load it with onnx.load(path) first "
+                         "or pass the .onnx path")
+    folder = Path(str(source)).resolve().parent
+    for t in model.graph.initializer:
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in t.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if not location or Path(location).is_absolute() or target.parent != folder or not target.is_file():
+            raise ModelError(f"{where}: weight {t.name!r} points to external data {location!r}, not a file beside the "
+                             "model; keep the .onnx and its data file in one folder (or save without external data)")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(model, str(folder))
+    except Exception as e:
+        raise ModelError(f"cannot read the external data of {where} ({_one_line(e)}); check the data file") from None
 
 
 def _is_quantized(t: onnx.TensorProto) -> bool:

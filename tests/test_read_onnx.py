@@ -141,3 +141,22 @@ def test_unsupported_op_stops_before_calibration(tmp_path: Path, monkeypatch: py
     with pytest.raises(UnsupportedOpError, match="Softmax"):
         eptq_deploy.quantize(_tiny([helper.make_node("Softmax", ["x"], ["y"])], [], [1, 3, 16, 16]), X,
                              method="eptq", progress=False)
+
+
+def test_external_data_beside_the_file_is_read_and_elsewhere_refused(tmp_path: Path) -> None:
+    model = Net().eval()
+    proto = _export(model)
+    path = tmp_path / "net.onnx"
+    onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="net.data",
+              size_threshold=0)
+    src = read(path)
+    with torch.no_grad():
+        np.testing.assert_allclose(run_float(src.graph, X).numpy(), model(X).numpy(), rtol=1e-4, atol=1e-5)
+    evil = onnx.load(str(path), load_external_data=False)
+    for t in evil.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../outside.data"
+    onnx.save(evil, str(tmp_path / "evil.onnx"))
+    with pytest.raises(ModelError, match="not a file beside the model"):
+        read(tmp_path / "evil.onnx")
