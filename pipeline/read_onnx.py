@@ -10,6 +10,10 @@ ops; anything else is refused by its op type and node name before calibration.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +25,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from .capture import extend_slice
-from .errors import ModelError, UnsupportedOpError
+from .errors import EptqError, ModelError, UnsupportedOpError
 from .graph import Node, QuantGraph, TensorInfo
 from .readers import SourceGraph
 
@@ -30,6 +34,24 @@ MIN_OPSET, MAX_OPSET = 11, 21
 SUPPORTED = ("Conv", "Gemm", "MatMul", "BatchNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid",
              "HardSwish", "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
              "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Identity", "Dropout")
+
+
+#: the child process of ``_Reader._run_everything``: onnxruntime on zeros, every output saved in order
+_PROBE = """
+import json, sys
+import numpy as np, onnxruntime as ort
+model, name, shape, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+opts = ort.SessionOptions()
+opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor by name
+opts.intra_op_num_threads = 1
+opts.log_severity_level = 3
+try:
+    sess = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    got = sess.run(None, {name: np.zeros(shape, np.float32)})
+except Exception as e:
+    sys.exit(" ".join(str(e).split())[:300] or type(e).__name__)
+np.savez(out, *got)
+"""
 
 
 def _one_line(e: BaseException) -> str:
@@ -122,28 +144,33 @@ class _Reader:
             self.uses[o.name] = self.uses.get(o.name, 0) + 1
 
     # ---------------------------------------------------------------- the batch-1 run
-    def _session(self, outputs: list[str]) -> ort.InferenceSession:
+    def session_bytes(self, outputs: list[str]) -> bytes:
+        """The model with ``outputs`` as its outputs (types left to onnxruntime), serialized."""
         m = onnx.ModelProto()
         m.CopyFrom(self.model)
-        inferred = onnx.shape_inference.infer_shapes(m)
-        types = {v.name: v.type.tensor_type.elem_type for v in
-                 list(inferred.graph.value_info) + list(inferred.graph.output) + list(inferred.graph.input)}
         del m.graph.output[:]
-        for name in outputs:
-            m.graph.output.append(helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every tensor by name
-        opts.intra_op_num_threads = 1
-        opts.log_severity_level = 3
-        return ort.InferenceSession(m.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        m.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)
+        return m.SerializeToString()
 
     def _run_everything(self) -> dict[str, np.ndarray]:
+        """Every tensor at batch 1, computed in a child process: onnx's shape inference (which
+        onnxruntime runs on load) aborts the whole process on some malformed files, so the first
+        contact with an untrusted file must not be able to take the caller down with it."""
         names = list(dict.fromkeys(o for n in self.model.graph.node for o in n.output if o))
-        try:
-            sess = self._session(names)
-            got = sess.run(None, {self.input.name: np.zeros(self.shape, np.float32)})
-        except Exception as e:
-            raise ModelError(f"onnxruntime cannot run the ONNX model ({_one_line(e)}); check the file") from None
+        with tempfile.TemporaryDirectory(prefix="eptq-onnx-") as d:
+            model_path, out_path = Path(d) / "model.onnx", Path(d) / "values.npz"
+            model_path.write_bytes(self.session_bytes(names))
+            args = [sys.executable, "-c", _PROBE, str(model_path), self.input.name, json.dumps(list(self.shape)),
+                    str(out_path)]
+            done = subprocess.run(args, capture_output=True, text=True, timeout=600)
+            if done.returncode != 0:
+                why = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+                if done.returncode < 0:
+                    why = f"onnxruntime crashed (signal {-done.returncode}): the file is malformed"
+                raise ModelError(f"onnxruntime cannot run the ONNX model ({' '.join(why.split())[:200]}); "
+                                 "check the file")
+            with np.load(out_path) as f:
+                got = [f[f"arr_{k}"] for k in range(len(names))]
         return dict(zip(names, got, strict=True))
 
     # -------------------------------------------------------------------- helpers
@@ -196,7 +223,13 @@ class _Reader:
             handler = _HANDLERS.get(node.op_type)
             if handler is None:
                 self.refuse(node)
-            handler(self, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+            try:
+                handler(self, node, {a.name: helper.get_attribute_value(a) for a in node.attribute})
+            except EptqError:
+                raise
+            except Exception as e:  # a malformed node the checker let through: one line, not a traceback
+                raise ModelError(f"cannot read ONNX node {node.name or node.output[0]!r} ({node.op_type}: "
+                                 f"{_one_line(e)}); check the file") from None
         outs = [o.name for o in self.model.graph.output]
         if len(outs) != 1:
             raise ModelError(f"the ONNX model has {len(outs)} outputs; eptq-deploy handles one-output models for now")
@@ -469,8 +502,12 @@ def read(source: str | Path | onnx.ModelProto) -> SourceGraph:
 
     def run_source(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
         key = tuple(wanted)
-        if key not in wanted_cache:
-            wanted_cache[key] = reader._session(list(wanted))
+        if key not in wanted_cache:  # in process: the child run has shown onnxruntime loads this file
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+            wanted_cache[key] = ort.InferenceSession(reader.session_bytes(list(wanted)), opts,
+                                                     providers=["CPUExecutionProvider"])
         sess = wanted_cache[key]
         per_sample = [sess.run(None, {reader.input.name: x[i:i + 1].astype(np.float32)}) for i in range(len(x))]
         return [np.concatenate([s[k] for s in per_sample]) for k in range(len(wanted))]

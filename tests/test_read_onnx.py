@@ -10,6 +10,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper
 from torch import nn
 
@@ -160,3 +162,35 @@ def test_external_data_beside_the_file_is_read_and_elsewhere_refused(tmp_path: P
     onnx.save(evil, str(tmp_path / "evil.onnx"))
     with pytest.raises(ModelError, match="not a file beside the model"):
         read(tmp_path / "evil.onnx")
+
+
+_GOOD = _export(Net().eval()).SerializeToString()
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_corrupted_models_end_in_one_line_errors(data: st.DataObject) -> None:
+    """Changed or truncated bytes of a valid file that still parse as protobuf: read, or one of the
+    project's one-line errors, never a library's traceback (unparsable bytes: test_bad_files...)."""
+    raw = bytearray(_GOOD)
+    for _ in range(data.draw(st.integers(1, 8))):
+        raw[data.draw(st.integers(0, len(raw) - 1))] = data.draw(st.integers(0, 255))
+    raw = raw[: data.draw(st.integers(1, len(raw)))]
+    try:
+        model = onnx.load_from_string(bytes(raw))
+    except Exception:
+        return
+    try:
+        read(model)
+    except EptqError as e:
+        assert "\n" not in str(e)
+
+
+def test_a_file_that_aborts_onnx_shape_inference_is_refused_not_fatal() -> None:
+    """A Conv whose kernel_shape (37 x 3) contradicts its weights and input (found by mutating a
+    file) makes onnx's C++ shape inference, run by onnxruntime on load, abort the process; the
+    reader's first run happens in a child process, so the caller gets a one-line error."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4, 3, 3, 3], np.zeros(108, np.float32).tolist())
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[37, 3], pads=[1, 1, 1, 1])
+    with pytest.raises(ModelError, match="onnxruntime (crashed|cannot run)"):
+        read(_tiny([conv], [w], [1, 3, 16, 16]))
