@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 from .capture import extend_slice
 from .errors import EptqError, ModelError, UnsupportedOpError
 from .graph import Node, QuantGraph, TensorInfo
-from .readers import SourceGraph
+from .readers import SourceGraph, same_pads
 
 MIN_OPSET, MAX_OPSET = 11, 21
 #: ONNX op types this reader maps (every other op, and every custom domain, is refused by name)
@@ -273,13 +273,7 @@ def _pads(r: _Reader, n: onnx.NodeProto, a: dict[str, Any], size: tuple[int, ...
         return [int(p) for p in a.get("pads", [0, 0, 0, 0])]
     if auto == "VALID":
         return [0, 0, 0, 0]
-    begin, end = [], []
-    for s, k, st, d in zip(size, kernel, stride, dilation, strict=True):
-        total = max((-(-s // st) - 1) * st + (k - 1) * d + 1 - s, 0)
-        small, big = total // 2, total - total // 2
-        begin.append(small if auto == "SAME_UPPER" else big)
-        end.append(big if auto == "SAME_UPPER" else small)
-    return begin + end
+    return same_pads(size, kernel, stride, dilation, upper=auto == "SAME_UPPER")
 
 
 def _gemm(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:

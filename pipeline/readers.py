@@ -28,6 +28,8 @@ from .graph import QuantGraph
 READERS: dict[str, tuple[tuple[str, ...], str, str]] = {
     "onnx": ((".onnx",), "eptq_deploy.read_onnx:read",
              "ONNX files, opsets 11 to 21 (eptq_deploy.read_onnx.SUPPORTED lists the ops; others are refused by name)"),
+    "tflite": ((".tflite",), "eptq_deploy.read_tflite:read",
+               "float TFLite files, float16 weights included (eptq_deploy.read_tflite.SUPPORTED lists the ops)"),
 }
 #: model files above this size are refused before parsing (a protobuf holds at most 2 GiB)
 MAX_FILE_BYTES = 2**31
@@ -60,6 +62,19 @@ def read_source(model: Any) -> SourceGraph | None:
         module, _, func = READERS["onnx"][1].partition(":")
         return getattr(import_module(module), func)(model)
     return None
+
+
+def same_pads(size: tuple[int, ...] | list[int], kernel: tuple[int, ...] | list[int], stride: list[int],
+              dilation: list[int], upper: bool = True) -> list[int]:
+    """[begins..., ends...] of "SAME" padding (TensorFlow's, ONNX's SAME_UPPER; SAME_LOWER with
+    ``upper=False``): the output is ceil(size / stride), the odd pixel goes at the end."""
+    begin, end = [], []
+    for s, k, st, d in zip(size, kernel, stride, dilation, strict=True):
+        total = max((-(-s // st) - 1) * st + (k - 1) * d + 1 - s, 0)
+        small, big = total // 2, total - total // 2
+        begin.append(small if upper else big)
+        end.append(big if upper else small)
+    return begin + end
 
 
 def list_readers() -> list[tuple[str, str]]:

@@ -1,0 +1,379 @@
+"""Float TFLite files into the canonical float graph.
+
+The flatbuffer is read with the TFLite schema the project already writes with (nothing in
+the file is executed). TFLite is NHWC: activations become NCHW, convolution filters OIHW,
+depthwise filters (C*M, 1, KH, KW), and a fully connected layer that reads a flattened NHWC
+tensor gets its columns reordered to the NCHW flatten. float16 weights behind a DEQUANTIZE
+are read as float32. The read graph is checked against the TFLite interpreter (every tensor
+kept) before any calibration, like the ONNX reader's; data and outputs stay NCHW for now.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import EptqError, ModelError, UnsupportedOpError
+from .graph import Node, QuantGraph, TensorInfo
+from .readers import SourceGraph, same_pads
+
+#: TFLite ops this reader maps; every other op (and any custom op) is refused by name
+SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "RELU", "RELU6", "LOGISTIC",
+             "HARD_SWISH", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN", "PAD", "RESHAPE", "CONCATENATION", "STRIDED_SLICE",
+             "TRANSPOSE", "DEQUANTIZE")
+_FUSED = {0: "none", 1: "relu", 3: "relu6"}  # ActivationFunctionType NONE, RELU, RELU6
+
+
+def _schema() -> Any:
+    from ai_edge_litert import schema_py_generated as S
+
+    return S
+
+
+def _nchw(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return (shape[0], shape[3], shape[1], shape[2]) if len(shape) == 4 else shape
+
+
+class _Reader:
+    def __init__(self, model: Any, where: str) -> None:
+        S = _schema()
+        self.S, self.where, self.m = S, where, model
+        if len(model.subgraphs) != 1:
+            raise ModelError(f"{where} has {len(model.subgraphs)} subgraphs; eptq-deploy reads single-graph models")
+        self.sg = model.subgraphs[0]
+        self.codes = {v: k for k, v in vars(S.BuiltinOperator).items() if not k.startswith("_")}
+        self.ops = [self.codes.get(c.builtinCode, str(c.builtinCode)) if c.builtinCode != S.BuiltinOperator.CUSTOM
+                    else f"custom {c.customCode.decode() if c.customCode else '?'}" for c in model.operatorCodes]
+        types = {self.sg.tensors[i].type for o in self.sg.operators for i in list(o.outputs)}
+        if types & {S.TensorType.INT8, S.TensorType.UINT8, S.TensorType.INT16}:
+            raise ModelError(f"{where} is already quantized (integer activations); give the float model")
+        if len(self.sg.inputs) != 1 or len(self.sg.outputs) != 1:
+            raise ModelError(f"{where} has {len(self.sg.inputs)} inputs and {len(self.sg.outputs)} outputs; "
+                             "eptq-deploy reads one-image-input, one-output models for now")
+        shape = tuple(int(d) for d in self.sg.tensors[self.sg.inputs[0]].shape)
+        if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
+            raise ModelError(f"{where}'s input has shape {list(shape)}; eptq-deploy reads one NHWC image input, batch 1")
+        self.input_index = int(self.sg.inputs[0])
+        self.nodes: list[Node] = []
+        self.tensors: dict[str, TensorInfo] = {"input": TensorInfo("input", _nchw(shape), "input")}
+        self.names: dict[int, str] = {self.input_index: "input"}  # TFLite tensor index -> canonical tensor
+        self.nhwc_flat: dict[str, tuple[int, int, int]] = {}  # 2-D tensors flattened from NHWC (h, w, c)
+        self.const: dict[int, np.ndarray] = {}
+        self.count: dict[str, int] = {}
+        self.nchw_data: set[int] = set()  # TFLite tensors transposed to NCHW order (only a flatten may read them)
+
+    # -------------------------------------------------------------------- helpers
+    def constant(self, i: int) -> np.ndarray | None:
+        if i in self.const:
+            return self.const[i]
+        t = self.sg.tensors[i]
+        raw = self.m.buffers[t.buffer].data if t.buffer else None
+        if raw is None or not len(raw):
+            return None
+        S = self.S
+        dtype = {S.TensorType.FLOAT32: np.float32, S.TensorType.FLOAT16: np.float16, S.TensorType.INT32: np.int32,
+                 S.TensorType.INT64: np.int64}.get(t.type)
+        if dtype is None:
+            raise ModelError(f"{self.where}: constant {t.name.decode()!r} has tensor type {t.type}; give the float model")
+        try:
+            return np.frombuffer(bytes(raw), dtype).reshape([int(d) for d in t.shape]).copy()
+        except ValueError:
+            raise ModelError(f"{self.where}: constant {t.name.decode()!r} holds {len(raw)} bytes, not its shape "
+                             f"{list(t.shape)}; the file is malformed") from None
+
+    def act(self, i: int, op: str) -> str:
+        if i in self.names:
+            return self.names[i]
+        raise UnsupportedOpError(f"{op} reads tensor {self.sg.tensors[i].name.decode()!r}, a constant where "
+                                 "eptq-deploy needs an activation")
+
+    def producer(self, t: str) -> Node | None:
+        return next((n for n in reversed(self.nodes) if t in n.outputs), None)
+
+    def readers(self, i: int) -> int:
+        """How many operators (and graph outputs) read TFLite tensor ``i``."""
+        return sum(list(o.inputs).count(i) for o in self.sg.operators) + list(self.sg.outputs).count(i)
+
+    def shape(self, i: int) -> tuple[int, ...]:
+        return _nchw(tuple(int(d) for d in self.sg.tensors[i].shape))
+
+    def emit(self, out_index: int, op: str, inputs: list[str], attrs: dict[str, Any], where: str,
+             weights: tuple[np.ndarray, np.ndarray] | None = None) -> str:
+        k = self.count.get(op, 0)
+        self.count[op] = k + 1
+        name = f"{op}_{k}"
+        ins = list(inputs)
+        if weights is not None:
+            for suffix, data, kind in ((".weight", weights[0], "weight"), (".bias", weights[1], "bias")):
+                self.tensors[name + suffix] = TensorInfo(name + suffix, tuple(data.shape), kind,
+                                                         data=np.ascontiguousarray(data, np.float32))
+                ins.append(name + suffix)
+        self.tensors[name] = TensorInfo(name, self.shape(out_index), "activation")
+        self.nodes.append(Node(name, op, ins, [name], attrs, where))
+        self.names[out_index] = name
+        return name
+
+    def refuse(self, op: str, where: str, why: str = "") -> None:
+        raise UnsupportedOpError(f"TFLite op {op} ({where}){': ' + why if why else ''} is not read by eptq-deploy yet; "
+                                 f"readable ops: {', '.join(SUPPORTED)}")
+
+    # ----------------------------------------------------------------------- walk
+    def run(self) -> tuple[QuantGraph, dict[str, int]]:
+        for o in self.sg.operators:
+            op = self.ops[o.opcodeIndex]
+            ins = [int(i) for i in o.inputs]
+            outs = [int(i) for i in o.outputs]
+            where = self.sg.tensors[outs[0]].name.decode() if outs else op
+            opts = o.builtinOptions
+            if op == "DEQUANTIZE" and self.constant(ins[0]) is not None:
+                self.const[outs[0]] = self.constant(ins[0]).astype(np.float32)  # float16 weights
+                continue
+            handler = _HANDLERS.get(op)
+            if handler is None:
+                self.refuse(op, where)
+            if op != "RESHAPE" and self.nchw_data & set(ins):
+                self.refuse(op, where, "an op other than a flatten reading an NHWC -> NCHW transpose")
+            try:
+                handler(self, ins, outs, opts, where, op)
+            except EptqError:
+                raise
+            except Exception as e:  # a malformed operator: one line
+                raise ModelError(f"cannot read TFLite op {op} ({where}): {' '.join(str(e).split())[:160]}; "
+                                 "check the file") from None
+        out = int(self.sg.outputs[0])
+        if out not in self.names:
+            raise ModelError(f"{self.where}'s output does not depend on its input; check the file")
+        g = QuantGraph(_live(self.nodes, self.names[out]), self.tensors, ["input"], [self.names[out]])
+        g.tensors = {k: v for k, v in g.tensors.items() if v.kind == "input" or any(
+            k in n.inputs or k in n.outputs for n in g.nodes)}
+        g.validate()
+        return g, {c: i for i, c in self.names.items()}
+
+    def fused(self, opts: Any, op: str, where: str) -> str:
+        code = getattr(opts, "fusedActivationFunction", 0) if opts is not None else 0
+        if code not in _FUSED:
+            self.refuse(op, where, f"fused activation {code}")
+        return _FUSED[code]
+
+    def padding(self, opts: Any, x: str, kernel: list[int], stride: list[int], dilation: list[int]) -> list[int]:
+        if opts.padding == self.S.Padding.VALID:
+            return [0, 0, 0, 0]
+        return same_pads(self.tensors[x].shape[2:], kernel, stride, dilation)
+
+
+def _live(nodes: list[Node], output: str) -> list[Node]:
+    """The nodes the output depends on (a PAD folded into its convolution, a flatten a reshape
+    undid, are left behind)."""
+    needed, keep = {output}, []
+    for n in reversed(nodes):
+        if set(n.outputs) & needed:
+            keep.append(n)
+            needed |= set(n.inputs)
+    return keep[::-1]
+
+
+# ---------------------------------------------------------------------- handlers
+def _conv(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x, w = r.act(ins[0], op), r.constant(ins[1])
+    if w is None:
+        r.refuse(op, where, "filters that are not constant")
+    b = r.constant(ins[2]) if len(ins) > 2 and ins[2] >= 0 else None
+    stride, dilation = [opts.strideH, opts.strideW], [opts.dilationHFactor, opts.dilationWFactor]
+    if op == "CONV_2D":
+        w = w.transpose(0, 3, 1, 2)  # OHWI -> OIHW
+        cin = r.tensors[x].shape[1]
+        if w.shape[1] != cin:
+            r.refuse(op, where, "a grouped convolution")
+        canonical, groups = "conv2d", 1
+    else:
+        w = w.transpose(3, 0, 1, 2)  # 1HW(C*M) -> (C*M)1HW
+        canonical, groups = "depthwise_conv2d", r.tensors[x].shape[1]
+    b = np.zeros(w.shape[0], np.float32) if b is None else b.astype(np.float32)
+    pads = r.padding(opts, x, list(w.shape[2:]), stride, dilation)
+    prev = r.producer(x)
+    if (prev is not None and prev.op == "pad" and not any(pads) and r.readers(ins[0]) == 1
+            and not any(prev.attrs["pads"][k] for k in (0, 1, 4, 5))):
+        # an explicit PAD of the image only, then a VALID convolution: torch's padded convolution
+        p = prev.attrs["pads"]
+        x, pads = prev.inputs[0], [p[2], p[3], p[6], p[7]]
+    r.emit(outs[0], canonical, [x], {"stride": stride, "pads": pads, "dilation": dilation, "groups": groups,
+                                     "activation": r.fused(opts, op, where)}, where, (w.astype(np.float32), b))
+
+
+def _fully_connected(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x, w = r.act(ins[0], op), r.constant(ins[1])
+    if w is None or len(r.tensors[x].shape) != 2 or (opts is not None and opts.keepNumDims):
+        r.refuse(op, where, "non-constant weights, a non-2-D input or keep_num_dims")
+    w = w.astype(np.float32)
+    if x in r.nhwc_flat:  # columns in NHWC flatten order -> NCHW flatten order
+        h, wd, c = r.nhwc_flat[x]
+        w = w.reshape(w.shape[0], h, wd, c).transpose(0, 3, 1, 2).reshape(w.shape[0], -1)
+    b = r.constant(ins[2]) if len(ins) > 2 and ins[2] >= 0 else None
+    b = np.zeros(w.shape[0], np.float32) if b is None else b.astype(np.float32)
+    r.emit(outs[0], "linear", [x], {"activation": r.fused(opts, op, where)}, where, (w, b))
+
+
+def _binary(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x, y = (r.act(i, op) for i in ins)
+    act = r.fused(opts, op, where)
+    if op == "ADD":
+        if r.tensors[x].shape != r.tensors[y].shape:
+            r.refuse(op, where, f"broadcasting add {r.tensors[x].shape} + {r.tensors[y].shape}")
+        r.emit(outs[0], "add", [x, y], {"activation": act}, where)
+        return
+    if act != "none":
+        r.refuse(op, where, "MUL with a fused activation")
+    r.emit(outs[0], "mul", [x, y], {}, where)
+
+
+def _unary(canonical: str) -> Callable[..., None]:
+    def h(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+        r.emit(outs[0], canonical, [r.act(ins[0], op)], {}, where)
+
+    return h
+
+
+def _pool(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x = r.act(ins[0], op)
+    if r.fused(opts, op, where) != "none":
+        r.refuse(op, where, "a pool with a fused activation")
+    k, s = [opts.filterHeight, opts.filterWidth], [opts.strideH, opts.strideW]
+    attrs: dict[str, Any] = {"kernel": k, "stride": s, "pads": r.padding(opts, x, k, s, [1, 1])}
+    if op == "AVERAGE_POOL_2D":
+        attrs["count_include_pad"] = False  # TFLite averages the pixels inside the image only
+    r.emit(outs[0], "avg_pool2d" if op == "AVERAGE_POOL_2D" else "max_pool2d", [x], attrs, where)
+
+
+def _mean(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x, axes = r.act(ins[0], op), r.constant(ins[1])
+    if len(r.tensors[x].shape) != 4 or axes is None or sorted(int(a) % 4 for a in axes.ravel()) != [1, 2]:
+        r.refuse(op, where, "a mean that is not over H and W of an NHWC tensor")
+    if opts is not None and opts.keepDims:
+        r.emit(outs[0], "global_avg_pool", [x], {}, where)
+        return
+    k = r.count.get("global_avg_pool", 0)
+    r.count["global_avg_pool"] = k + 1
+    pooled = f"global_avg_pool_{k}"
+    n, c = r.tensors[x].shape[:2]
+    r.tensors[pooled] = TensorInfo(pooled, (n, c, 1, 1), "activation")
+    r.nodes.append(Node(pooled, "global_avg_pool", [x], [pooled], {}, where))
+    r.emit(outs[0], "flatten", [pooled], {}, where)
+
+
+def _pad(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x, p = r.act(ins[0], op), r.constant(ins[1])
+    if p is None or p.shape != (4, 2) or (p < 0).any():
+        r.refuse(op, where, "paddings that are not a constant 4 x 2 of non-negative values")
+    order = (0, 3, 1, 2)  # NHWC rows -> NCHW axes
+    r.emit(outs[0], "pad", [x], {"pads": [int(p[a, 0]) for a in order] + [int(p[a, 1]) for a in order]}, where)
+
+
+def _reshape(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x = r.act(ins[0], op)
+    src = r.tensors[x].shape
+    out = tuple(int(d) for d in r.sg.tensors[outs[0]].shape)
+    if len(out) == 2 and out[0] == src[0]:
+        r.emit(outs[0], "flatten", [x], {}, where)
+        if len(src) == 4 and src[2] * src[3] > 1 and ins[0] not in r.nchw_data:
+            r.nhwc_flat[r.names[outs[0]]] = (src[2], src[3], src[1])
+    elif _nchw(out) == src:
+        r.names[outs[0]] = x
+    elif len(out) == 4 and len(src) == 2 and out[1] * out[2] == 1:  # (N, C) -> (N, 1, 1, C): no pixels to reorder
+        prev = r.producer(x)
+        if prev is not None and prev.op == "flatten" and r.tensors[prev.inputs[0]].shape == _nchw(out):
+            r.names[outs[0]] = prev.inputs[0]  # MEAN without keep_dims, then back to 4-D: the pooled tensor
+        else:
+            r.emit(outs[0], "reshape", [x], {"shape": list(_nchw(out))}, where)
+    else:
+        r.refuse(op, where, f"a reshape from {list(src)} (NCHW) to {list(out)} (NHWC) that moves data between axes")
+
+
+def _concat(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    xs = [r.act(i, op) for i in ins]
+    if r.fused(opts, op, where) != "none":
+        r.refuse(op, where, "a concatenation with a fused activation")
+    rank = len(r.tensors[xs[0]].shape)
+    axis = int(opts.axis) % rank
+    if rank == 4:
+        axis = (0, 2, 3, 1)[axis]
+    r.emit(outs[0], "concat", xs, {"axis": axis}, where)
+
+
+def _transpose(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    """NHWC -> NCHW before a flatten (as exporters write to keep a PyTorch flatten order): in the
+    canonical NCHW graph that is the tensor itself, flattened in its own order."""
+    x, perm = r.act(ins[0], op), r.constant(ins[1])
+    if perm is None or perm.tolist() != [0, 3, 1, 2]:
+        r.refuse(op, where, f"permutation {None if perm is None else perm.tolist()} (NHWC -> NCHW before a "
+                 "flatten is read)")
+    r.names[outs[0]] = x
+    r.nchw_data.add(outs[0])
+
+
+def _strided_slice(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x = r.act(ins[0], op)
+    begin, end, strides = (r.constant(i) for i in ins[1:4])
+    rank = len(r.tensors[x].shape)
+    masks = (opts.ellipsisMask, opts.newAxisMask, opts.shrinkAxisMask, getattr(opts, "offset", False))
+    if begin is None or end is None or strides is None or any(masks) or rank != 4:
+        r.refuse(op, where, "non-constant bounds, ellipsis/new-axis/shrink masks or a rank other than 4")
+    nhwc = tuple(int(d) for d in r.sg.tensors[ins[0]].shape)
+    attrs: dict[str, list[int]] = {"axes": [], "starts": [], "ends": [], "steps": []}
+    for a in range(4):
+        dim, st, en, sp = nhwc[a], int(begin[a]), int(end[a]), int(strides[a])
+        st = 0 if opts.beginMask >> a & 1 else min(max(st + dim if st < 0 else st, 0), dim)
+        en = dim if opts.endMask >> a & 1 else min(max(en + dim if en < 0 else en, 0), dim)
+        if (st, en, sp) == (0, dim, 1):
+            continue
+        if sp <= 0 or a == 0:
+            r.refuse(op, where, "a slice with a non-positive stride or along the batch axis")
+        for key, v in zip(attrs, ((0, 2, 3, 1)[a], st, en, sp), strict=True):
+            attrs[key].append(v)
+    if not attrs["axes"]:
+        r.names[outs[0]] = x
+        return
+    r.emit(outs[0], "slice", [x], attrs, where)
+
+
+_HANDLERS: dict[str, Callable[..., None]] = {
+    "CONV_2D": _conv, "DEPTHWISE_CONV_2D": _conv, "FULLY_CONNECTED": _fully_connected, "ADD": _binary,
+    "MUL": _binary, "RELU": _unary("relu"), "RELU6": _unary("relu6"), "LOGISTIC": _unary("sigmoid"),
+    "HARD_SWISH": _unary("hardswish"), "AVERAGE_POOL_2D": _pool, "MAX_POOL_2D": _pool, "MEAN": _mean, "PAD": _pad,
+    "RESHAPE": _reshape, "CONCATENATION": _concat, "STRIDED_SLICE": _strided_slice,
+    "TRANSPOSE": _transpose,
+}
+
+
+def read(source: str | Path) -> SourceGraph:
+    """The canonical float graph of a float TFLite file, and a runner of the file on the TFLite interpreter."""
+    path = Path(source)
+    raw = path.read_bytes()
+    if len(raw) < 8 or raw[4:8] != b"TFL3":
+        raise ModelError(f"{path} is not a TFLite flatbuffer (no TFL3 identifier); check it is a .tflite file")
+    try:
+        model = _schema().ModelT.InitFromPackedBuf(raw, 0)
+    except Exception as e:
+        raise ModelError(f"cannot parse {path} as TFLite ({' '.join(str(e).split())[:120]}); the file is "
+                         "truncated or malformed") from None
+    reader = _Reader(model, str(path))
+    g, names = reader.run()
+
+    def run_source(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
+        from ai_edge_litert.interpreter import Interpreter
+
+        it = Interpreter(model_content=raw, experimental_preserve_all_tensors=True, num_threads=1)
+        it.allocate_tensors()
+        per_sample = []
+        for i in range(len(x)):
+            it.set_tensor(reader.input_index, np.ascontiguousarray(x[i:i + 1].transpose(0, 2, 3, 1), np.float32))
+            it.invoke()
+            per_sample.append([it.get_tensor(names[t]) for t in wanted])
+        out = [np.concatenate([s[k] for s in per_sample]) for k in range(len(wanted))]
+        return [v.transpose(0, 3, 1, 2) if v.ndim == 4 else v for v in out]
+
+    names_by_canonical = {c: c for c in names}  # canonical name -> itself; run_source resolves the index
+    return SourceGraph(g, run_source, names_by_canonical, {"input_shape": reader.tensors["input"].shape[1:],
+                                                            "name": path.stem})
