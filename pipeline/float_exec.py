@@ -66,6 +66,8 @@ def float_op(n: Node, xs: list[torch.Tensor], pad_value: float = 0.0) -> torch.T
     x = xs[0]
     if op == "add":
         return apply_activation(xs[0] + xs[1], a.get("activation", "none"))
+    if op == "softmax":
+        return torch.softmax(x, a["axis"])
     if op == "mul":
         return xs[0] * xs[1]
     if op == "concat":

@@ -51,6 +51,8 @@ OPS: dict[str, tuple[int | None, frozenset[str]]] = {
     "slice": (1, frozenset({"axes", "starts", "ends", "steps"})),
     "flatten": (1, frozenset()),
     "reshape": (1, frozenset({"shape"})),
+    # read from model files; no target has a measured integer kernel for it yet (each refuses it)
+    "softmax": (1, frozenset({"axis"})),
 }
 
 #: ops whose output grid is the input grid (they move or select codes, never rescale)

@@ -33,7 +33,7 @@ MIN_OPSET, MAX_OPSET = 11, 21
 #: ONNX op types this reader maps (every other op, and every custom domain, is refused by name)
 SUPPORTED = ("Conv", "Gemm", "MatMul", "BatchNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid",
              "HardSwish", "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
-             "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Identity", "Dropout")
+             "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Identity", "Dropout", "Softmax")
 
 
 #: the child process of ``_Reader._run_everything``: onnxruntime on zeros, every output saved in order
@@ -477,6 +477,13 @@ def _pad(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
     r.emit(n, "pad", [x], {"pads": pads})
 
 
+def _softmax(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    x = r.act(n.input[0], n)
+    if len(r.tensors[x].shape) != 2 or int(a.get("axis", -1)) % 2 != 1:
+        r.refuse(n, "a softmax over other than the classes of an (N, classes) tensor")
+    r.emit(n, "softmax", [x], {"axis": 1})
+
+
 _HANDLERS: dict[str, Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _batch_norm,
     "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "HardSwish": _unary("hardswish"), "Clip": _clip,
@@ -484,6 +491,7 @@ _HANDLERS: dict[str, Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]] 
     "MaxPool": _pool("max_pool2d"), "AveragePool": _pool("avg_pool2d"), "GlobalAveragePool": _global_pool,
     "ReduceMean": _reduce_mean, "Flatten": _reshape_like, "Reshape": _reshape_like, "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like, "Slice": _slice, "Pad": _pad, "Identity": _identity, "Dropout": _identity,
+    "Softmax": _softmax,
 }
 
 

@@ -23,7 +23,7 @@ from .readers import SourceGraph, same_pads
 #: TFLite ops this reader maps; every other op (and any custom op) is refused by name
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "RELU", "RELU6", "LOGISTIC",
              "HARD_SWISH", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN", "PAD", "RESHAPE", "CONCATENATION", "STRIDED_SLICE",
-             "TRANSPOSE", "DEQUANTIZE")
+             "TRANSPOSE", "SOFTMAX", "DEQUANTIZE")
 _FUSED = {0: "none", 1: "relu", 3: "relu6"}  # ActivationFunctionType NONE, RELU, RELU6
 
 
@@ -338,12 +338,19 @@ def _strided_slice(r: _Reader, ins: list[int], outs: list[int], opts: Any, where
     r.emit(outs[0], "slice", [x], attrs, where)
 
 
+def _softmax(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x = r.act(ins[0], op)
+    if len(r.tensors[x].shape) != 2 or (opts is not None and opts.beta != 1.0):
+        r.refuse(op, where, "a softmax over other than the classes of an (N, classes) tensor, or beta != 1")
+    r.emit(outs[0], "softmax", [x], {"axis": 1}, where)
+
+
 _HANDLERS: dict[str, Callable[..., None]] = {
     "CONV_2D": _conv, "DEPTHWISE_CONV_2D": _conv, "FULLY_CONNECTED": _fully_connected, "ADD": _binary,
     "MUL": _binary, "RELU": _unary("relu"), "RELU6": _unary("relu6"), "LOGISTIC": _unary("sigmoid"),
     "HARD_SWISH": _unary("hardswish"), "AVERAGE_POOL_2D": _pool, "MAX_POOL_2D": _pool, "MEAN": _mean, "PAD": _pad,
     "RESHAPE": _reshape, "CONCATENATION": _concat, "STRIDED_SLICE": _strided_slice,
-    "TRANSPOSE": _transpose,
+    "TRANSPOSE": _transpose, "SOFTMAX": _softmax,
 }
 
 

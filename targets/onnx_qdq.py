@@ -33,6 +33,7 @@ import onnxruntime as ort
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from eptq_deploy.errors import UnsupportedOpError
 from eptq_deploy.graph import SAME_GRID_OPS, Node, QParams, QuantGraph, TargetRules
 from eptq_deploy.simulate import FloatHalfEvenRule, pad_codes, register_rule
 
@@ -260,7 +261,8 @@ class _Emitter:
                 self.node("AveragePool", ins, [f"{out}.f"], f"AveragePool_{out}", kernel_shape=a["kernel"],
                           strides=a["stride"], pads=a["pads"], count_include_pad=int(a["count_include_pad"]))
             else:
-                raise NotImplementedError(f"onnx-qdq cannot emit op {op}")
+                raise UnsupportedOpError(f"the QDQ ONNX writer (onnx-qdq, openvino-ir) cannot write op {op} "
+                                         f"({n.name}): no measured integer kernel for it yet; use another target")
             self.finish(f"{out}.f", out)
 
     def code_op(self, n: Node, ins: list[str], out: str) -> None:
@@ -288,7 +290,8 @@ class _Emitter:
         elif op == "concat":
             self.node("Concat", ins, [out], f"Concat_{out}", axis=a["axis"])
         else:
-            raise NotImplementedError(op)
+            raise UnsupportedOpError(f"the QDQ ONNX writer (onnx-qdq, openvino-ir) cannot write op {op} ({n.name}); "
+                                     "use another target")
 
 
 def qdq_io_contract(g: QuantGraph) -> dict[str, dict[str, Any]]:

@@ -194,3 +194,19 @@ def test_a_file_that_aborts_onnx_shape_inference_is_refused_not_fatal() -> None:
     conv = helper.make_node("Conv", ["x", "w"], ["y"], kernel_shape=[37, 3], pads=[1, 1, 1, 1])
     with pytest.raises(ModelError, match="onnxruntime (crashed|cannot run)"):
         read(_tiny([conv], [w], [1, 3, 16, 16]))
+
+
+def test_softmax_is_read_and_refused_by_every_target_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A classifier ending in Softmax reads (and matches onnxruntime); no target has a measured
+    integer softmax yet, so quantize stops with its name before calibration."""
+    from eptq_deploy import api
+    from eptq_deploy.targets import list_targets
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 14 * 14, 5), nn.Softmax(1)).eval()
+    src = read(_export(model))
+    assert src.graph.nodes[-1].op == "softmax"
+    check_against_source(src, X[:4])
+    monkeypatch.setattr(api, "collect_stats", lambda *a, **k: pytest.fail("calibration ran"))
+    for target, _ in list_targets():
+        with pytest.raises(UnsupportedOpError, match="softmax"):
+            eptq_deploy.quantize(_export(model), X, targets=[target], method="eptq", progress=False)
