@@ -27,7 +27,7 @@ from onnx import helper, numpy_helper
 from .capture import extend_slice
 from .errors import EptqError, ModelError, UnsupportedOpError
 from .graph import Node, QuantGraph, TensorInfo
-from .readers import SourceGraph, same_pads
+from .readers import SourceGraph, fold_into_layer, per_channel_constant, same_pads
 
 MIN_OPSET, MAX_OPSET = 11, 21
 #: ONNX op types this reader maps (every other op, and every custom domain, is refused by name)
@@ -329,19 +329,11 @@ def _add_or_mul(op: str) -> Callable[[_Reader, onnx.NodeProto, dict[str, Any]], 
         consts = [i for i in n.input if r.is_const(i)]
         if consts:  # a constant folds into the layer before it, as torch exports a separate bias
             p = _weighted_producer(r, next(i for i in n.input if not r.is_const(i)))
-            c = r.value(consts[0]).astype(np.float32)
-            channels = r.tensors[p.outputs[0]].shape[1] if p is not None else 0
-            per_channel = p is not None and c.size in (1, channels) and (
-                c.ndim <= 1 and p.op == "linear" or c.squeeze().ndim <= 1 and c.size in (1, channels))
-            if not per_channel:
-                r.refuse(n, f"{op} of a constant that follows no convolution or linear layer")
-            v = np.broadcast_to(c.reshape(-1), (channels,))
-            wt, bt = r.tensors[p.inputs[1]], r.tensors[p.inputs[2]]
-            if op == "add":
-                bt.data = (bt.data + v).astype(np.float32)
-            else:
-                wt.data = (wt.data * v.reshape((-1,) + (1,) * (wt.data.ndim - 1))).astype(np.float32)
-                bt.data = (bt.data * v).astype(np.float32)
+            out = r.tensors[p.outputs[0]].shape if p is not None else ()
+            v = None if p is None else per_channel_constant(r.value(consts[0]), out[1], len(out), 1)
+            if v is None:
+                r.refuse(n, f"{op} of a constant that is not per channel of a convolution or linear layer before it")
+            fold_into_layer(r.tensors[p.inputs[1]], r.tensors[p.inputs[2]], v, op)
             r.names[n.output[0]] = p.outputs[0]
             return
         x, y = (r.act(i, n) for i in n.input)

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from .errors import EptqError, ModelError, UnsupportedOpError
-from .graph import Node, QuantGraph, TensorInfo
-from .readers import SourceGraph, same_pads
+from .graph import WEIGHTED_OPS, Node, QuantGraph, TensorInfo
+from .readers import SourceGraph, fold_into_layer, per_channel_constant, same_pads
 
 #: TFLite ops this reader maps; every other op (and any custom op) is refused by name
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "RELU", "RELU6", "LOGISTIC",
@@ -45,8 +45,11 @@ class _Reader:
             raise ModelError(f"{where} has {len(model.subgraphs)} subgraphs; eptq-deploy reads single-graph models")
         self.sg = model.subgraphs[0]
         self.codes = {v: k for k, v in vars(S.BuiltinOperator).items() if not k.startswith("_")}
-        self.ops = [self.codes.get(c.builtinCode, str(c.builtinCode)) if c.builtinCode != S.BuiltinOperator.CUSTOM
-                    else f"custom {c.customCode.decode() if c.customCode else '?'}" for c in model.operatorCodes]
+        # files from before the 127th op keep the code in deprecated_builtin_code (TFLite reads the larger)
+        codes = [max(c.builtinCode, c.deprecatedBuiltinCode) for c in model.operatorCodes]
+        self.ops = [self.codes.get(k, str(k)) if k != S.BuiltinOperator.CUSTOM
+                    else f"custom {c.customCode.decode() if c.customCode else '?'}"
+                    for k, c in zip(codes, model.operatorCodes, strict=True)]
         types = {self.sg.tensors[i].type for o in self.sg.operators for i in list(o.outputs)}
         if types & {S.TensorType.INT8, S.TensorType.UINT8, S.TensorType.INT16}:
             raise ModelError(f"{where} is already quantized (integer activations); give the float model")
@@ -217,8 +220,22 @@ def _fully_connected(r: _Reader, ins: list[int], outs: list[int], opts: Any, whe
 
 
 def _binary(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
-    x, y = (r.act(i, op) for i in ins)
     act = r.fused(opts, op, where)
+    consts = [i for i in ins if r.constant(i) is not None]
+    if consts:  # a per-channel constant folds into the layer before it (a separate bias or scale)
+        src = next(i for i in ins if i not in consts)
+        x = r.act(src, op)
+        p = r.producer(x)
+        ok = p is not None and p.op in WEIGHTED_OPS and p.attrs["activation"] == "none" and r.readers(src) == 1
+        nhwc = tuple(int(d) for d in r.sg.tensors[outs[0]].shape)
+        v = per_channel_constant(r.constant(consts[0]), r.tensors[x].shape[1], len(nhwc), len(nhwc) - 1) if ok else None
+        if v is None:
+            r.refuse(op, where, "a constant that is not per channel of a convolution or fully connected layer before it")
+        fold_into_layer(r.tensors[p.inputs[1]], r.tensors[p.inputs[2]], v, op.lower())
+        p.attrs["activation"] = act
+        r.names[outs[0]] = x
+        return
+    x, y = (r.act(i, op) for i in ins)
     if op == "ADD":
         if r.tensors[x].shape != r.tensors[y].shape:
             r.refuse(op, where, f"broadcasting add {r.tensors[x].shape} + {r.tensors[y].shape}")

@@ -22,7 +22,7 @@ import torch
 
 from .errors import ModelError
 from .float_exec import run_float
-from .graph import QuantGraph
+from .graph import QuantGraph, TensorInfo
 
 #: reader name -> (file suffixes, "module:function", one-line description)
 READERS: dict[str, tuple[tuple[str, ...], str, str]] = {
@@ -75,6 +75,29 @@ def same_pads(size: tuple[int, ...] | list[int], kernel: tuple[int, ...] | list[
         begin.append(small if upper else big)
         end.append(big if upper else small)
     return begin + end
+
+
+def per_channel_constant(c: np.ndarray, channels: int, rank: int, channel_axis: int) -> np.ndarray | None:
+    """``c`` as one value per channel when it broadcasts against a rank-``rank`` output as a scalar
+    or along ``channel_axis`` only (numpy/ONNX/TFLite broadcasting aligns trailing axes); else None."""
+    if c.size == 1:
+        return np.full(channels, float(c.ravel()[0]), np.float32)
+    if c.ndim > rank:
+        return None
+    shape = (1,) * (rank - c.ndim) + tuple(c.shape)
+    if shape[channel_axis] != channels or any(s != 1 for i, s in enumerate(shape) if i != channel_axis):
+        return None
+    return c.reshape(-1).astype(np.float32)
+
+
+def fold_into_layer(weight: TensorInfo, bias: TensorInfo, v: np.ndarray, op: str) -> None:
+    """A per-channel constant added to (``op`` "add") or multiplying ("mul") a conv/linear output,
+    folded into its weights and bias: what exporters write as a separate bias or scale."""
+    if op == "add":
+        bias.data = (bias.data + v).astype(np.float32)
+    else:
+        weight.data = (weight.data * v.reshape((-1,) + (1,) * (weight.data.ndim - 1))).astype(np.float32)
+        bias.data = (bias.data * v).astype(np.float32)
 
 
 def list_readers() -> list[tuple[str, str]]:

@@ -210,3 +210,17 @@ def test_softmax_is_read_and_refused_by_every_target_by_name(monkeypatch: pytest
     for target, _ in list_targets():
         with pytest.raises(UnsupportedOpError, match="softmax"):
             eptq_deploy.quantize(_export(model), X, targets=[target], method="eptq", progress=False)
+
+
+def test_per_channel_constants_follow_broadcasting() -> None:
+    """A constant folds into the layer before it only when it broadcasts along the channel axis:
+    (C, 1, 1) against NCHW does, (C,) against NCHW broadcasts along W and does not."""
+    from eptq_deploy.readers import per_channel_constant
+
+    c = np.arange(4, dtype=np.float32)
+    np.testing.assert_array_equal(per_channel_constant(c.reshape(4, 1, 1), 4, 4, 1), c)
+    np.testing.assert_array_equal(per_channel_constant(c.reshape(1, 4, 1, 1), 4, 4, 1), c)
+    assert per_channel_constant(c, 4, 4, 1) is None  # ONNX: aligned with W, not C
+    np.testing.assert_array_equal(per_channel_constant(c, 4, 4, 3), c)  # TFLite NHWC: channels last
+    np.testing.assert_array_equal(per_channel_constant(np.float32(2.0), 3, 4, 1), [2.0, 2.0, 2.0])
+    assert per_channel_constant(np.ones((2, 2), np.float32), 4, 2, 1) is None
