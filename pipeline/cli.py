@@ -387,7 +387,7 @@ def targets() -> None:
 
 @app.command()
 def readers() -> None:
-    """List the model-file readers: the suffixes `quantize` reads and the source ops each maps."""
+    """List the model-file readers (file suffixes, ops)."""
     from .readers import list_readers
 
     _print_listing(list_readers)
