@@ -67,6 +67,9 @@ class _Reader:
         self.const: dict[int, np.ndarray] = {}
         self.count: dict[str, int] = {}
         self.nchw_data: set[int] = set()  # TFLite tensors transposed to NCHW order (only a flatten may read them)
+        self.uses: dict[int, int] = {}
+        for i in [int(i) for o in self.sg.operators for i in o.inputs] + [int(i) for i in self.sg.outputs]:
+            self.uses[i] = self.uses.get(i, 0) + 1
 
     # -------------------------------------------------------------------- helpers
     def constant(self, i: int) -> np.ndarray | None:
@@ -98,7 +101,7 @@ class _Reader:
 
     def readers(self, i: int) -> int:
         """How many operators (and graph outputs) read TFLite tensor ``i``."""
-        return sum(list(o.inputs).count(i) for o in self.sg.operators) + list(self.sg.outputs).count(i)
+        return self.uses.get(i, 0)
 
     def shape(self, i: int) -> tuple[int, ...]:
         return _nchw(tuple(int(d) for d in self.sg.tensors[i].shape))
