@@ -152,7 +152,8 @@ class _Reader:
         out = int(self.sg.outputs[0])
         if out not in self.names:
             raise ModelError(f"{self.where}'s output does not depend on its input; check the file")
-        g = QuantGraph(_live(self.nodes, self.names[out]), self.tensors, ["input"], [self.names[out]])
+        g = QuantGraph(_live(self.nodes, self.names[out]), self.tensors, ["input"], [self.names[out]],
+                       {"source_layout": "NHWC"})  # users feed and read the file's own layout (layout.py)
         g.tensors = {k: v for k, v in g.tensors.items() if v.kind == "input" or any(
             k in n.inputs or k in n.outputs for n in g.nodes)}
         g.validate()
