@@ -378,7 +378,13 @@ _HANDLERS: dict[str, Callable[..., None]] = {
 def read(source: str | Path) -> SourceGraph:
     """The canonical float graph of a float TFLite file, and a runner of the file on the TFLite interpreter."""
     path = Path(source)
-    raw = path.read_bytes()
+    return read_bytes(path.read_bytes(), str(path))
+
+
+def read_bytes(raw: bytes, name: str) -> SourceGraph:
+    """``read`` of a flatbuffer in memory (what TensorFlow's converter returns, for the Keras reader);
+    ``name`` stands for the file in messages, its stem names the model."""
+    path = Path(name)
     if len(raw) < 8 or raw[4:8] != b"TFL3":
         raise ModelError(f"{path} is not a TFLite flatbuffer (no TFL3 identifier); check it is a .tflite file")
     try:
@@ -386,7 +392,7 @@ def read(source: str | Path) -> SourceGraph:
     except Exception as e:
         raise ModelError(f"cannot parse {path} as TFLite ({' '.join(str(e).split())[:120]}); the file is "
                          "truncated or malformed") from None
-    reader = _Reader(model, str(path))
+    reader = _Reader(model, name)
     g, names = reader.run()
 
     def run_source(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
