@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, fold
+from . import __version__, fold, model_io
 from .bundle import read_manifest, verify_bundle, write_bundle
 from .capture import capture, fuse_activations
 from .checks import latency, runtime_checks
@@ -88,9 +88,21 @@ def _as_tensor(data: Any, samples: int | None, seed: int, picked: list[int] | No
     else:
         x = take_samples(data, samples, seed=seed, picked=picked)
     if x.dim() != 4:
-        raise DataError(f"representative data has shape {tuple(x.shape)}; expected images as (N, C, H, W)")
+        raise DataError(f"representative data has shape {tuple(x.shape)}; expected a batch of images (N, C, H, W), or (N, H, W, C) for a TFLite or Keras file")
     if not torch.isfinite(x).all():
         raise DataError("representative data contains NaN or Inf values; clean or re-export the images")
+    return x
+
+
+def check_sample_shape(g: QuantGraph, x: Any, what: str) -> Any:
+    """``x`` unchanged when its samples have the shape the model takes in its users' layout; else a
+    one-line error saying which shape (and layout) the model takes."""
+    want = model_io.source_shape(g.meta, g.tensors[g.inputs[0]].shape)[1:]
+    if tuple(x.shape[1:]) != tuple(want):
+        layout = model_io.interface(g.meta)["source_layout"]
+        raise DataError(f"{what} has sample shape {tuple(x.shape[1:])} but the model takes {tuple(want)} "
+                        f"({layout}, batch first); pass images shaped as the model's input"
+                        + (" (NHWC: channels last, as the file takes them)" if layout == "NHWC" else ""))
     return x
 
 
@@ -138,6 +150,8 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     src = read_source(model)  # a model file is read (and a bad one refused) before the data is touched
     picked: list[int] = []
     x = _as_tensor(data, samples, seed, picked)
+    if src is not None:  # data comes in the file's own layout (NHWC for TFLite and Keras files)
+        x = model_io.to_graph_layout(src.graph.meta, check_sample_shape(src.graph, x, "representative data"))
     if pre is not None:
         _check_pixels(x)
     example = x[:8] if pre is None else normalize_pixels(x[:8], pre)
@@ -146,6 +160,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     else:  # the read graph must compute what the file's own runtime computes, before any work
         check_against_source(src, example)
         fg = fuse_activations(src.graph, prof.fusing)
+    fg = model_io.split_float_tail(fg)  # a trailing softmax runs on the host, after the integer graph
     if pre is not None:
         fg = fold.fold_preprocessing(fg, pre)
     for t in tgts:  # an op a target cannot write fails now, not after minutes of calibration and EPTQ
@@ -242,7 +257,7 @@ def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: s
     if data is not None:
         from .data import take_samples
 
-        x = take_samples(data, None)
+        x = check_sample_shape(qmodel.graph, take_samples(data, None), "check data")  # in the model's own layout
         if fold.is_folded(qmodel.graph):
             _check_pixels(x)
         if check_samples is not None:
@@ -273,7 +288,13 @@ def load(bundle_dir: str | os.PathLike, target: str | None = None, threads: int 
                          "pass target=NAME")
     (name,) = _pick_target(bundle_dir, manifest, target)
     verify_bundle(bundle_dir, name)
-    return get_target(name).load(bundle_dir / name, threads=threads)
+    return model_io.SourceRunner(get_target(name).load(bundle_dir / name, threads=threads), manifest_interface(manifest))
+
+
+def manifest_interface(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The model's interface (``model_io``) as a bundle's manifest states it."""
+    return {"source_layout": manifest["input"].get("layout", "NCHW"),
+            "float_tail": manifest["model"].get("float_tail", [])}
 
 
 def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = None, target: str | None = None,
@@ -293,19 +314,17 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = 
     for n in names:
         verify_bundle(bundle_dir, n)
     g = QuantGraph.load(bundle_dir)
-    x = take_samples(data, None)
+    x = check_sample_shape(g, take_samples(data, None), "check data")
     if fold.is_folded(g):
         _check_pixels(x)
-    expected = tuple(g.tensors[g.inputs[0]].shape[1:])
-    if tuple(x.shape[1:]) != expected:
-        raise UsageError(f"check data has sample shape {tuple(x.shape[1:])} but the bundle's model takes {expected}; "
-                         "pass images preprocessed as the manifest's input.preprocessing states")
+    xn = x.numpy()  # the model's own layout; the runners below take it as the source model did
+    xg = model_io.to_graph_layout(g.meta, x)
     out_q = g.tensors[g.outputs[0]].quant
     results: dict[str, dict[str, Any]] = {}
     sims: dict[str, np.ndarray] = {}
     for n in names:
         t = get_target(n)
-        runner = t.load(bundle_dir / n, threads=threads)
+        runner = model_io.SourceRunner(t.load(bundle_dir / n, threads=threads), g.meta, raw=True)
         rule_name = getattr(runner, "rounding", None) or manifest["targets"][n]["rounding"]  # this machine's kernels
         try:
             rule = get_rule(rule_name)
@@ -313,14 +332,13 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = 
             raise UsageError(f"{e}; re-export the bundle with this version of eptq-deploy") from None
         if rule_name not in sims:
             with torch.no_grad():
-                sims[rule_name] = torch.cat([dequantize(run_integer(g, x[i:i + 256], rule), out_q)
-                                             for i in range(0, len(x), 256)]).numpy()
-        float_runner = t.load(bundle_dir / n, float_model=True, threads=threads)
-        xn = x.numpy()
+                sims[rule_name] = model_io.to_source_layout(g.meta, torch.cat(
+                    [dequantize(run_integer(g, xg[i:i + 256], rule), out_q) for i in range(0, len(xg), 256)]).numpy())
+        float_runner = model_io.SourceRunner(t.load(bundle_dir / n, float_model=True, threads=threads), g.meta, raw=True)
         float_out = np.concatenate([float_runner.run(xn[i:i + 64]) for i in range(0, len(xn), 64)])
         res = runtime_checks(n, runner, xn, sims[rule_name], float_out, float(out_q.scale[0]), labels)
         res["float_reference"] = f"{t.float_model_file} on {t.runtime}"
-        res["latency"] = latency(runner, float_runner, xn[:1])
+        res["latency"] = latency(runner.runner, float_runner.runner, xg[:1].numpy())  # the files alone
         results[n] = {"runtime": t.runtime, "checks": res, "latency": res.pop("latency")}
     return results
 
@@ -339,7 +357,8 @@ def bench(bundle_dir: str | os.PathLike, target: str | None = None, threads: int
     for n in names:
         verify_bundle(bundle_dir, n)
         t = get_target(n)
+        x1g = model_io.to_graph_layout(manifest_interface(manifest), x1)  # the files' runners take the graph's layout
         out[n] = {"runtime": t.runtime,
                   "latency": latency(t.load(bundle_dir / n, threads=threads),
-                                     t.load(bundle_dir / n, float_model=True, threads=threads), x1, repeats)}
+                                     t.load(bundle_dir / n, float_model=True, threads=threads), x1g, repeats)}
     return out

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, feeding
+from . import __version__, feeding, model_io
 from .checks import latency, runtime_checks
 from .errors import BundleError, EptqError, UsageError
 from .fold import input_contract
@@ -108,7 +108,9 @@ def model_section(qm: QuantizedModel) -> dict[str, Any]:
     outp = g.tensors[g.outputs[0]]
     classes = qm.info.get("classes")
     return {"name": qm.info.get("model_name", "model"), "weights": qm.info.get("weights", "as given"),
-            "output": {"name": outp.name, "shape": list(outp.shape), "meaning": feeding.output_meaning(g),
+            "float_tail": model_io.interface(g.meta)["float_tail"],  # run on the host after the model file
+            "output": {"name": outp.name, "shape": model_io.source_shape(g.meta, outp.shape),
+                       "meaning": feeding.output_meaning(g),
                        "classes": len(classes) if classes else None,
                        "classes_file": CLASSES_FILE if classes else None}}
 
@@ -126,7 +128,8 @@ def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: 
         "tool_version": __version__,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "model": model_section(qm),
-        "input": {"name": inp.name, "shape": list(inp.shape), "layout": "NCHW",
+        "input": {"name": inp.name, "shape": model_io.source_shape(g.meta, inp.shape),
+                  "layout": model_io.interface(g.meta)["source_layout"],
                   "preprocessing": qm.info.get("preprocessing"), **input_contract(g)},
         "targets": target_entries,
         "memory": {"weight_bytes": g.weight_bytes(), "peak_activation_bytes_batch1": peak_activation_bytes(qm)},
@@ -209,6 +212,7 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
         f"({manifest['memory']['weight_bytes']['packed']} packed at bit width); peak activations "
         f"{manifest['memory']['peak_activation_bytes_batch1']} bytes at batch 1",
         f"- ops: {', '.join(manifest['ops'])}",
+        f"- interface (Python runner, `eptq_deploy.load`): {model_io.describe(qm.graph.meta)}",
         f"- made by: `{manifest['command']}`",
         f"- re-check on the runtimes: `{check}`",
     ]
@@ -313,7 +317,7 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
     try:
         entries: dict[str, Any] = {}
         sim_cache: dict[str, np.ndarray] = {}
-        float_out = qm.forward_float(x).numpy() if x is not None else None
+        float_out = qm.forward_float(x, raw=True).numpy() if x is not None else None  # x: the model's own layout
         out_lsb = float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0])
         write_side_files(tmp, qm)
         model = model_section(qm)
@@ -332,9 +336,11 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
                 runner = t.load(folder, threads=threads)
                 rule = entry["rounding"] = getattr(runner, "rounding", None) or t.rules.rounding  # the kernels that ran
                 if rule not in sim_cache:
-                    sim_cache[rule] = qm.simulate(x, t.name, rounding=rule).numpy()
-                entry["checks"] = runtime_checks(t.name, runner, x.numpy(), sim_cache[rule], float_out, out_lsb, labels)
-                entry["latency"] = latency(runner, t.load(folder, float_model=True, threads=threads), x[:1].numpy())
+                    sim_cache[rule] = qm.simulate(x, t.name, rounding=rule, raw=True).numpy()
+                entry["checks"] = runtime_checks(t.name, model_io.SourceRunner(runner, qm.graph.meta, raw=True),
+                                                 x.numpy(), sim_cache[rule], float_out, out_lsb, labels)
+                entry["latency"] = latency(runner, t.load(folder, float_model=True, threads=threads),
+                                           model_io.to_graph_layout(qm.graph.meta, x[:1].numpy()))
             entry["inspect"] = t.inspect(folder)
             entry["files"] = _files(folder, tmp)
             entries[t.name] = entry

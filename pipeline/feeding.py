@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from . import model_io
 from .graph import QuantGraph
 
 #: how Pillow's bicubic resize is spelled in the recipe (the filter the data loader uses)
@@ -25,6 +26,12 @@ def output_meaning(g: QuantGraph) -> str:
     """What the graph's output values are, judged from the op that produces them."""
     producer = next((n for n in g.nodes if g.outputs[0] in n.outputs), None)
     op = producer.op if producer is not None else ""
+    tail = [s["op"] for s in model_io.interface(g.meta)["float_tail"]]
+    if tail == ["softmax"]:
+        return ("logits: unnormalised class scores; the source model applies softmax to them, which runs in float "
+                "on the host (the Python runner's .run() does it, .run(x, raw=True) returns the logits)")
+    if tail:
+        return f"the model file's raw output; the host then runs {', '.join(tail)} in float (model.float_tail)"
     if op == "softmax":
         return "class probabilities (softmax already applied)"
     if op in ("sigmoid", "hardsigmoid"):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import model_io
 from .errors import UsageError
 from .float_exec import run_float
 from .graph import QuantGraph
@@ -41,23 +42,33 @@ class QuantizedModel:
                              f"quantize again with targets=[..., {target!r}]")
         return get_rule(rounding or self.rounding[target])
 
+    def _canonical(self, x: torch.Tensor) -> torch.Tensor:
+        return model_io.to_graph_layout(self.graph.meta, torch.as_tensor(x, dtype=torch.float32))
+
     @torch.no_grad()
     def simulate(self, x: torch.Tensor, target: str | None = None, batch_size: int | None = None,
-                 rounding: str | None = None) -> torch.Tensor:
+                 rounding: str | None = None, raw: bool = False) -> torch.Tensor:
         """Dequantized float32 output of the integer network as ``target`` computes it; ``rounding``
-        names another of its runtime's rules (a runner's ``rounding``: TFLite's reference kernels)."""
+        names another of its runtime's rules (a runner's ``rounding``: TFLite's reference kernels).
+
+        ``x`` and the output are in the model's own layout (``model_io``); the output is what the
+        source model returns (its float tail run on the host), or with ``raw`` the model file's own.
+        """
         rule = self._rule(target, rounding)
-        x = torch.as_tensor(x, dtype=torch.float32)
+        x = self._canonical(x)
         steps = range(0, len(x), batch_size or self.graph.batch_size())
         outs = [run_integer(self.graph, x[i:i + steps.step], rule)
                 for i in tqdm(steps, desc="simulate", unit="batch", leave=False, disable=len(steps) <= 2)]
-        return dequantize(torch.cat(outs), self.graph.tensors[self.graph.outputs[0]].quant)
+        y = dequantize(torch.cat(outs), self.graph.tensors[self.graph.outputs[0]].quant)
+        return model_io.to_user(self.graph.meta, y, raw)
 
     @torch.no_grad()
-    def forward_float(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        x = torch.as_tensor(x, dtype=torch.float32)
+    def forward_float(self, x: torch.Tensor, batch_size: int | None = None, raw: bool = False) -> torch.Tensor:
+        """The float model on ``x``, in and out as ``simulate``."""
+        x = self._canonical(x)
         step = batch_size or self.float_graph.batch_size()
-        return torch.cat([run_float(self.float_graph, x[i:i + step]) for i in range(0, len(x), step)])
+        y = torch.cat([run_float(self.float_graph, x[i:i + step]) for i in range(0, len(x), step)])
+        return model_io.to_user(self.graph.meta, y, raw)
 
     @torch.no_grad()
     def layer_errors(self, x: torch.Tensor, target: str | None = None) -> list[dict[str, Any]]:
@@ -66,7 +77,7 @@ class QuantizedModel:
         names = {n.outputs[0]: n for n in self.graph.weighted_nodes()}
         signal = dict.fromkeys(names, 0.0)
         noise = dict.fromkeys(names, 0.0)
-        x = torch.as_tensor(x, dtype=torch.float32)
+        x = self._canonical(x)
         ref: dict[str, torch.Tensor] = {}  # this batch's float layer outputs, until compared
 
         def keep_float(name: str, y: torch.Tensor) -> None:

@@ -62,8 +62,9 @@ def test_read_graph_computes_the_file_and_the_model(float_file: Path) -> None:
 
 def test_quantize_from_the_file_equals_quantize_from_the_module(float_file: Path) -> None:
     kw = {"profile": "tflite-int8", "targets": ["tflite-int8"], "method": "ptq", "progress": False}
-    a, b = eptq_deploy.quantize(Net().eval(), X, **kw), eptq_deploy.quantize(float_file, X, **kw)
-    torch.testing.assert_close(a.simulate(X), b.simulate(X), rtol=0, atol=0)
+    nhwc = X.permute(0, 2, 3, 1)  # a TFLite file takes its data as its users feed it: NHWC
+    a, b = eptq_deploy.quantize(Net().eval(), X, **kw), eptq_deploy.quantize(float_file, nhwc, **kw)
+    torch.testing.assert_close(a.simulate(X), b.simulate(nhwc), rtol=0, atol=0)
 
 
 def test_bad_files_are_refused_in_one_line(float_file: Path, tmp_path: Path) -> None:
@@ -77,7 +78,7 @@ def test_bad_files_are_refused_in_one_line(float_file: Path, tmp_path: Path) -> 
         path = tmp_path / name
         path.write_bytes(data)
         with pytest.raises(EptqError, match=pattern) as err:
-            eptq_deploy.quantize(path, X, targets=["tflite-int8"], method="ptq", progress=False)
+            eptq_deploy.quantize(path, X.permute(0, 2, 3, 1), targets=["tflite-int8"], method="ptq", progress=False)
         assert "\n" not in str(err.value)
     with pytest.raises(ModelError, match="model file not found"):
         eptq_deploy.quantize(tmp_path / "missing.tflite", X, progress=False)
