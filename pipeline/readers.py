@@ -26,6 +26,8 @@ from .graph import QuantGraph, TensorInfo
 
 #: reader name -> (file suffixes, "module:function", one-line description)
 READERS: dict[str, tuple[tuple[str, ...], str, str]] = {
+    "keras": ((".h5", ".keras"), "eptq_deploy.read_keras:read",
+              "Keras models, read by TensorFlow and its float TFLite converter (pip install \"eptq-deploy[keras]\")"),
     "onnx": ((".onnx",), "eptq_deploy.read_onnx:read",
              "ONNX files, opsets 11 to 21 (eptq_deploy.read_onnx.SUPPORTED lists the ops; others are refused by name)"),
     "tflite": ((".tflite",), "eptq_deploy.read_tflite:read",
@@ -98,6 +100,37 @@ def fold_into_layer(weight: TensorInfo, bias: TensorInfo, v: np.ndarray, op: str
     else:
         weight.data = (weight.data * v.reshape((-1,) + (1,) * (weight.data.ndim - 1))).astype(np.float32)
         bias.data = (bias.data * v).astype(np.float32)
+
+
+def as_add_or_mul(op: str, c: np.ndarray) -> tuple[str, np.ndarray]:
+    """``x op c`` as an add or a multiply by a constant: a sub adds -c, a div multiplies by 1/c (so a
+    per-channel one folds into the layer before it as Add and Mul do)."""
+    c = np.asarray(c, np.float32)
+    if op == "sub":
+        return "add", -c
+    if op == "div":
+        with np.errstate(divide="ignore"):
+            return "mul", (np.float32(1) / c).astype(np.float32)
+    return op, c
+
+
+def held_constant(c: np.ndarray, shape: tuple[int, ...], channels_last: bool = False) -> np.ndarray | None:
+    """``c`` as a graph constant broadcasting onto an activation of canonical ``shape`` (NCHW for 4-D),
+    at the activation's rank with batch axis 1 so any batch size broadcasts; None where it would widen
+    the activation or broadcast along the batch axis. ``channels_last``: ``c`` broadcasts onto the
+    NHWC tensor (TFLite) and is moved to NCHW."""
+    c = np.asarray(c, np.float32)
+    rank = len(shape)
+    if c.ndim > rank:
+        return None
+    c = c.reshape((1,) * (rank - c.ndim) + c.shape)
+    if channels_last and rank == 4:
+        c = c.transpose(0, 3, 1, 2)
+    try:
+        fits = np.broadcast_shapes(c.shape, shape) == tuple(shape)
+    except ValueError:
+        return None
+    return np.ascontiguousarray(c) if fits and c.shape[0] == 1 else None
 
 
 def list_readers() -> list[tuple[str, str]]:

@@ -1,0 +1,259 @@
+"""Keras .h5 and .keras files into the canonical float graph, through TensorFlow (optional extra).
+
+Keras files are read by Keras itself, which knows every layer's semantics, and converted by
+TensorFlow's own TFLite converter to a float flatbuffer (no quantization, no optimizations)
+that the TFLite reader turns into the NCHW canonical graph: one reader of TensorFlow ops,
+not two. Nothing in the file is run: its layer list is checked before Keras sees it, and a
+Lambda layer (Python bytecode) or a custom class is refused by name; Keras then loads in safe
+mode. Legacy Keras 2 .h5 files (MLPerf Tiny's among them) go through tf-keras, which Keras 3
+cannot always load (DepthwiseConv2D configs with ``groups``, for one).
+
+The check against the source runs the Keras model itself for the output, and the converted
+flatbuffer on the TFLite interpreter for the tensors inside, so a misread op is still named.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import sys
+import warnings
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import ModelError
+from .read_tflite import read_bytes
+from .readers import ATOL_REL, RTOL, SourceGraph
+
+INSTALL = 'pip install "eptq-deploy[keras]"'
+#: layers that hold Python code or call TensorFlow functions by name: never deserialised
+CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda")
+MODEL_CLASSES = ("Functional", "Sequential", "Model")
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """TensorFlow, Keras and the converter write to the process's stdout and stderr from C++ as
+    well as Python: both are muted (at the file-descriptor level) only while they run."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    saved, devnull = [], os.open(os.devnull, os.O_WRONLY)
+    loggers = [logging.getLogger(n) for n in ("tensorflow", "absl", "keras")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for fd in (1, 2):
+            with contextlib.suppress(OSError):
+                saved.append((fd, os.dup(fd)))
+                os.dup2(devnull, fd)
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+        for fd, copy in saved:
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
+def _tensorflow() -> Any:
+    """TensorFlow, imported on first use (seconds, and noisy), on the CPU only."""
+    unset = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
+    if unset:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    try:
+        with _quiet():
+            import tensorflow as tf
+    except ImportError:
+        raise ModelError(f"reading Keras models needs TensorFlow: {INSTALL}") from None
+    finally:
+        if unset:
+            os.environ.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    with contextlib.suppress(RuntimeError, ValueError):  # already initialised: the devices stay as they are
+        tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def _one_line(e: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _text(v: Any) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _h5_config(path: Path) -> tuple[Any, str]:
+    """The model config and Keras version an .h5 file states (read with h5py, nothing built)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            config, version = f.attrs.get("model_config"), f.attrs.get("keras_version", "")
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{path} is not a readable HDF5 file ({_one_line(e, 80)}); the file is truncated or not "
+                         "a Keras .h5 model") from None
+    if config is None:
+        raise ModelError(f"{path} holds no model config (weights only?); save the whole model with model.save()")
+    try:
+        return json.loads(_text(config)), _text(version)
+    except ValueError:
+        raise ModelError(f"{path}'s model config is not JSON; the file is malformed") from None
+
+
+def _keras_config(path: Path) -> Any:
+    """The model config of a .keras archive (a zip with config.json), read without loading anything."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            if "config.json" not in z.namelist():
+                raise ModelError(f"{path} is a zip without config.json, not a Keras model archive; save the model "
+                                 "with model.save('model.keras')")
+            return json.loads(z.read("config.json"))
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise ModelError(f"{path} is not a Keras model archive ({_one_line(e, 80)}); the file is truncated or "
+                         "not a .keras file") from None
+    except ValueError:
+        raise ModelError(f"{path}'s config.json is not JSON; the file is malformed") from None
+
+
+def _check_layers(config: Any, layers_module: Any, where: Path) -> None:
+    """Refuse, by layer name, anything Keras would build from code: Lambda layers and classes that
+    are not built-in Keras layers (custom objects)."""
+    if isinstance(config, list):  # Sequential models of old Keras: the layer list itself
+        config = {"class_name": "Sequential", "config": {"layers": config}}
+    if not isinstance(config, dict) or config.get("class_name") not in MODEL_CLASSES:
+        what = config.get("class_name") if isinstance(config, dict) else type(config).__name__
+        raise ModelError(f"{where} holds a {what}, not a Keras Functional or Sequential model; save the model "
+                         "itself with model.save()")
+    inner = config.get("config")
+    layers = inner if isinstance(inner, list) else (inner or {}).get("layers", [])
+    for layer in layers:
+        if not isinstance(layer, dict):
+            raise ModelError(f"{where}'s model config lists a layer that is not an object; the file is malformed")
+        cls = str(layer.get("class_name"))
+        name = layer.get("name") or (layer.get("config") or {}).get("name") or "?"
+        module, registered = str(layer.get("module") or "keras"), str(layer.get("registered_name") or "")
+        if cls in CODE_LAYERS:
+            raise ModelError(f"{where}: layer {name!r} is a {cls} layer (code stored in the file, which "
+                             "eptq-deploy never runs); replace it with built-in Keras layers and save again")
+        if cls in MODEL_CLASSES:
+            _check_layers(layer, layers_module, where)
+            continue
+        builtin = isinstance(getattr(layers_module, cls, None), type)
+        if not builtin or ">" in registered or not (module == "keras" or module.startswith("keras.")):
+            raise ModelError(f"{where}: layer {name!r} is of class {cls!r}, not a built-in Keras layer (custom code, "
+                             "which eptq-deploy never loads); replace it with built-in Keras layers and save again")
+
+
+def _load(tf: Any, path: Path) -> Any:
+    """The Keras model in ``path``, its layer list checked first, loaded in safe mode."""
+    if path.suffix.lower() == ".keras":
+        config, legacy = _keras_config(path), False
+    else:
+        config, version = _h5_config(path)
+        legacy = not version.startswith("3.")  # Keras 2 files: tf-keras reads them as they were written
+    if legacy:
+        try:
+            with _quiet():
+                import tf_keras as keras
+        except ImportError:
+            raise ModelError(f"reading Keras 2 .h5 files needs tf-keras: {INSTALL}") from None
+    else:
+        import keras
+
+        if keras.backend.backend() != "tensorflow":
+            raise ModelError(f"Keras runs on the {keras.backend.backend()} backend; set KERAS_BACKEND=tensorflow "
+                             "to read Keras files")
+    _check_layers(config, keras.layers, path)
+    try:
+        with _quiet():
+            return keras.models.load_model(path, compile=False, safe_mode=True)
+    except Exception as e:
+        raise ModelError(f"Keras cannot load {path} ({_one_line(e)}); check it is a complete model saved with "
+                         "model.save()") from None
+
+
+def _io_shape(model: Any, where: Path) -> tuple[int | None, ...]:
+    """The single input's shape, after refusing models the canonical graph cannot hold."""
+    try:
+        inputs, outputs = list(model.inputs), list(model.outputs)
+    except (AttributeError, ValueError):
+        raise ModelError(f"{where} has no defined input; build the model on keras.Input(shape) before saving") from None
+    if len(inputs) != 1 or len(outputs) != 1:
+        raise ModelError(f"{where} has {len(inputs)} inputs and {len(outputs)} outputs; eptq-deploy reads "
+                         "single-input, single-output models")
+    shape = tuple(None if d is None else int(d) for d in inputs[0].shape)
+    if len(shape) != 4:
+        raise ModelError(f"{where}'s input has shape {list(shape)}; eptq-deploy reads one image input "
+                         "(batch, height, width, channels)")
+    if any(d is None for d in shape[1:]):
+        raise ModelError(f"{where}'s input has shape {list(shape)}: a dynamic spatial size, which a fixed-size "
+                         "graph cannot hold")
+    return shape
+
+
+def _convert(tf: Any, model: Any, where: Path) -> bytes:
+    """TensorFlow's own float conversion: no quantization, no optimizations, built-in ops only."""
+    try:
+        with _quiet():
+            converter = tf.lite.TFLiteConverter.from_keras_model(model)
+            converter.optimizations = []
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+            return bytes(converter.convert())
+    except Exception as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if "error:" in ln] or [str(e)]
+        raise ModelError(f"TensorFlow cannot convert {where} to TFLite ({_one_line(lines[0])}); the model uses "
+                         "an op without a TFLite builtin") from None
+
+
+def read(source: str | Path) -> SourceGraph:
+    """The canonical float graph of a Keras .h5/.keras file, and a runner of the Keras model itself."""
+    path = Path(source)
+    tf = _tensorflow()
+    model = _load(tf, path)
+    _io_shape(model, path)
+    lite = read_bytes(_convert(tf, model, path), str(path))
+    out = lite.graph.outputs[0]
+    out_key = f"keras:{model.output_names[0] if getattr(model, 'output_names', None) else 'output'}"
+
+    def keras_output(x: np.ndarray) -> np.ndarray:
+        with _quiet():
+            y = model(tf.constant(np.ascontiguousarray(x.transpose(0, 2, 3, 1), np.float32)), training=False)
+        y = np.asarray(y[0] if isinstance(y, list | tuple) else y, np.float32)
+        return y.transpose(0, 3, 1, 2) if y.ndim == 4 else y
+
+    def run_source(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
+        """``out_key`` from Keras; every other name is a tensor of the converted flatbuffer (Keras keeps
+        no per-op tensors to compare). Asked for both, the converter's own output is checked against
+        Keras first, so a conversion difference is not blamed on the reader's last op."""
+        inner = [w for w in wanted if w != out_key]
+        if not inner:
+            return [keras_output(x) for _ in wanted]
+        values = dict(zip(inner + [out], lite.run_source(x, inner + [out]), strict=True))
+        if out_key in wanted:
+            theirs, converted = keras_output(x), values[out]
+            scale = max(float(np.abs(theirs).max()) if theirs.size else 0.0, 1e-6)
+            if converted.shape != theirs.shape:
+                raise ModelError(f"TensorFlow's TFLite conversion of {path} gives shape {list(converted.shape)}, "
+                                 f"the Keras model {list(theirs.shape)}; please report it with the model")
+            if not np.all(np.abs(converted - theirs) <= ATOL_REL * scale + RTOL * np.abs(theirs)):
+                raise ModelError(f"TensorFlow's TFLite conversion of {path} differs from the Keras model (max |diff| "
+                                 f"{float(np.abs(converted - theirs).max()):.3g}); please report it with the model")
+            values[out_key] = theirs
+        return [values[w] for w in wanted]
+
+    names = dict(lite.source_names)
+    names[out] = out_key
+    return SourceGraph(lite.graph, run_source, names, lite.hints)
