@@ -159,11 +159,12 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     With ``fold`` the images are loaded normalised as usual and converted back to their
     pixels (``data.to_pixels``, exact for images), which the folded model takes.
     """
-    from . import api
+    from . import api, model_io
     from .bundle import calibration_record, refuse_existing
     from .data import load_class_names, load_data, load_labels
     from .models import load_model
     from .preprocess import get_preset, preset_info, to_pixels
+    from .readers import SourceGraph
 
     if data is None:
         raise UsageError("--data is required with a MODEL: give an image folder or an .npz/.npy array")
@@ -178,9 +179,14 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     for t in tgts:
         api.check_pair(prof, t)
     net, hints = load_model(model, str(weights) if weights else None, allow_pickle=allow_pickle, seed=seed)
+    if isinstance(net, SourceGraph) and crop is None and resize is None:  # a model file states its input size
+        _, h, w = net.graph.tensors[net.graph.inputs[0]].shape[1:]
+        crop = h if h == w else None
     pre = get_preset(preset or hints.get("preset"), resize=resize, crop=crop, mean=mean, std=std)
     names: list[str] = []
     x = load_data(data, pre, skip_bad=skip_bad, names=names)
+    if isinstance(net, SourceGraph):  # images load as NCHW; a TFLite or Keras file takes them NHWC
+        x = model_io.to_source_layout(net.graph.meta, x)
     if fold:
         x = to_pixels(x, pre)
     labels = load_labels(labels_path if labels_path is not None else data, names=names)
@@ -290,7 +296,7 @@ def check(
     """
 
     def body() -> None:
-        from . import api
+        from . import api, model_io
         from .bundle import calibration_overlap, verify_bundle
         from .data import load_data, load_labels
         from .demo import DEMO_HOLDOUT
@@ -321,6 +327,7 @@ def check(
         folded = isinstance(m.get("input"), dict) and m["input"].get("folded") is True
         if folded and preset is not None:  # the model takes the pixels themselves
             x = to_pixels(x, preset)
+        x = model_io.to_source_layout(api.manifest_interface(m), x)  # loaded NCHW; a TFLite-read model takes NHWC
         y = load_labels(labels if labels is not None else data, limit=limit, names=names,
                         exclude=[i for i in skip if isinstance(i, int)])
         results = api.check(bundle, x, y, target=target, threads=threads)

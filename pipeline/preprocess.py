@@ -35,6 +35,11 @@ PRESETS: dict[str, Preset] = {
     "imagenet": Preset(256, 224, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255),
     "cifar": Preset(32, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), 1 / 255),
     "lite": Preset(256, 224, (127.0, 127.0, 127.0), (128.0, 128.0, 128.0), 1.0),
+    # pixel ranges as model files from TensorFlow take them (MLPerf Tiny: ResNet-8 "pixels", VWW "unit");
+    # no crop margin: a model file's own input size replaces 224 (the CLI sets it from the file)
+    "pixels": Preset(224, 224, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1.0),
+    "unit": Preset(224, 224, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0), 1 / 255),
+    "signed": Preset(224, 224, (127.5, 127.5, 127.5), (127.5, 127.5, 127.5), 1.0),
 }
 
 #: the preset of models that do not name one (built-in models name their own)
