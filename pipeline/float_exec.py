@@ -56,6 +56,60 @@ def apply_activation(y: torch.Tensor, activation: str) -> torch.Tensor:
     return y
 
 
+_OFFSET = {"half_pixel": (0.5, 0.5), "pytorch_half_pixel": (0.5, 0.5), "tf_half_pixel_for_nn": (0.5, 0.0),
+           "align_corners": (0.0, 0.0), "asymmetric": (0.0, 0.0)}  # coord -> (before, after) the ratio
+
+
+def resize_source(a: dict, axis: int, in_size: int) -> torch.Tensor:
+    """Input coordinate (float32, as the runtimes compute it) of each output pixel along spatial ``axis``
+    (0: H, 1: W) of a resize node with attributes ``a``: ``(x + before) / scale - after`` as onnxruntime
+    divides, ``(x + before) * step - after`` as TFLite multiplies."""
+    out = int(a["size"][axis])
+    x = torch.arange(out, dtype=torch.float32)
+    coord = a["coord"]
+    if out == 1 and coord == "pytorch_half_pixel":
+        return torch.zeros(1)
+    before, after = _OFFSET[coord]
+    if "step" in a:
+        return (x + before) * torch.tensor(a["step"][axis], dtype=torch.float32) - after
+    if coord == "align_corners":  # onnxruntime: x * (in - 1) / (out - 1), in that order
+        return torch.zeros(1) if out == 1 else x * float(in_size - 1) / float(out - 1)
+    return (x + before) / torch.tensor(a["scale"][axis], dtype=torch.float32) - after
+
+
+def resize(x: torch.Tensor, a: dict) -> torch.Tensor:
+    """Nearest or (bi)linear resize of NCHW ``x``, one spatial axis after the other."""
+    for axis, dim in ((0, 2), (1, 3)):
+        size = x.shape[dim]
+        c = resize_source(a, axis, size)
+        if a["mode"] == "nearest":
+            c64, rule = c.double(), a["nearest"]  # rounded in float64: c + 0.5 in float32 can round up
+            i = {"floor": torch.floor(c64), "ceil": torch.ceil(c64), "round_prefer_ceil": torch.floor(c64 + 0.5),
+                 "round_prefer_floor": torch.ceil(c64 - 0.5)}[rule]
+            x = x.index_select(dim, i.long().clamp(0, size - 1))
+            continue
+        c = c.clamp(0, size - 1)  # outside the image: the edge pixel (both runtimes)
+        lo = c.floor().long()
+        hi = (lo + 1).clamp(max=size - 1)
+        shape = [1, 1, 1, 1]
+        shape[dim] = -1
+        w = (c - lo.float()).view(shape).to(x.dtype)
+        x = x.index_select(dim, lo) * (1 - w) + x.index_select(dim, hi) * w
+    return x
+
+
+def conv_transpose(n: Node, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Transposed convolution node ``n``: torch's full output, extended by output_padding at the end,
+    cropped by pads, plus the bias (ONNX's and TFLite's definition)."""
+    a = n.attrs
+    y = F.conv_transpose2d(x, w, None, tuple(a["stride"]), 0, 0, a["groups"], tuple(a["dilation"]))
+    t, l, bo, r = a["pads"]
+    oh, ow = a["output_padding"]
+    y = F.pad(y, (0, ow, 0, oh))
+    y = y[:, :, t:y.shape[2] - bo, l:y.shape[3] - r] + b.view(1, -1, 1, 1)
+    return apply_activation(y, a.get("activation", "none"))
+
+
 def float_op(n: Node, xs: list[torch.Tensor], pad_value: float = 0.0) -> torch.Tensor:
     """Non-weighted canonical ops on float (or integer-code) tensors.
 
@@ -68,6 +122,23 @@ def float_op(n: Node, xs: list[torch.Tensor], pad_value: float = 0.0) -> torch.T
         return apply_activation(xs[0] + xs[1], a.get("activation", "none"))
     if op == "softmax":
         return torch.softmax(x, a["axis"])
+    if op == "sub":
+        return apply_activation(xs[0] - xs[1], a.get("activation", "none"))
+    if op == "div":
+        return apply_activation(xs[0] / xs[1], a.get("activation", "none"))
+    if op == "transpose":
+        return x.permute(a["perm"])
+    if op == "resize":
+        return resize(x, a)
+    if op == "leaky_relu":
+        return F.leaky_relu(x, a["alpha"])
+    if op == "prelu":
+        slope = xs[1].reshape((1, -1) + (1,) * (x.dim() - 2))
+        return torch.where(x >= 0, x, x * slope)
+    if op == "tanh":
+        return torch.tanh(x)
+    if op == "conv_transpose2d":
+        return conv_transpose(n, x, xs[1], xs[2])
     if op == "mul":
         return xs[0] * xs[1]
     if op == "concat":
@@ -125,12 +196,26 @@ def run_float(g: QuantGraph, x: torch.Tensor, weights: dict[str, torch.Tensor] |
             y = F.linear(xin, w, b) if n.op == "linear" else conv(n, xin, w, b)
             y = apply_activation(y, n.attrs["activation"])
         else:
-            y = float_op(n, [env[i] for i in n.inputs])
+            y = float_op(n, node_inputs(g, n, env, weights))
         env[n.outputs[0]] = y
         if hook:
             hook(n.outputs[0], y)
         release(env, dead)
     return env[g.outputs[0]]
+
+
+def node_inputs(g: QuantGraph, n: Node, env: dict[str, torch.Tensor],
+                weights: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+    """The input values of ``n``: activations from ``env``, stored constants (a conv_transpose2d's
+    weights, a sub's constant) from the graph unless ``weights`` overrides them."""
+    def one(i: str) -> torch.Tensor:
+        if i in env:
+            return env[i]
+        if weights and i in weights:
+            return weights[i]
+        return torch.from_numpy(g.tensors[i].data)
+
+    return [one(i) for i in n.inputs]
 
 
 def release(env: dict[str, torch.Tensor], dead: list[str]) -> None:

@@ -51,9 +51,28 @@ OPS: dict[str, tuple[int | None, frozenset[str]]] = {
     "slice": (1, frozenset({"axes", "starts", "ends", "steps"})),
     "flatten": (1, frozenset()),
     "reshape": (1, frozenset({"shape"})),
-    # read from model files; no target has a measured integer kernel for it yet (each refuses it)
+    # read from model files; no target has a measured integer kernel for these yet (each refuses them)
     "softmax": (1, frozenset({"axis"})),
+    "sub": (2, frozenset({"activation"})),
+    "div": (2, frozenset({"activation"})),
+    "transpose": (1, frozenset({"perm"})),
+    # spatial resize of NCHW: see RESIZE_COORDS; "scale" (output/input, the coordinate divides by it, as
+    # onnxruntime computes) or "step" (input pixels per output pixel, multiplied, as TFLite computes)
+    "resize": (1, frozenset({"mode", "coord", "nearest", "size", "scale", "step"})),
+    "leaky_relu": (1, frozenset({"alpha"})),
+    "prelu": (2, frozenset()),  # inputs: x, slope (a constant, one value per channel)
+    "tanh": (1, frozenset()),
+    # weight (C_in, C_out / groups, kH, kW) and bias inputs like a conv, but not in WEIGHTED_OPS: quantization
+    # never sees it. pads crop the full output (top, left, bottom, right); output_padding extends its end
+    "conv_transpose2d": (3, frozenset({"stride", "pads", "output_padding", "dilation", "groups", "activation"})),
 }
+
+#: ops that may read a ``constant`` tensor (a float array held in the graph, not a learned weight)
+CONSTANT_INPUT_OPS = frozenset({"sub", "div", "prelu"})
+#: resize coordinate rules: output pixel x -> input coordinate (ONNX's coordinate_transformation_mode names)
+RESIZE_COORDS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn")
+#: how nearest-neighbour resize rounds the input coordinate (ONNX's nearest_mode names)
+RESIZE_NEAREST = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
 #: ops whose output grid is the input grid (they move or select codes, never rescale)
 SAME_GRID_OPS = frozenset({"max_pool2d", "pad", "slice", "flatten", "reshape"})
@@ -149,7 +168,8 @@ class QParams:
 
 @dataclass
 class TensorInfo:
-    """A tensor: ``kind`` is input, activation, weight or bias; ``data`` for constants."""
+    """A tensor: ``kind`` is input, activation, weight, bias or constant (a float array an op such as
+    ``sub`` reads, see ``CONSTANT_INPUT_OPS``); ``data`` for weights, biases and constants."""
 
     name: str
     shape: tuple[int, ...]
@@ -271,6 +291,12 @@ class QuantGraph:
                                      "re-export the bundle")
             if "pad_value" in n.attrs:
                 _check_pad_value(n, self.tensors[n.inputs[0]].shape)
+            if n.op in _ATTR_CHECKS:
+                _ATTR_CHECKS[n.op](n, self.tensors[n.inputs[0]].shape)
+            for i in n.inputs:
+                if self.tensors[i].kind == "constant" and (n.op not in CONSTANT_INPUT_OPS or self.tensors[i].data is None):
+                    raise UsageError(f"graph node {n.name!r} ({n.op}) reads constant {i!r}, which only "
+                                     f"{', '.join(sorted(CONSTANT_INPUT_OPS))} may read, with data; re-export the bundle")
             for o in n.outputs:
                 if o not in self.tensors:
                     raise UsageError(f"graph node {n.name!r} writes undeclared tensor {o!r}; re-export the bundle")
@@ -388,6 +414,32 @@ def _check_pad_value(n: Node, shape: tuple[int, ...]) -> None:
             or not all(type(x) in (int, float) and math.isfinite(x) for x in v)):
         raise UsageError(f"graph node {n.name!r} ({n.op}): pad_value must list one finite number per input channel "
                          f"({channels}); re-export the bundle")
+
+
+def _check_resize(n: Node, shape: tuple[int, ...]) -> None:
+    """What the float resize indexes by: known rules, two positive sizes and one of scale/step."""
+    a = n.attrs
+    ratio = [k for k in ("scale", "step") if k in a]
+    pairs = [a.get("size"), *(a[k] for k in ratio)]
+    ok = (len(shape) == 4 and a.get("mode") in ("nearest", "linear") and a.get("coord") in RESIZE_COORDS
+          and (a.get("nearest") in RESIZE_NEAREST) == (a["mode"] == "nearest") and len(ratio) == 1
+          and all(isinstance(v, list) and len(v) == 2 for v in pairs)
+          and all(type(s) is int and s > 0 for s in a["size"])
+          and all(type(s) in (int, float) and math.isfinite(s) and s > 0 for s in a[ratio[0]]))
+    if not ok:
+        raise UsageError(f"graph node {n.name!r} (resize): needs a 4-D input, mode nearest/linear, coord one of "
+                         f"{', '.join(RESIZE_COORDS)}, a nearest rounding for mode nearest only, size [h, w] and one of "
+                         "scale/step [h, w]; re-export the bundle")
+
+
+def _check_transpose(n: Node, shape: tuple[int, ...]) -> None:
+    perm = n.attrs.get("perm")
+    if not isinstance(perm, list) or sorted(perm) != list(range(len(shape))) or perm[:1] != [0]:
+        raise UsageError(f"graph node {n.name!r} (transpose): perm {perm!r} must reorder the {len(shape)} axes "
+                         "keeping the batch axis first; re-export the bundle")
+
+
+_ATTR_CHECKS = {"resize": _check_resize, "transpose": _check_transpose}
 
 
 def _check_quant(name: str, q: QParams, shape: tuple[int, ...]) -> None:

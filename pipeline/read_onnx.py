@@ -26,14 +26,22 @@ from onnx import helper, numpy_helper
 
 from .capture import extend_slice
 from .errors import EptqError, ModelError, UnsupportedOpError
-from .graph import Node, QuantGraph, TensorInfo
-from .readers import SourceGraph, fold_into_layer, per_channel_constant, same_pads
+from .graph import RESIZE_COORDS, RESIZE_NEAREST, Node, QuantGraph, TensorInfo
+from .readers import (
+    SourceGraph,
+    as_add_or_mul,
+    fold_into_layer,
+    held_constant,
+    per_channel_constant,
+    same_pads,
+)
 
 MIN_OPSET, MAX_OPSET = 11, 21
 #: ONNX op types this reader maps (every other op, and every custom domain, is refused by name)
 SUPPORTED = ("Conv", "Gemm", "MatMul", "BatchNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid",
              "HardSwish", "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
-             "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Identity", "Dropout", "Softmax")
+             "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Identity", "Dropout", "Softmax",
+             "Sub", "Div", "Transpose", "Split", "Resize", "LeakyRelu", "PRelu", "Tanh", "ConvTranspose", "Shape")
 
 
 #: the child process of ``_Reader._run_everything``: onnxruntime on zeros, every output saved in order
@@ -56,6 +64,11 @@ np.savez(out, *got)
 
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:200] or type(e).__name__
+
+
+def _text(v: Any) -> str:
+    """A string attribute (onnx gives bytes)."""
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def load(source: str | Path | onnx.ModelProto) -> onnx.ModelProto:
@@ -207,6 +220,12 @@ class _Reader:
         self.names[onnx_out] = name
         return name
 
+    def constant(self, data: np.ndarray) -> str:
+        """A float constant held in the graph (a sub's or div's other operand, a PReLU slope)."""
+        name = self.fresh("const")
+        self.tensors[name] = TensorInfo(name, tuple(data.shape), "constant", data=np.ascontiguousarray(data, np.float32))
+        return name
+
     def refuse(self, node: onnx.NodeProto, why: str = "") -> None:
         raise UnsupportedOpError(
             f"ONNX op {node.op_type} (node {node.name or node.output[0]!r}){': ' + why if why else ''} is not read by "
@@ -267,8 +286,7 @@ def _conv(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
 def _pads(r: _Reader, n: onnx.NodeProto, a: dict[str, Any], size: tuple[int, ...], kernel: tuple[int, ...],
           stride: list[int], dilation: list[int]) -> list[int]:
     """[top, left, bottom, right] from ``pads`` or ``auto_pad``."""
-    auto = a.get("auto_pad", b"NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+    auto = _text(a.get("auto_pad", "NOTSET"))
     if auto in ("NOTSET", ""):
         return [int(p) for p in a.get("pads", [0, 0, 0, 0])]
     if auto == "VALID":
@@ -324,23 +342,49 @@ def _batch_norm(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
     r.tensors[p.outputs[0]].shape = tuple(int(s) for s in r.values[n.output[0]].shape)
 
 
-def _add_or_mul(op: str) -> Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]:
+def _fold_constant(r: _Reader, n: onnx.NodeProto, op: str, x: str, c: np.ndarray) -> bool:
+    """``x op c`` folded into the conv/linear layer that produced ``x`` alone (as torch exports a
+    separate bias or scale) where ``c`` is per channel; False where it is not."""
+    p = _weighted_producer(r, x)
+    if p is None:
+        return False
+    kind, c = as_add_or_mul(op, c)
+    out = r.tensors[p.outputs[0]].shape
+    v = per_channel_constant(c, out[1], len(out), 1)
+    if v is None or not np.all(np.isfinite(v)):
+        return False
+    fold_into_layer(r.tensors[p.inputs[1]], r.tensors[p.inputs[2]], v, kind)
+    r.names[n.output[0]] = p.outputs[0]
+    return True
+
+
+def _binary(op: str) -> Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]:
+    """Add, Mul, Sub, Div: of two activations, or of an activation and a constant (folded into the layer
+    before it where per channel; for Sub and Div otherwise held in the graph as a constant input)."""
     def h(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
-        consts = [i for i in n.input if r.is_const(i)]
-        if consts:  # a constant folds into the layer before it, as torch exports a separate bias
-            p = _weighted_producer(r, next(i for i in n.input if not r.is_const(i)))
-            out = r.tensors[p.outputs[0]].shape if p is not None else ()
-            v = None if p is None else per_channel_constant(r.value(consts[0]), out[1], len(out), 1)
-            if v is None:
+        consts = [k for k, i in enumerate(n.input) if r.is_const(i)]
+        if consts:
+            k = consts[0]
+            src, c = n.input[1 - k], r.value(n.input[k])
+            if (k == 1 or op in ("add", "mul")) and _fold_constant(r, n, op, src, c):
+                return
+            if op in ("add", "mul"):
                 r.refuse(n, f"{op} of a constant that is not per channel of a convolution or linear layer before it")
-            fold_into_layer(r.tensors[p.inputs[1]], r.tensors[p.inputs[2]], v, op)
-            r.names[n.output[0]] = p.outputs[0]
+            x = r.act(src, n)
+            held = held_constant(c, r.tensors[x].shape)
+            if held is None:
+                r.refuse(n, f"{op} with a constant of shape {list(c.shape)} that does not broadcast onto "
+                         f"{list(r.tensors[x].shape)} without widening it")
+            ins = [x, r.constant(held)] if k == 1 else [r.constant(held), x]
+            r.emit(n, op, ins, {"activation": "none"})
             return
         x, y = (r.act(i, n) for i in n.input)
         sx, sy = r.tensors[x].shape, r.tensors[y].shape
         if op == "add" and sx != sy:
             r.refuse(n, f"broadcasting add {sx} + {sy}")
-        r.emit(n, op, [x, y], {"activation": "none"} if op == "add" else {})
+        if len(sx) != len(sy):
+            r.refuse(n, f"{op} of tensors of ranks {len(sx)} and {len(sy)}")
+        r.emit(n, op, [x, y], {} if op == "mul" else {"activation": "none"})
 
     return h
 
@@ -460,8 +504,7 @@ def _slice(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
 
 def _pad(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
     x = r.act(n.input[0], n)
-    mode = a.get("mode", b"constant")
-    mode = mode.decode() if isinstance(mode, bytes) else str(mode)
+    mode = _text(a.get("mode", "constant"))
     pads = [int(p) for p in (a["pads"] if "pads" in a else r.value(n.input[1]).tolist())]
     value = float(r.value(n.input[2])) if len(n.input) > 2 and n.input[2] else float(a.get("value", 0.0))
     if mode != "constant" or value != 0.0 or any(p < 0 for p in pads) or (len(n.input) > 3 and n.input[3]):
@@ -476,14 +519,136 @@ def _softmax(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
     r.emit(n, "softmax", [x], {"axis": 1})
 
 
+def _shape(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    """The shape of an activation is a constant at batch 1 (the batch-1 run has it): shape arithmetic
+    after it folds away, and the ops it feeds (Reshape, Resize sizes) read their output shapes."""
+    r.const[n.output[0]] = r.values[n.output[0]]
+
+
+def _transpose(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    x = r.act(n.input[0], n)
+    rank = len(r.tensors[x].shape)
+    perm = [int(p) % rank for p in a.get("perm", range(rank - 1, -1, -1))]
+    if perm[0] != 0:
+        r.refuse(n, f"permutation {perm}, which moves the batch axis")
+    if perm == list(range(rank)):
+        r.names[n.output[0]] = x
+        return
+    r.emit(n, "transpose", [x], {"perm": perm})
+
+
+def _split(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    """Split into one canonical slice per output; the sizes are the outputs' (from the batch-1 run),
+    whichever way the file states them (attribute, input or num_outputs)."""
+    x = r.act(n.input[0], n)
+    shape = r.tensors[x].shape
+    axis = int(a.get("axis", 0)) % len(shape)
+    if axis == 0 or not all(n.output):
+        r.refuse(n, "a split along the batch axis or with an unnamed output")
+    start = 0
+    for o in n.output:
+        end = start + int(r.values[o].shape[axis])
+        if (start, end) == (0, shape[axis]):
+            r.names[o] = x
+        else:
+            r.emit(n, "slice", [x], {"axes": [axis], "starts": [start], "ends": [end], "steps": [1]}, out=o)
+        start = end
+
+
+def _resize(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    x = r.act(n.input[0], n)
+    shape = r.tensors[x].shape
+    out = tuple(int(s) for s in r.values[n.output[0]].shape)
+    mode = _text(a.get("mode", "nearest"))
+    coord = _text(a.get("coordinate_transformation_mode", "half_pixel"))
+    nearest = _text(a.get("nearest_mode", "round_prefer_floor"))
+    if len(shape) != 4 or out[:2] != shape[:2]:
+        r.refuse(n, f"a resize of {list(shape)} to {list(out)} (the spatial axes of a 4-D NCHW tensor are read)")
+    if mode not in ("nearest", "linear"):
+        r.refuse(n, f"mode {mode!r} (nearest and linear are read)")
+    if coord not in RESIZE_COORDS:
+        r.refuse(n, f"coordinate_transformation_mode {coord!r} (read: {', '.join(RESIZE_COORDS)})")
+    if mode == "nearest" and nearest not in RESIZE_NEAREST:
+        r.refuse(n, f"nearest_mode {nearest!r} (read: {', '.join(RESIZE_NEAREST)})")
+    if a.get("antialias", 0) or a.get("exclude_outside", 0) or _text(a.get("keep_aspect_ratio_policy", "stretch")) != \
+            "stretch":
+        r.refuse(n, "antialias, exclude_outside or a keep_aspect_ratio_policy other than stretch")
+    scales = r.value(n.input[2]).ravel() if len(n.input) > 2 and n.input[2] else np.zeros(0)
+    if scales.size:  # the coordinate rule divides by the given scales, not by output / input
+        full = [1.0] * 4
+        for ax, v in zip(a.get("axes", range(4)), scales.tolist(), strict=True):
+            full[int(ax) % 4] = v
+    else:
+        full = [float(np.float32(o) / np.float32(i)) for o, i in zip(out, shape, strict=True)]
+    if full[:2] != [1.0, 1.0]:
+        r.refuse(n, f"scales {full} that resize the batch or channel axis")
+    attrs: dict[str, Any] = {"mode": mode, "coord": coord, "size": list(out[2:]),
+                             "scale": [float(np.float32(v)) for v in full[2:]]}
+    if mode == "nearest":
+        attrs["nearest"] = nearest
+    r.emit(n, "resize", [x], attrs)
+
+
+def _leaky_relu(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    r.emit(n, "leaky_relu", [r.act(n.input[0], n)], {"alpha": float(np.float32(a.get("alpha", 0.01)))})
+
+
+def _prelu(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    x = r.act(n.input[0], n)
+    shape = r.tensors[x].shape
+    slope = per_channel_constant(r.value(n.input[1]), shape[1], len(shape), 1) if r.is_const(n.input[1]) else None
+    if slope is None:
+        r.refuse(n, "a slope that is not a constant scalar or one value per channel")
+    r.emit(n, "prelu", [x, r.constant(slope)], {})
+
+
+def _conv_transpose(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    if len(n.input) < 2 or not r.is_const(n.input[1]):
+        r.refuse(n, "weights that are not constant")
+    x = r.act(n.input[0], n)
+    w = r.value(n.input[1]).astype(np.float32)
+    if w.ndim != 4:
+        r.refuse(n, f"{w.ndim - 2}-D transposed convolution")
+    groups = int(a.get("group", 1))
+    cout = w.shape[1] * groups
+    b = r.value(n.input[2]).astype(np.float32) if len(n.input) > 2 and n.input[2] else np.zeros(cout, np.float32)
+    stride = [int(s) for s in a.get("strides", [1, 1])]
+    dilation = [int(d) for d in a.get("dilations", [1, 1])]
+    extra = [int(p) for p in a.get("output_padding", [0, 0])]
+    full = [(i - 1) * s + (k - 1) * d + 1 + e for i, s, k, d, e in
+            zip(r.tensors[x].shape[2:], stride, w.shape[2:], dilation, extra, strict=True)]
+    auto = _text(a.get("auto_pad", "NOTSET"))
+    if auto == "VALID":
+        pads = [0, 0, 0, 0]
+    elif "output_shape" in a or auto in ("SAME_UPPER", "SAME_LOWER"):  # the crop that gives the stated size
+        want = [int(v) for v in a["output_shape"][-2:]] if "output_shape" in a else [
+            i * s for i, s in zip(r.tensors[x].shape[2:], stride, strict=True)]
+        total = [f - o for f, o in zip(full, want, strict=True)]
+        for i, t in enumerate(total):  # a stated size beyond the full output: zeros (and the bias) at the end
+            if t < 0:
+                extra[i], full[i], total[i] = extra[i] - t, full[i] - t, 0
+        small, big = [t // 2 for t in total], [t - t // 2 for t in total]
+        pads = small + big if auto == "SAME_UPPER" else big + small
+    else:
+        pads = [int(p) for p in a.get("pads", [0, 0, 0, 0])]
+    got = (1, cout, full[0] - pads[0] - pads[2], full[1] - pads[1] - pads[3])
+    if min(pads) < 0 or got != tuple(int(s) for s in r.values[n.output[0]].shape):
+        r.refuse(n, f"pads {pads} (auto_pad {auto}) giving {list(got)}, where onnxruntime gives "
+                 f"{list(r.values[n.output[0]].shape)}")
+    r.emit(n, "conv_transpose2d", [x], {"stride": stride, "pads": pads, "output_padding": extra, "dilation": dilation,
+                                        "groups": groups, "activation": "none"}, (w, b))
+
+
 _HANDLERS: dict[str, Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]] = {
     "Conv": _conv, "Gemm": _gemm, "MatMul": _matmul, "BatchNormalization": _batch_norm,
     "Relu": _unary("relu"), "Sigmoid": _unary("sigmoid"), "HardSwish": _unary("hardswish"), "Clip": _clip,
-    "HardSigmoid": _hard_sigmoid, "Add": _add_or_mul("add"), "Mul": _add_or_mul("mul"), "Concat": _concat,
+    "HardSigmoid": _hard_sigmoid, "Add": _binary("add"), "Mul": _binary("mul"), "Concat": _concat,
     "MaxPool": _pool("max_pool2d"), "AveragePool": _pool("avg_pool2d"), "GlobalAveragePool": _global_pool,
     "ReduceMean": _reduce_mean, "Flatten": _reshape_like, "Reshape": _reshape_like, "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like, "Slice": _slice, "Pad": _pad, "Identity": _identity, "Dropout": _identity,
-    "Softmax": _softmax,
+    "Softmax": _softmax, "Sub": _binary("sub"), "Div": _binary("div"), "Transpose": _transpose, "Split": _split,
+    "Resize": _resize, "LeakyRelu": _leaky_relu, "PRelu": _prelu, "Tanh": _unary("tanh"),
+    "ConvTranspose": _conv_transpose, "Shape": _shape,
 }
 
 

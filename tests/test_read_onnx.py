@@ -224,3 +224,242 @@ def test_per_channel_constants_follow_broadcasting() -> None:
     np.testing.assert_array_equal(per_channel_constant(c, 4, 4, 3), c)  # TFLite NHWC: channels last
     np.testing.assert_array_equal(per_channel_constant(np.float32(2.0), 3, 4, 1), [2.0, 2.0, 2.0])
     assert per_channel_constant(np.ones((2, 2), np.float32), 4, 2, 1) is None
+
+
+# ------------------------------------------------- issue 13's missing ops: read in float, refused by targets
+def _model(nodes: list, inits: list, shape: list, opset: int = 17, rank_out: int = 4) -> onnx.ModelProto:
+    """One image input ``x``, output ``y`` of rank ``rank_out`` (sizes left to onnxruntime)."""
+    g = helper.make_graph(nodes, "t", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [f"d{i}" for i in range(rank_out)])],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _const(name: str, value: object, dtype: type = np.float32) -> onnx.TensorProto:
+    return onnx.numpy_helper.from_array(np.asarray(value, dtype), name)
+
+
+def _reads(model: onnx.ModelProto | nn.Module, x: torch.Tensor | None = None) -> set[str]:
+    """Read ``model`` (a module is exported at opset 17) and check it against onnxruntime; its ops."""
+    src = read(model if isinstance(model, onnx.ModelProto) else _export(model.eval()))
+    check_against_source(src, X[:3] if x is None else x)
+    return {n.op for n in src.graph.nodes}
+
+
+class _Interp(nn.Module):
+    def __init__(self, **kw: object) -> None:
+        super().__init__()
+        self.kw = kw
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(self.conv(x), **self.kw)
+
+
+@pytest.mark.parametrize("kw", [{"scale_factor": 2, "mode": "nearest"}, {"size": (21, 11), "mode": "nearest"},
+                                {"scale_factor": 2, "mode": "bilinear", "align_corners": False},
+                                {"scale_factor": 0.5, "mode": "bilinear", "align_corners": False},
+                                {"size": (23, 9), "mode": "bilinear", "align_corners": True},
+                                {"size": (7, 20), "mode": "bilinear", "align_corners": False}])
+def test_torch_interpolate_reads(kw: dict) -> None:
+    assert "resize" in _reads(_Interp(**kw))
+
+
+def _resize(opset: int, coord: str, mode: str, nearest: str = "round_prefer_floor", scales: list | None = None,
+            sizes: list | None = None, **extra: object) -> onnx.ModelProto:
+    ins = ["x", "roi" if opset == 11 else "", "scales" if scales is not None or opset == 11 else ""]
+    inits = [_const("roi", [] if opset == 11 else [0.0]), _const("scales", scales or [])]
+    if sizes is not None:
+        ins.append("sizes")
+        inits.append(_const("sizes", sizes, np.int64))
+    node = helper.make_node("Resize", ins, ["y"], coordinate_transformation_mode=coord, mode=mode, nearest_mode=nearest,
+                            **extra)
+    return _model([node], inits, [1, 3, 16, 16], opset)
+
+
+@pytest.mark.parametrize("coord", ["half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric",
+                                   "tf_half_pixel_for_nn"])
+def test_resize_coordinate_rules_and_rounding(coord: str) -> None:
+    """Every coordinate rule, nearest with every rounding, linear; scales (opset 11 with its roi input,
+    opset 18 with axes) or sizes; up and down, integer and fractional ratios."""
+    for nearest in ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil"):
+        assert _reads(_resize(11, coord, "nearest", nearest, scales=[1, 1, 2.0, 1.5])) == {"resize"}
+        assert _reads(_resize(13, coord, "nearest", nearest, sizes=[1, 3, 27, 10])) == {"resize"}
+    assert _reads(_resize(11, coord, "linear", scales=[1, 1, 0.5, 2.5])) == {"resize"}
+    assert _reads(_resize(19, coord, "linear", sizes=[1, 3, 9, 37])) == {"resize"}
+    assert _reads(_resize(18, coord, "linear", scales=[3.0, 0.75], axes=[2, 3])) == {"resize"}
+
+
+def test_resize_variants_not_read_are_refused_by_name() -> None:
+    cases = {"mode 'cubic'": _resize(13, "half_pixel", "cubic", scales=[1, 1, 2, 2]),
+             "tf_crop_and_resize": _resize(13, "tf_crop_and_resize", "linear", scales=[1, 1, 2, 2]),
+             "the spatial axes of a 4-D NCHW tensor": _resize(13, "half_pixel", "nearest", scales=[1, 2, 2, 2]),
+             "antialias": _resize(18, "half_pixel", "linear", scales=[1, 1, 0.5, 0.5], antialias=1)}
+    for why, model in cases.items():
+        with pytest.raises(UnsupportedOpError, match=f"ONNX op Resize .*{why}") as err:
+            read(model)
+        assert "\n" not in str(err.value)
+
+
+class _Ops(nn.Module):
+    """ConvTranspose2d (groups, dilation, output_padding), PReLU per channel and shared, LeakyReLU, tanh,
+    SiLU, split, permute, tensor-tensor sub and div, and sub/div by constants (folded after a layer,
+    held otherwise)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 3, stride=2, padding=1, output_padding=1, groups=2, dilation=1)
+        self.up2 = nn.ConvTranspose2d(8, 6, 4, stride=2, padding=2, dilation=2)
+        self.p1, self.p2 = nn.PReLU(8, 0.1), nn.PReLU(init=0.3)
+        self.b = nn.Conv2d(3, 6, 3, padding=1)
+        self.fc = nn.Linear(6 * 10, 5)
+        self.register_buffer("c", torch.linspace(0.5, 2.0, 8).view(8, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.p1(self.a(x) - self.c)  # folds into a
+        y = nn.functional.leaky_relu(self.up(y) / self.c, 0.2)  # held: a transposed conv takes no folding
+        s, t = torch.split(y, [3, 5], 1)
+        y = torch.cat([t, torch.tanh(s)], 1)
+        y = self.p2(self.up2(y))
+        z = nn.functional.silu(self.b(x))
+        y = y[:, :, :16, :16] - z
+        y = (1.0 - y) / (torch.sigmoid(z) + torch.sigmoid(y))
+        y = y.permute(0, 3, 1, 2)[:, :2, :, :5]  # NCHW -> NWCH, keep 2 x 6 x 5
+        return self.fc(torch.flatten(y, 1))
+
+
+def test_new_ops_read_from_torch_exports() -> None:
+    for opset in (13, 17):
+        src = read(_export(_Ops().eval(), opset))
+        check_against_source(src, X[:3])
+        ops = {n.op for n in src.graph.nodes}
+        assert {"conv_transpose2d", "prelu", "leaky_relu", "tanh", "slice", "sub", "div", "transpose",
+                "sigmoid", "mul"} <= ops, ops
+        assert sum(n.op == "conv2d" for n in src.graph.nodes) == 2
+        assert {t.kind for t in src.graph.tensors.values()} >= {"constant"}
+    weighted = {n.op for n in src.graph.weighted_nodes()}
+    assert weighted == {"conv2d", "linear"}  # conv_transpose2d stays out of quantization
+
+
+def test_sub_and_div_by_constants_fold_after_a_layer_and_are_held_elsewhere() -> None:
+    w, b = _const("w", np.random.default_rng(0).normal(size=(4, 3, 3, 3))), _const("b", np.zeros(4))
+    c = _const("c", np.linspace(1, 2, 4).reshape(4, 1, 1))
+    conv = helper.make_node("Conv", ["x", "w", "b"], ["h"], pads=[1, 1, 1, 1])
+    for op in ("Sub", "Div"):
+        src = read(_model([conv, helper.make_node(op, ["h", "c"], ["y"])], [w, b, c], [1, 3, 16, 16]))
+        assert [n.op for n in src.graph.nodes] == ["conv2d"]
+        check_against_source(src, X[:3])
+        flipped = _model([conv, helper.make_node(op, ["c", "h"], ["y"])], [w, b, c], [1, 3, 16, 16])
+        assert _reads(flipped) == {"conv2d", op.lower()}
+        row = _model([helper.make_node(op, ["x", "r"], ["y"])], [_const("r", np.linspace(1, 2, 16))], [1, 3, 16, 16])
+        assert _reads(row) == {op.lower()}  # (16,) broadcasts along W: held as a constant, not folded
+    wide = _model([helper.make_node("Sub", ["x", "r"], ["y"])], [_const("r", np.ones((2, 3, 16, 16)))],
+                  [1, 3, 16, 16])
+    with pytest.raises(UnsupportedOpError, match="Sub .*does not broadcast onto"):
+        read(wide)
+
+
+def test_conv_auto_pad_and_dilation() -> None:
+    w = _const("w", np.random.default_rng(0).normal(size=(4, 3, 3, 3)))
+    for auto in ("SAME_UPPER", "SAME_LOWER", "VALID", "NOTSET"):
+        for stride, dilation in (([1, 1], [2, 2]), ([2, 2], [1, 1]), ([2, 1], [2, 3])):
+            if auto.startswith("SAME") and dilation != [1, 1]:
+                continue  # onnxruntime: "Dilation not supported for AutoPadType::SAME_UPPER or SAME_LOWER"
+            kw = {"pads": [2, 1, 0, 3]} if auto == "NOTSET" else {}
+            conv = helper.make_node("Conv", ["x", "w"], ["y"], auto_pad=auto, strides=stride, dilations=dilation, **kw)
+            assert _reads(_model([conv], [w], [1, 3, 15, 16]), torch.randn(3, 3, 15, 16)) == {"conv2d"}
+
+
+def test_conv_transpose_pads_output_padding_and_auto_pad() -> None:
+    w = _const("w", np.random.default_rng(0).normal(size=(4, 3, 3, 3)))
+    cases = [{"strides": [2, 2], "pads": [0, 1, 2, 1]}, {"strides": [2, 3], "output_padding": [1, 2], "pads": [1, 0, 0, 1]},
+             {"strides": [2, 2], "auto_pad": "SAME_UPPER"}, {"strides": [2, 2], "auto_pad": "SAME_LOWER"},
+             {"strides": [3, 2], "auto_pad": "VALID", "dilations": [2, 1]},
+             {"strides": [2, 2], "output_shape": [34, 33]}, {"group": 2}]
+    for kw in cases:
+        weights = _const("w", np.random.default_rng(1).normal(size=(4, 2, 3, 3))) if "group" in kw else w
+        node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], **kw)
+        assert _reads(_model([node], [weights], [1, 4, 16, 16]), torch.randn(3, 4, 16, 16)) == {"conv_transpose2d"}
+
+
+def test_split_transpose_prelu_leaky_relu_from_onnx_helper() -> None:
+    x4 = [1, 3, 16, 16]
+    split13 = _model([helper.make_node("Split", ["x", "s"], ["a", "b"], axis=3),
+                      helper.make_node("Concat", ["b", "a"], ["y"], axis=3)], [_const("s", [5, 11], np.int64)], x4, 13)
+    split11 = _model([helper.make_node("Split", ["x"], ["a", "b", "c"], axis=1, split=[1, 1, 1]),
+                      helper.make_node("Concat", ["c", "a", "b"], ["y"], axis=1)], [], x4, 11)
+    split18 = _model([helper.make_node("Split", ["x"], ["a", "b", "c"], axis=2, num_outputs=3),
+                      helper.make_node("Concat", ["c", "b", "a"], ["y"], axis=2)], [], x4, 18)
+    for m in (split13, split11, split18):
+        assert _reads(m) == {"slice", "concat"}
+    assert _reads(_model([helper.make_node("Transpose", ["x"], ["y"], perm=[0, 2, 3, 1])], [], x4)) == {"transpose"}
+    assert _reads(_model([helper.make_node("LeakyRelu", ["x"], ["y"], alpha=0.3)], [], x4)) == {"leaky_relu"}
+    for slope in (np.float32(0.25), np.array([0.1, 0.2, 0.3], np.float32).reshape(3, 1, 1)):
+        assert _reads(_model([helper.make_node("PRelu", ["x", "s"], ["y"])], [_const("s", slope)], x4)) == {"prelu"}
+    refused = {"moves the batch axis": helper.make_node("Transpose", ["x"], ["y"], perm=[1, 0, 2, 3]),
+               "split along the batch axis": helper.make_node("Split", ["x"], ["y"], axis=0)}
+    for why, node in refused.items():
+        with pytest.raises(UnsupportedOpError, match=why):
+            read(_model([node], [], [1, 3, 16, 16]))
+    with pytest.raises(UnsupportedOpError, match="slope that is not"):
+        read(_model([helper.make_node("PRelu", ["x", "s"], ["y"])], [_const("s", np.ones((1, 16, 16)))], x4))
+
+
+def test_shape_arithmetic_folds_into_reshape_and_resize_sizes() -> None:
+    """Older exporters compute a Reshape's target and a Resize's sizes from the input's Shape (Gather,
+    Cast, Mul, Concat, Unsqueeze): the batch-1 run folds the chain away."""
+    i64 = np.int64
+    nodes = [helper.make_node("Shape", ["x"], ["shp"]),
+             helper.make_node("Slice", ["shp", "two", "four"], ["hw"]),
+             helper.make_node("Cast", ["hw"], ["hwf"], to=TensorProto.FLOAT),
+             helper.make_node("Mul", ["hwf", "k"], ["hw2f"]),
+             helper.make_node("Cast", ["hw2f"], ["hw2"], to=TensorProto.INT64),
+             helper.make_node("Slice", ["shp", "zero", "two"], ["nc"]),
+             helper.make_node("Concat", ["nc", "hw2"], ["sizes"], axis=0),
+             helper.make_node("Resize", ["x", "", "", "sizes"], ["big"], mode="nearest"),
+             helper.make_node("Shape", ["big"], ["bshp"]),
+             helper.make_node("Gather", ["bshp", "zero_s"], ["n"], axis=0),
+             helper.make_node("Unsqueeze", ["n", "zero"], ["n1"]),
+             helper.make_node("Concat", ["n1", "minus1"], ["target"], axis=0),
+             helper.make_node("Reshape", ["big", "target"], ["y"])]
+    inits = [_const("two", [2], i64), _const("four", [4], i64), _const("zero", [0], i64), _const("k", [2.0, 2.0]),
+             _const("zero_s", 0, i64), _const("minus1", [-1], i64)]
+    src = read(_model(nodes, inits, [1, 3, 16, 16], 13, rank_out=2))
+    check_against_source(src, X[:3])
+    assert [n.op for n in src.graph.nodes] == ["resize", "flatten"]
+
+
+def _canonical(op: str) -> eptq_deploy.graph.QuantGraph:
+    """A float graph holding ``op`` after a convolution, read from a tiny ONNX file."""
+    w = _const("w", np.random.default_rng(0).normal(size=(4, 3, 3, 3)))
+    conv = helper.make_node("Conv", ["x", "w"], ["h"], pads=[1, 1, 1, 1])
+    second = {"sub": helper.make_node("Sub", ["h", "h"], ["y"]), "div": helper.make_node("Div", ["h", "h2"], ["y"]),
+              "transpose": helper.make_node("Transpose", ["h"], ["y"], perm=[0, 1, 3, 2]),
+              "resize": helper.make_node("Resize", ["h", "", "s"], ["y"], mode="linear"),
+              "leaky_relu": helper.make_node("LeakyRelu", ["h"], ["y"]), "tanh": helper.make_node("Tanh", ["h"], ["y"]),
+              "prelu": helper.make_node("PRelu", ["h", "p"], ["y"]),
+              "conv_transpose2d": helper.make_node("ConvTranspose", ["h", "wt"], ["y"], strides=[2, 2])}[op]
+    extra = [helper.make_node("Relu", ["x"], ["x3"]), helper.make_node("Conv", ["x3", "w"], ["h2"], pads=[1, 1, 1, 1])] \
+        if op == "div" else []
+    inits = [w, _const("s", [1, 1, 2, 2]), _const("p", np.full((4, 1, 1), 0.2)),
+             _const("wt", np.random.default_rng(1).normal(size=(4, 2, 3, 3)))]
+    src = read(_model([conv, *extra, second], inits, [1, 3, 16, 16]))
+    assert op in {n.op for n in src.graph.nodes}
+    return src.graph
+
+
+@pytest.mark.parametrize("op", ["sub", "div", "transpose", "resize", "leaky_relu", "tanh", "prelu", "conv_transpose2d"])
+def test_new_ops_are_refused_by_every_target_by_name(op: str) -> None:
+    """No target has a measured integer kernel for these yet: each refuses the op by name before calibration
+    (fusing and the folded-input check run first and must not trip on them)."""
+    from eptq_deploy.capture import fuse_activations
+    from eptq_deploy.targets import get_target, list_targets
+
+    g = fuse_activations(_canonical(op), ("conv+relu", "add+relu", "linear+relu"))
+    g.validate()
+    for name, _ in list_targets():
+        with pytest.raises(UnsupportedOpError, match=rf"\b{op}\b") as err:
+            get_target(name).validate(g)
+        assert "\n" not in str(err.value)
