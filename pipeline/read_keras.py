@@ -157,8 +157,9 @@ def _check_layers(config: Any, layers_module: Any, where: Path) -> None:
                              "which eptq-deploy never loads); replace it with built-in Keras layers and save again")
 
 
-def _load(tf: Any, path: Path) -> Any:
-    """The Keras model in ``path``, its layer list checked first, loaded in safe mode."""
+def _load(path: Path) -> tuple[Any, Any]:
+    """The Keras model in ``path`` (its layer list checked first, loaded in safe mode), and the Keras
+    that loaded it."""
     if path.suffix.lower() == ".keras":
         config, legacy = _keras_config(path), False
     else:
@@ -179,7 +180,7 @@ def _load(tf: Any, path: Path) -> Any:
     _check_layers(config, keras.layers, path)
     try:
         with _quiet():
-            return keras.models.load_model(path, compile=False, safe_mode=True)
+            return keras, keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as e:
         raise ModelError(f"Keras cannot load {path} ({_one_line(e)}); check it is a complete model saved with "
                          "model.save()") from None
@@ -204,10 +205,16 @@ def _io_shape(model: Any, where: Path) -> tuple[int | None, ...]:
     return shape
 
 
-def _convert(tf: Any, model: Any, where: Path) -> bytes:
-    """TensorFlow's own float conversion: no quantization, no optimizations, built-in ops only."""
+def _convert(tf: Any, keras: Any, model: Any, shape: tuple[int | None, ...], where: Path) -> bytes:
+    """TensorFlow's own float conversion: no quantization, no optimizations, built-in ops only. A
+    Keras 3 model is wrapped at batch 1 first: with a free batch its Flatten becomes SHAPE/PACK
+    arithmetic instead of one static reshape (tf-keras reshapes statically already, and at batch
+    1 the converter would fold that reshape into a FULLY_CONNECTED on a 4-D input)."""
     try:
         with _quiet():
+            if keras.__name__ != "tf_keras":
+                x = keras.Input(batch_shape=(1, *shape[1:]), dtype=model.inputs[0].dtype)
+                model = keras.Model(x, model(x))
             converter = tf.lite.TFLiteConverter.from_keras_model(model)
             converter.optimizations = []
             converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
@@ -222,16 +229,16 @@ def read(source: str | Path) -> SourceGraph:
     """The canonical float graph of a Keras .h5/.keras file, and a runner of the Keras model itself."""
     path = Path(source)
     tf = _tensorflow()
-    model = _load(tf, path)
-    _io_shape(model, path)
-    lite = read_bytes(_convert(tf, model, path), str(path))
+    keras, model = _load(path)
+    lite = read_bytes(_convert(tf, keras, model, _io_shape(model, path), path), str(path))
     out = lite.graph.outputs[0]
     out_key = f"keras:{model.output_names[0] if getattr(model, 'output_names', None) else 'output'}"
 
     def keras_output(x: np.ndarray) -> np.ndarray:
         with _quiet():
             y = model(tf.constant(np.ascontiguousarray(x.transpose(0, 2, 3, 1), np.float32)), training=False)
-        y = np.asarray(y[0] if isinstance(y, list | tuple) else y, np.float32)
+        y = y[0] if isinstance(y, list | tuple) else y
+        y = np.asarray(y.numpy() if hasattr(y, "numpy") else y, np.float32)
         return y.transpose(0, 3, 1, 2) if y.ndim == 4 else y
 
     def run_source(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
