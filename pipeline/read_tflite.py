@@ -18,12 +18,20 @@ import numpy as np
 
 from .errors import EptqError, ModelError, UnsupportedOpError
 from .graph import WEIGHTED_OPS, Node, QuantGraph, TensorInfo
-from .readers import SourceGraph, fold_into_layer, per_channel_constant, same_pads
+from .readers import (
+    SourceGraph,
+    as_add_or_mul,
+    fold_into_layer,
+    held_constant,
+    per_channel_constant,
+    same_pads,
+)
 
 #: TFLite ops this reader maps; every other op (and any custom op) is refused by name
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "RELU", "RELU6", "LOGISTIC",
              "HARD_SWISH", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN", "PAD", "RESHAPE", "CONCATENATION", "STRIDED_SLICE",
-             "TRANSPOSE", "SOFTMAX", "DEQUANTIZE")
+             "TRANSPOSE", "SOFTMAX", "DEQUANTIZE", "SUB", "DIV", "TANH", "PRELU", "LEAKY_RELU", "TRANSPOSE_CONV",
+             "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "SPLIT", "SPLIT_V")
 _FUSED = {0: "none", 1: "relu", 3: "relu6"}  # ActivationFunctionType NONE, RELU, RELU6
 
 
@@ -70,6 +78,10 @@ class _Reader:
         self.uses: dict[int, int] = {}
         for i in [int(i) for o in self.sg.operators for i in o.inputs] + [int(i) for i in self.sg.outputs]:
             self.uses[i] = self.uses.get(i, 0) + 1
+        self.reader_ops: dict[int, set[str]] = {}  # TFLite tensor -> the ops reading it
+        for o in self.sg.operators:
+            for i in o.inputs:
+                self.reader_ops.setdefault(int(i), set()).add(self.ops[o.opcodeIndex])
 
     # -------------------------------------------------------------------- helpers
     def constant(self, i: int) -> np.ndarray | None:
@@ -120,6 +132,14 @@ class _Reader:
         self.tensors[name] = TensorInfo(name, self.shape(out_index), "activation")
         self.nodes.append(Node(name, op, ins, [name], attrs, where))
         self.names[out_index] = name
+        return name
+
+    def held(self, data: np.ndarray) -> str:
+        """A float constant held in the graph (a sub's or div's other operand, a PReLU slope)."""
+        k = self.count.get("const", 0)
+        self.count["const"] = k + 1
+        name = f"const_{k}"
+        self.tensors[name] = TensorInfo(name, tuple(data.shape), "constant", data=np.ascontiguousarray(data, np.float32))
         return name
 
     def refuse(self, op: str, where: str, why: str = "") -> None:
@@ -224,30 +244,47 @@ def _fully_connected(r: _Reader, ins: list[int], outs: list[int], opts: Any, whe
 
 
 def _binary(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    """ADD, MUL, SUB, DIV of two activations, or of an activation and a constant: folded into the
+    layer before it where per channel (a separate bias or scale); for SUB and DIV otherwise held in
+    the graph as a constant input."""
     act = r.fused(opts, op, where)
-    consts = [i for i in ins if r.constant(i) is not None]
-    if consts:  # a per-channel constant folds into the layer before it (a separate bias or scale)
-        src = next(i for i in ins if i not in consts)
+    canonical = op.lower()
+    consts = [k for k, i in enumerate(ins) if r.constant(i) is not None]
+    if consts:
+        k = consts[0]
+        src, c = ins[1 - k], r.constant(ins[k])
         x = r.act(src, op)
         p = r.producer(x)
-        ok = p is not None and p.op in WEIGHTED_OPS and p.attrs["activation"] == "none" and r.readers(src) == 1
+        ok = (p is not None and p.op in WEIGHTED_OPS and p.attrs["activation"] == "none" and r.readers(src) == 1
+              and (k == 1 or op in ("ADD", "MUL")))
         nhwc = tuple(int(d) for d in r.sg.tensors[outs[0]].shape)
-        v = per_channel_constant(r.constant(consts[0]), r.tensors[x].shape[1], len(nhwc), len(nhwc) - 1) if ok else None
-        if v is None:
+        kind, c_folded = as_add_or_mul(canonical, c)
+        v = per_channel_constant(c_folded, r.tensors[x].shape[1], len(nhwc), len(nhwc) - 1) if ok else None
+        if v is not None and np.all(np.isfinite(v)):
+            fold_into_layer(r.tensors[p.inputs[1]], r.tensors[p.inputs[2]], v, kind)
+            p.attrs["activation"] = act
+            r.names[outs[0]] = x
+            return
+        if op in ("ADD", "MUL"):
             r.refuse(op, where, "a constant that is not per channel of a convolution or fully connected layer before it")
-        fold_into_layer(r.tensors[p.inputs[1]], r.tensors[p.inputs[2]], v, op.lower())
-        p.attrs["activation"] = act
-        r.names[outs[0]] = x
+        held = held_constant(c, r.tensors[x].shape, channels_last=True)
+        if held is None:
+            r.refuse(op, where, f"a constant of shape {list(c.shape)} that does not broadcast onto "
+                     f"{list(r.sg.tensors[src].shape)} without widening it")
+        r.emit(outs[0], canonical, [x, r.held(held)] if k == 1 else [r.held(held), x], {"activation": act}, where)
         return
     x, y = (r.act(i, op) for i in ins)
-    if op == "ADD":
-        if r.tensors[x].shape != r.tensors[y].shape:
-            r.refuse(op, where, f"broadcasting add {r.tensors[x].shape} + {r.tensors[y].shape}")
-        r.emit(outs[0], "add", [x, y], {"activation": act}, where)
+    sx, sy = r.tensors[x].shape, r.tensors[y].shape
+    if op == "ADD" and sx != sy:
+        r.refuse(op, where, f"broadcasting add {sx} + {sy}")
+    if len(sx) != len(sy):
+        r.refuse(op, where, f"tensors of ranks {len(sx)} and {len(sy)}")
+    if op == "MUL":
+        if act != "none":
+            r.refuse(op, where, "MUL with a fused activation")
+        r.emit(outs[0], "mul", [x, y], {}, where)
         return
-    if act != "none":
-        r.refuse(op, where, "MUL with a fused activation")
-    r.emit(outs[0], "mul", [x, y], {}, where)
+    r.emit(outs[0], canonical, [x, y], {"activation": act}, where)
 
 
 def _unary(canonical: str) -> Callable[..., None]:
@@ -325,13 +362,105 @@ def _concat(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, 
 
 def _transpose(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
     """NHWC -> NCHW before a flatten (as exporters write to keep a PyTorch flatten order): in the
-    canonical NCHW graph that is the tensor itself, flattened in its own order."""
+    canonical NCHW graph that is the tensor itself, flattened in its own order. Any other permutation
+    keeping the batch axis first is a canonical transpose of the NCHW tensors."""
     x, perm = r.act(ins[0], op), r.constant(ins[1])
-    if perm is None or perm.tolist() != [0, 3, 1, 2]:
-        r.refuse(op, where, f"permutation {None if perm is None else perm.tolist()} (NHWC -> NCHW before a "
-                 "flatten is read)")
-    r.names[outs[0]] = x
-    r.nchw_data.add(outs[0])
+    rank = len(r.tensors[x].shape)
+    if perm is None or sorted(int(p) % rank for p in perm.ravel()) != list(range(rank)) or int(perm.ravel()[0]) != 0:
+        r.refuse(op, where, f"permutation {None if perm is None else perm.tolist()} (a constant one keeping the "
+                 "batch axis first is read)")
+    p = [int(v) % rank for v in perm.ravel()]
+    if p == [0, 3, 1, 2] and r.reader_ops.get(outs[0], set()) <= {"RESHAPE"}:
+        r.names[outs[0]] = x
+        r.nchw_data.add(outs[0])
+        return
+    if rank == 4:  # the canonical tensors are NCHW views of the NHWC ones on both sides
+        p = [[0, 2, 3, 1][p[a]] for a in (0, 3, 1, 2)]
+    if p == list(range(rank)):
+        r.names[outs[0]] = x
+        return
+    r.emit(outs[0], "transpose", [x], {"perm": p}, where)
+
+
+def _split(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    """SPLIT (axis, x) and SPLIT_V (x, sizes, axis): one canonical slice per output, sized as the output."""
+    xi, ai = (ins[1], ins[0]) if op == "SPLIT" else (ins[0], ins[2])
+    x, axis = r.act(xi, op), r.constant(ai)
+    rank = len(r.tensors[x].shape)
+    if axis is None or axis.size != 1:
+        r.refuse(op, where, "an axis that is not one constant")
+    a = int(axis.ravel()[0]) % rank
+    a = (0, 2, 3, 1)[a] if rank == 4 else a
+    if a == 0:
+        r.refuse(op, where, "a split along the batch axis")
+    start, size = 0, r.tensors[x].shape[a]
+    for o in outs:
+        end = start + r.shape(o)[a]
+        if (start, end) == (0, size):
+            r.names[o] = x
+        else:
+            r.emit(o, "slice", [x], {"axes": [a], "starts": [start], "ends": [end], "steps": [1]}, where)
+        start = end
+
+
+def _resize(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    """RESIZE_BILINEAR and RESIZE_NEAREST_NEIGHBOR as TFLite's kernels compute them: the input coordinate
+    is (x + 0.5 if half_pixel_centers) * step (- 0.5 for bilinear), step = in / out or, with align_corners,
+    (in - 1) / (out - 1) in float32; nearest floors it, or rounds half up with align_corners."""
+    x = r.act(ins[0], op)
+    shape, out = r.tensors[x].shape, r.shape(outs[0])
+    align = bool(opts.alignCorners) if opts is not None else False
+    half = bool(opts.halfPixelCenters) if opts is not None else False
+    nearest = op == "RESIZE_NEAREST_NEIGHBOR"
+    if len(shape) != 4 or out[:2] != shape[:2]:
+        r.refuse(op, where, f"a resize of {list(shape)} to {list(out)} (NCHW; H and W of a 4-D tensor are read)")
+    if align and half and not nearest:
+        r.refuse(op, where, "align_corners with half_pixel_centers (TFLite's bilinear kernel refuses it too)")
+    step = [float(np.float32(i - 1) / np.float32(o - 1)) if align and o > 1 else float(np.float32(i) / np.float32(o))
+            for i, o in zip(shape[2:], out[2:], strict=True)]
+    if half:
+        coord = "tf_half_pixel_for_nn" if nearest else "half_pixel"
+    else:
+        coord = "align_corners" if align else "asymmetric"
+    attrs: dict[str, Any] = {"mode": "nearest" if nearest else "linear", "coord": coord, "size": list(out[2:]),
+                             "step": step}
+    if nearest:
+        attrs["nearest"] = "round_prefer_ceil" if align else "floor"
+    r.emit(outs[0], "resize", [x], attrs, where)
+
+
+def _leaky_relu(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    alpha = float(np.float32(opts.alpha)) if opts is not None else 0.0
+    r.emit(outs[0], "leaky_relu", [r.act(ins[0], op)], {"alpha": alpha}, where)
+
+
+def _prelu(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    x, alpha = r.act(ins[0], op), r.constant(ins[1])
+    rank = len(r.sg.tensors[ins[0]].shape)
+    slope = None if alpha is None else per_channel_constant(alpha, r.tensors[x].shape[1], rank, rank - 1)
+    if slope is None:
+        r.refuse(op, where, "an alpha that is not a constant scalar or one value per channel")
+    r.emit(outs[0], "prelu", [x, r.held(slope)], {}, where)
+
+
+def _transpose_conv(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
+    """TRANSPOSE_CONV (output shape, OHWI filters, x, optional bias): the output size is the stated one;
+    TFLite pads as the convolution it reverses would (SAME: the odd pixel at the end)."""
+    x, w = r.act(ins[2], op), r.constant(ins[1])
+    if w is None:
+        r.refuse(op, where, "filters that are not constant")
+    w = w.astype(np.float32).transpose(3, 0, 1, 2)  # OHWI -> (C_in, C_out, kH, kW), torch's layout
+    if w.shape[0] != r.tensors[x].shape[1]:
+        r.refuse(op, where, "a grouped transposed convolution")
+    b = r.constant(ins[3]) if len(ins) > 3 and ins[3] >= 0 else None
+    b = np.zeros(w.shape[1], np.float32) if b is None else b.astype(np.float32)
+    stride, out = [opts.strideH, opts.strideW], r.shape(outs[0])
+    begin = [0, 0] if opts.padding == r.S.Padding.VALID else same_pads(out[2:], w.shape[2:], stride, [1, 1])[:2]
+    end = [(i - 1) * s + k - p - o for i, s, k, p, o in zip(r.tensors[x].shape[2:], stride, w.shape[2:], begin,
+                                                              out[2:], strict=True)]
+    attrs = {"stride": stride, "pads": begin + [max(e, 0) for e in end], "output_padding": [max(-e, 0) for e in end],
+             "dilation": [1, 1], "groups": 1, "activation": r.fused(opts, op, where)}
+    r.emit(outs[0], "conv_transpose2d", [x], attrs, where, (w, b))
 
 
 def _strided_slice(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:
@@ -371,7 +500,9 @@ _HANDLERS: dict[str, Callable[..., None]] = {
     "MUL": _binary, "RELU": _unary("relu"), "RELU6": _unary("relu6"), "LOGISTIC": _unary("sigmoid"),
     "HARD_SWISH": _unary("hardswish"), "AVERAGE_POOL_2D": _pool, "MAX_POOL_2D": _pool, "MEAN": _mean, "PAD": _pad,
     "RESHAPE": _reshape, "CONCATENATION": _concat, "STRIDED_SLICE": _strided_slice,
-    "TRANSPOSE": _transpose, "SOFTMAX": _softmax,
+    "TRANSPOSE": _transpose, "SOFTMAX": _softmax, "SUB": _binary, "DIV": _binary, "TANH": _unary("tanh"),
+    "PRELU": _prelu, "LEAKY_RELU": _leaky_relu, "TRANSPOSE_CONV": _transpose_conv, "RESIZE_BILINEAR": _resize,
+    "RESIZE_NEAREST_NEIGHBOR": _resize, "SPLIT": _split, "SPLIT_V": _split,
 }
 
 

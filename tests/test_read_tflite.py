@@ -82,3 +82,136 @@ def test_bad_files_are_refused_in_one_line(float_file: Path, tmp_path: Path) -> 
         assert "\n" not in str(err.value)
     with pytest.raises(ModelError, match="model file not found"):
         eptq_deploy.quantize(tmp_path / "missing.tflite", X, progress=False)
+
+
+# ------------------------------------------------- issue 13's missing ops, in files built op by op
+class _Flat:
+    """A float TFLite flatbuffer written tensor by tensor with the TFLite schema (NHWC)."""
+
+    def __init__(self, shape: tuple[int, ...] = (1, 6, 8, 3)) -> None:
+        from ai_edge_litert import schema_py_generated as S
+
+        self.S, self.m = S, S.ModelT()
+        self.m.version, self.m.buffers, self.m.operatorCodes = 3, [S.BufferT()], []
+        self.sg = S.SubGraphT()
+        self.sg.tensors, self.sg.operators = [], []
+        self.m.subgraphs = [self.sg]
+        self.codes: dict[int, int] = {}
+        self.x = self.tensor(shape)
+
+    def tensor(self, shape: tuple[int, ...], data: np.ndarray | None = None) -> int:
+        S = self.S
+        t = S.TensorT()
+        t.name, t.shape, t.buffer = f"t{len(self.sg.tensors)}".encode(), [int(s) for s in shape], 0
+        t.type = S.TensorType.INT32 if data is not None and data.dtype == np.int32 else S.TensorType.FLOAT32
+        if data is not None:
+            b = S.BufferT()
+            b.data = np.frombuffer(np.ascontiguousarray(data).tobytes(), np.uint8)
+            self.m.buffers.append(b)
+            t.buffer = len(self.m.buffers) - 1
+        self.sg.tensors.append(t)
+        return len(self.sg.tensors) - 1
+
+    def const(self, data: object, dtype: type = np.float32) -> int:
+        arr = np.asarray(data, dtype)
+        return self.tensor(arr.shape, arr)
+
+    def op(self, name: str, ins: list[int], out_shapes: list[tuple[int, ...]], options: str = "",
+           **fields: object) -> list[int]:
+        S = self.S
+        code = getattr(S.BuiltinOperator, name)
+        if code not in self.codes:
+            c = S.OperatorCodeT()
+            c.builtinCode, c.deprecatedBuiltinCode, c.version = code, min(code, 127), 1
+            self.m.operatorCodes.append(c)
+            self.codes[code] = len(self.m.operatorCodes) - 1
+        outs = [self.tensor(s) for s in out_shapes]
+        o = S.OperatorT()
+        o.opcodeIndex, o.inputs, o.outputs = self.codes[code], ins, outs
+        if options:
+            opt = getattr(S, options + "T")()
+            for k, v in fields.items():
+                setattr(opt, k, v)
+            o.builtinOptionsType, o.builtinOptions = getattr(S.BuiltinOptions, options), opt
+        self.sg.operators.append(o)
+        return outs
+
+    def read(self, out: int) -> set[str]:
+        """Read the file ending at ``out``, check it against the interpreter; its canonical ops."""
+        import flatbuffers
+
+        from eptq_deploy.read_tflite import read_bytes
+
+        self.sg.inputs, self.sg.outputs = [self.x], [out]
+        b = flatbuffers.Builder(1024)
+        b.Finish(self.m.Pack(b), file_identifier=b"TFL3")
+        src = read_bytes(bytes(b.Output()), "ops.tflite")
+        n, h, w, c = self.sg.tensors[self.x].shape
+        check_against_source(src, torch.randn(3, c, h, w, generator=torch.Generator().manual_seed(5)))
+        return {m.op for m in src.graph.nodes}
+
+
+@pytest.mark.parametrize("nearest", [False, True])
+@pytest.mark.parametrize(("align", "half"), [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("size", [(12, 16), (13, 5), (3, 4)])
+def test_resize_every_flag_combination_matches_the_interpreter(nearest: bool, align: bool, half: bool,
+                                                              size: tuple[int, int]) -> None:
+    f = _Flat()
+    name, options = (("RESIZE_NEAREST_NEIGHBOR", "ResizeNearestNeighborOptions") if nearest
+                     else ("RESIZE_BILINEAR", "ResizeBilinearOptions"))
+    (y,) = f.op(name, [f.x, f.const(size, np.int32)], [(1, *size, 3)], options, alignCorners=align,
+                halfPixelCenters=half)
+    if align and half and not nearest:  # TFLite's own bilinear kernel refuses the pair
+        with pytest.raises(EptqError, match="RESIZE_BILINEAR .*align_corners with half_pixel_centers"):
+            f.read(y)
+        return
+    assert f.read(y) == {"resize"}
+
+
+@pytest.mark.parametrize(("padding", "out", "bias"), [("SAME", (12, 16), True), ("SAME", (11, 15), False),
+                                                      ("VALID", (13, 17), True), ("VALID", (14, 18), False)])
+def test_transpose_conv_matches_the_interpreter(padding: str, out: tuple[int, int], bias: bool) -> None:
+    f = _Flat()
+    w = f.const(np.random.default_rng(0).normal(size=(4, 3, 3, 3)))  # OHWI
+    ins = [f.const([1, *out, 4], np.int32), w, f.x] + ([f.const(np.linspace(-1, 1, 4))] if bias else [])
+    (y,) = f.op("TRANSPOSE_CONV", ins, [(1, *out, 4)], "TransposeConvOptions",
+                padding=getattr(f.S.Padding, padding), strideH=2, strideW=2, fusedActivationFunction=1)
+    assert f.read(y) == {"conv_transpose2d"}
+
+
+def test_sub_div_tanh_prelu_leaky_relu_match_the_interpreter() -> None:
+    f = _Flat()
+    (r,) = f.op("RELU", [f.x], [(1, 6, 8, 3)])
+    (s,) = f.op("SUB", [f.x, r], [(1, 6, 8, 3)], "SubOptions", fusedActivationFunction=0)
+    (g,) = f.op("LOGISTIC", [s], [(1, 6, 8, 3)])
+    (d,) = f.op("DIV", [s, g], [(1, 6, 8, 3)], "DivOptions", fusedActivationFunction=0)
+    (c1,) = f.op("SUB", [d, f.const([0.5, -1.0, 2.0])], [(1, 6, 8, 3)], "SubOptions")  # held: after no layer
+    (c2,) = f.op("DIV", [f.const(np.full((1, 1, 8, 1), 2.0)), c1], [(1, 6, 8, 3)], "DivOptions")
+    (t,) = f.op("TANH", [c2], [(1, 6, 8, 3)])
+    (p,) = f.op("PRELU", [t, f.const(np.array([[[0.1, 0.2, 0.3]]]))], [(1, 6, 8, 3)])
+    (p2,) = f.op("PRELU", [p, f.const([0.25])], [(1, 6, 8, 3)])
+    (y,) = f.op("LEAKY_RELU", [p2], [(1, 6, 8, 3)], "LeakyReluOptions", alpha=0.2)
+    assert f.read(y) == {"relu", "sub", "sigmoid", "div", "tanh", "prelu", "leaky_relu"}
+
+
+def test_sub_and_div_by_a_per_channel_constant_fold_into_the_conv() -> None:
+    for op, options in (("SUB", "SubOptions"), ("DIV", "DivOptions")):
+        f = _Flat()
+        w, b = f.const(np.random.default_rng(0).normal(size=(4, 3, 3, 3))), f.const(np.zeros(4))
+        (h,) = f.op("CONV_2D", [f.x, w, b], [(1, 6, 8, 4)], "Conv2DOptions", padding=f.S.Padding.SAME, strideH=1,
+                    strideW=1, dilationHFactor=1, dilationWFactor=1)
+        (y,) = f.op(op, [h, f.const([1.0, 2.0, 0.5, 4.0])], [(1, 6, 8, 4)], options, fusedActivationFunction=1)
+        assert f.read(y) == {"conv2d"}
+
+
+def test_split_split_v_and_transpose_match_the_interpreter() -> None:
+    f = _Flat()
+    a, b, c = f.op("SPLIT", [f.const(3, np.int32), f.x], [(1, 6, 8, 1)] * 3, "SplitOptions", numSplits=3)
+    (cat,) = f.op("CONCATENATION", [c, a, b], [(1, 6, 8, 3)], "ConcatenationOptions", axis=3)
+    u, v = f.op("SPLIT_V", [cat, f.const([2, 4], np.int32), f.const(1, np.int32)], [(1, 2, 8, 3), (1, 4, 8, 3)],
+                "SplitVOptions", numSplits=2)
+    (cat2,) = f.op("CONCATENATION", [v, u], [(1, 6, 8, 3)], "ConcatenationOptions", axis=1)
+    (t,) = f.op("TRANSPOSE", [cat2, f.const([0, 2, 1, 3], np.int32)], [(1, 8, 6, 3)])
+    (t2,) = f.op("TRANSPOSE", [t, f.const([0, 3, 1, 2], np.int32)], [(1, 3, 8, 6)])  # NHWC -> NCHW, not before a flatten
+    (y,) = f.op("TANH", [t2], [(1, 3, 8, 6)])
+    assert f.read(y) == {"slice", "concat", "transpose", "tanh"}
