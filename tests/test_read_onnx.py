@@ -458,8 +458,26 @@ def test_new_ops_are_refused_by_every_target_by_name(op: str) -> None:
     from eptq_deploy.targets import get_target, list_targets
 
     g = fuse_activations(_canonical(op), ("conv+relu", "add+relu", "linear+relu"))
-    g.validate()
+    arrays = {k: t.data for k, t in g.tensors.items() if t.data is not None}
+    back = eptq_deploy.graph.QuantGraph.from_json(g.to_json(), arrays)  # graph.json holds the new ops (validated)
+    assert [(n.op, n.attrs) for n in back.nodes] == [(n.op, n.attrs) for n in g.nodes]
     for name, _ in list_targets():
         with pytest.raises(UnsupportedOpError, match=rf"\b{op}\b") as err:
             get_target(name).validate(g)
         assert "\n" not in str(err.value)
+
+
+def test_graph_json_checks_resize_transpose_and_constants() -> None:
+    """An untrusted graph.json cannot carry a resize or transpose the float executor would misindex,
+    nor a constant read by an op that expects an activation."""
+    from eptq_deploy.errors import UsageError
+
+    for op, attrs in (("resize", {"mode": "cubic"}), ("resize", {"size": [0, 4]}), ("transpose", {"perm": [1, 0, 2, 3]})):
+        g = _canonical(op)
+        next(n for n in g.nodes if n.op == op).attrs.update(attrs)
+        with pytest.raises(UsageError, match=op):
+            g.validate()
+    g = _canonical("prelu")
+    next(n for n in g.nodes if n.op == "prelu").op = "mul"
+    with pytest.raises(UsageError, match="reads constant"):
+        g.validate()
