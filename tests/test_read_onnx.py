@@ -196,9 +196,10 @@ def test_a_file_that_aborts_onnx_shape_inference_is_refused_not_fatal() -> None:
         read(_tiny([conv], [w], [1, 3, 16, 16]))
 
 
-def test_softmax_is_read_and_refused_by_every_target_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A classifier ending in Softmax reads (and matches onnxruntime); no target has a measured
-    integer softmax yet, so quantize stops with its name before calibration."""
+def test_softmax_is_read_cut_off_at_the_end_and_refused_inside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A classifier ending in Softmax reads (and matches onnxruntime) and its softmax runs on the host
+    after the integer graph; a softmax inside the graph has no measured integer kernel in any target,
+    so quantize stops with its name before calibration."""
     from eptq_deploy import api
     from eptq_deploy.targets import list_targets
 
@@ -206,10 +207,13 @@ def test_softmax_is_read_and_refused_by_every_target_by_name(monkeypatch: pytest
     src = read(_export(model))
     assert src.graph.nodes[-1].op == "softmax"
     check_against_source(src, X[:4])
+    qm = eptq_deploy.quantize(_export(model), X, targets=["onnx-qdq"], method="ptq", progress=False)
+    assert qm.graph.nodes[-1].op == "linear" and [s["op"] for s in qm.graph.meta["float_tail"]] == ["softmax"]
+    inside = nn.Sequential(model, nn.Linear(5, 3)).eval()  # softmax, then a layer: nothing to cut
     monkeypatch.setattr(api, "collect_stats", lambda *a, **k: pytest.fail("calibration ran"))
     for target, _ in list_targets():
         with pytest.raises(UnsupportedOpError, match="softmax"):
-            eptq_deploy.quantize(_export(model), X, targets=[target], method="eptq", progress=False)
+            eptq_deploy.quantize(_export(inside), X, targets=[target], method="eptq", progress=False)
 
 
 def test_per_channel_constants_follow_broadcasting() -> None:
