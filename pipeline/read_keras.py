@@ -34,7 +34,7 @@ from .readers import ATOL_REL, RTOL, SourceGraph
 
 INSTALL = 'pip install "eptq-deploy[keras]"'
 #: layers that hold Python code or call TensorFlow functions by name: never deserialised
-CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda")
+CODE_LAYERS = ("Lambda", "TFOpLambda", "SlicingOpLambda", "TensorFlowOpLayer")
 MODEL_CLASSES = ("Functional", "Sequential", "Model")
 
 
