@@ -118,7 +118,8 @@ def _check_pixels(x: torch.Tensor) -> None:
 def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "int8-pot",
              targets: str | list[str] | None = None, method: str | None = None, weight_bits: int | None = None,
              samples: int | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True,
-             fold_preprocessing: str | Preset | None = None, **options: Any) -> QuantizedModel:
+             fold_preprocessing: str | Preset | None = None, input_shape: tuple[int, ...] | None = None,
+             **options: Any) -> QuantizedModel:
     """Quantize ``model`` for ``targets`` under ``profile`` from unlabelled ``data``.
 
     ``data``: a tensor or array (N, C, H, W), an iterable of batches, or a DataLoader,
@@ -132,6 +133,10 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     0..255, so ``data`` here, and every input given to it later (simulate, export's
     check data, runners), is raw pixels as float NCHW (``data.to_pixels`` converts
     normalised tensors back).
+
+    A model file (``.onnx``, ``.tflite``, ``.h5``, ``.keras``; see ``readers``) takes ``data``
+    in its own layout (NHWC for TFLite and Keras files); ``input_shape`` (C, H, W for ONNX)
+    sizes its dynamic input dimensions.
     """
     method = method or DEFAULT_METHOD
     if method not in METHODS:
@@ -147,7 +152,10 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
         fold.pixel_grid(prof)  # an impossible input grid fails before any work
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    src = read_source(model)  # a model file is read (and a bad one refused) before the data is touched
+    src = read_source(model, input_shape)  # a model file is read (and a bad one refused) before the data is touched
+    if src is None and input_shape is not None:
+        raise UsageError("input_shape sizes a model file's dynamic input; a PyTorch model takes the data's shape, "
+                         "drop input_shape")
     picked: list[int] = []
     x = _as_tensor(data, samples, seed, picked)
     if src is not None:  # data comes in the file's own layout (NHWC for TFLite and Keras files)

@@ -54,6 +54,15 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
         raise UsageError(f"--{what} {text!r} is not a comma-separated list of numbers; e.g. 0.485,0.456,0.406") from None
 
 
+def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(int(v) for v in text.replace("x", ",").split(","))
+    except ValueError:
+        raise UsageError(f"--{what} {text!r} is not a comma-separated list of sizes; e.g. 3,224,224") from None
+
+
 def _bytes(text: str) -> int:
     """'4G', '512M', '100000' -> bytes."""
     units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
@@ -93,6 +102,8 @@ def quantize(
                                                              "(kept on Ctrl-C; outside the bundle).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted EPTQ run from --checkpoint-dir.")] = False,
     weight_bits: Annotated[int | None, typer.Option(help="Weight bit width, one the profile allows.")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="Sizes for a model file's dynamic input, in its layout "
+                                                         "without the batch: C,H,W for ONNX, e.g. 3,224,224.")] = None,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for MODEL (loaded with weights_only=True).")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Load a pickled full model: this RUNS CODE FROM THE FILE; only "
                                                     "for files you trust.")] = False,
@@ -143,7 +154,8 @@ def quantize(
             options.update(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=resume)
         run_quantize(model, data, profile, target, chosen, weight_bits, weights, allow_pickle, preset, resize, crop,
                      _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
-                     progress, options, labels, skip_bad=skip_bad_data, fold=fold_preprocessing)
+                     progress, options, labels, skip_bad=skip_bad_data, fold=fold_preprocessing,
+                     input_shape=_ints(input_shape, "input-shape"))
 
     _guard(body)
 
@@ -153,7 +165,7 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
                  resize: int | None, crop: int | None, mean: Any, std: Any, samples: int | None, check_samples: int,
                  seed: int, out: Path, force: bool, threads: int, progress: bool,
                  options: dict[str, Any] | None = None, labels_path: Path | None = None,
-                 skip_bad: bool = True, fold: bool = False) -> Path:
+                 skip_bad: bool = True, fold: bool = False, input_shape: tuple[int, ...] | None = None) -> Path:
     """Load, quantize, export: what ``eptq-deploy quantize MODEL`` does.
 
     With ``fold`` the images are loaded normalised as usual and converted back to their
@@ -178,7 +190,8 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     tgts = api.resolve_targets(target, prof)  # fail on impossible pairs before loading anything
     for t in tgts:
         api.check_pair(prof, t)
-    net, hints = load_model(model, str(weights) if weights else None, allow_pickle=allow_pickle, seed=seed)
+    net, hints = load_model(model, str(weights) if weights else None, allow_pickle=allow_pickle, seed=seed,
+                            input_shape=input_shape)
     if isinstance(net, SourceGraph) and crop is None and resize is None:  # a model file states its input size
         _, h, w = net.graph.tensors[net.graph.inputs[0]].shape[1:]
         crop = h if h == w else None

@@ -309,13 +309,15 @@ def _load_pickled_file(path: Path, allow_pickle: bool) -> tuple[nn.Module, dict]
 
 
 def load_model(
-    spec: str, weights: str | None = None, *, allow_pickle: bool = False, seed: int = 0
+    spec: str, weights: str | None = None, *, allow_pickle: bool = False, seed: int = 0,
+    input_shape: tuple[int, ...] | None = None,
 ) -> tuple[ModelLike, dict]:
     """Load a model from a spec string; returns (eval-mode model, hints).
 
     Hints may hold ``input_shape`` (C, H, W), ``preset`` (a data preset name), ``name``,
     ``weights`` (where the weights came from) and ``classes`` (class names); callers use
-    them as defaults the user can override. Architectures built without weights
+    them as defaults the user can override. ``input_shape`` sizes a model file's dynamic
+    input (``readers.resolve_input_shape``). Architectures built without weights
     (``torchvision:NAME``, factories) are built under ``torch.manual_seed(seed)``.
     """
     spec = spec.strip()
@@ -328,8 +330,11 @@ def load_model(
     if Path(spec).suffix.lower() in model_file_suffixes():
         if weights:
             raise ModelError(f"{spec} already holds its weights; drop --weights for a model file")
-        src = read_model_file(Path(spec))
+        src = read_model_file(Path(spec), input_shape)
         return src, dict(src.hints)
+    if input_shape is not None:
+        raise ModelError(f"--input-shape sizes a model file's dynamic input; {spec} is not one (drop it: PyTorch "
+                         "models take the data's shape)")
     if spec.startswith("builtin:"):
         model, hints = _load_builtin(spec.removeprefix("builtin:"), weights, allow_pickle)
     elif spec in BUILTIN_MODELS:

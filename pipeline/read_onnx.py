@@ -14,7 +14,7 @@ import json
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from .readers import (
     fold_into_layer,
     held_constant,
     per_channel_constant,
+    resolve_input_shape,
     same_pads,
 )
 
@@ -128,7 +129,7 @@ def _is_quantized(t: onnx.TensorProto) -> bool:
 class _Reader:
     """Walks the ONNX graph once, emitting canonical nodes."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: onnx.ModelProto, input_shape: Sequence[int] | None = None) -> None:
         self.model = model
         g = model.graph
         inits = {t.name for t in g.initializer}
@@ -137,12 +138,12 @@ class _Reader:
             raise ModelError(f"the ONNX model takes {len(inputs)} inputs; eptq-deploy handles single-image-input models")
         self.input = inputs[0]
         dims = self.input.type.tensor_type.shape.dim
-        shape = [d.dim_value if d.HasField("dim_value") else None for d in dims]
-        if len(shape) != 4 or any(s is None or s < 1 for s in shape[1:]) or shape[0] not in (None, 1):
+        shape = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in dims]
+        if len(shape) != 4 or shape[0] not in (None, 1):
             shown = [s if s is not None else "?" for s in shape]
             raise ModelError(f"ONNX input {self.input.name!r} has shape {shown}; eptq-deploy reads models with one "
-                             "NCHW image input of fixed C, H, W (batch 1 or dynamic); re-export with a fixed input size")
-        self.shape = (1, *shape[1:])
+                             "NCHW image input (batch 1 or dynamic); re-export the model with one")
+        self.shape = (1, *resolve_input_shape(shape[1:], input_shape, f"ONNX input {self.input.name!r}", "C,H,W"))
         self.values = self._run_everything()
         self.nodes: list[Node] = []
         self.tensors: dict[str, TensorInfo] = {"input": TensorInfo("input", self.shape, "input")}
@@ -652,10 +653,10 @@ _HANDLERS: dict[str, Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]] 
 }
 
 
-def read(source: str | Path | onnx.ModelProto) -> SourceGraph:
+def read(source: str | Path | onnx.ModelProto, input_shape: Sequence[int] | None = None) -> SourceGraph:
     """The canonical float graph of an ONNX model, and a runner of the model on onnxruntime."""
     model = load(source)
-    reader = _Reader(model)
+    reader = _Reader(model, input_shape)
     g, names = reader.run()
     wanted_cache: dict[tuple[str, ...], ort.InferenceSession] = {}
 

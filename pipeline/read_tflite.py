@@ -10,7 +10,8 @@ kept) before any calibration, like the ONNX reader's; data and outputs stay NCHW
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from .readers import (
     fold_into_layer,
     held_constant,
     per_channel_constant,
+    resolve_input_shape,
     same_pads,
 )
 
@@ -46,7 +48,7 @@ def _nchw(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 
 class _Reader:
-    def __init__(self, model: Any, where: str) -> None:
+    def __init__(self, model: Any, where: str, input_shape: Sequence[int] | None = None) -> None:
         S = _schema()
         self.S, self.where, self.m = S, where, model
         if len(model.subgraphs) != 1:
@@ -64,9 +66,17 @@ class _Reader:
         if len(self.sg.inputs) != 1 or len(self.sg.outputs) != 1:
             raise ModelError(f"{where} has {len(self.sg.inputs)} inputs and {len(self.sg.outputs)} outputs; "
                              "eptq-deploy reads one-image-input, one-output models for now")
-        shape = tuple(int(d) for d in self.sg.tensors[self.sg.inputs[0]].shape)
+        t_in = self.sg.tensors[self.sg.inputs[0]]
+        shape = tuple(int(d) for d in t_in.shape)
+        sig = [int(d) for d in t_in.shapeSignature] if t_in.shapeSignature is not None and len(t_in.shapeSignature) \
+            else list(shape)
         if len(shape) != 4 or shape[0] != 1 or min(shape) < 1:
             raise ModelError(f"{where}'s input has shape {list(shape)}; eptq-deploy reads one NHWC image input, batch 1")
+        if any(d < 0 for d in sig[1:]):  # its tensors' shapes in the file hold placeholders for those sizes
+            raise ModelError(f"{where}'s input has dynamic size(s) (H,W,C: {','.join('?' if d < 0 else str(d) for d in sig[1:])}); "
+                             "eptq-deploy reads TFLite files at the size they were converted at: re-convert with a "
+                             "fixed input shape")
+        resolve_input_shape(shape[1:], input_shape, where, "H,W,C")  # a given --input-shape must match the file
         self.input_index = int(self.sg.inputs[0])
         self.nodes: list[Node] = []
         self.tensors: dict[str, TensorInfo] = {"input": TensorInfo("input", _nchw(shape), "input")}
@@ -506,13 +516,13 @@ _HANDLERS: dict[str, Callable[..., None]] = {
 }
 
 
-def read(source: str | Path) -> SourceGraph:
+def read(source: str | Path, input_shape: Sequence[int] | None = None) -> SourceGraph:
     """The canonical float graph of a float TFLite file, and a runner of the file on the TFLite interpreter."""
     path = Path(source)
-    return read_bytes(path.read_bytes(), str(path))
+    return read_bytes(path.read_bytes(), str(path), input_shape)
 
 
-def read_bytes(raw: bytes, name: str) -> SourceGraph:
+def read_bytes(raw: bytes, name: str, input_shape: Sequence[int] | None = None) -> SourceGraph:
     """``read`` of a flatbuffer in memory (what TensorFlow's converter returns, for the Keras reader);
     ``name`` stands for the file in messages, its stem names the model."""
     path = Path(name)
@@ -523,13 +533,15 @@ def read_bytes(raw: bytes, name: str) -> SourceGraph:
     except Exception as e:
         raise ModelError(f"cannot parse {path} as TFLite ({' '.join(str(e).split())[:120]}); the file is "
                          "truncated or malformed") from None
-    reader = _Reader(model, name)
+    reader = _Reader(model, name, input_shape)
     g, names = reader.run()
 
     def run_source(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
         from ai_edge_litert.interpreter import Interpreter
 
-        it = Interpreter(model_content=raw, experimental_preserve_all_tensors=True, num_threads=1)
+        with warnings.catch_warnings():  # keeping every tensor is what the comparison needs, not a debug leftover
+            warnings.filterwarnings("ignore", message=".*experimental_preserve_all_tensors")
+            it = Interpreter(model_content=raw, experimental_preserve_all_tensors=True, num_threads=1)
         it.allocate_tensors()
         per_sample = []
         for i in range(len(x)):

@@ -11,7 +11,7 @@ function, registered here by name.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -53,17 +53,44 @@ class SourceGraph:
     hints: dict[str, Any] = field(default_factory=dict)
 
 
-def read_source(model: Any) -> SourceGraph | None:
+def read_source(model: Any, input_shape: Sequence[int] | None = None) -> SourceGraph | None:
     """The model as a read file: a ``SourceGraph`` as is, a path with a reader's suffix, or an in-memory
-    ``onnx.ModelProto``; None for anything else (PyTorch modules and programs are captured instead)."""
+    ``onnx.ModelProto``; None for anything else (PyTorch modules and programs are captured instead).
+    ``input_shape`` sizes a file's dynamic input dimensions (see ``resolve_input_shape``)."""
     if isinstance(model, SourceGraph):
         return model
     if isinstance(model, str | os.PathLike) and Path(model).suffix.lower() in model_file_suffixes():
-        return read_model_file(model)
+        return read_model_file(model, input_shape)
     if type(model).__name__ == "ModelProto" and type(model).__module__.startswith("onnx"):
         module, _, func = READERS["onnx"][1].partition(":")
-        return getattr(import_module(module), func)(model)
+        return getattr(import_module(module), func)(model, input_shape=input_shape)
     return None
+
+
+def resolve_input_shape(declared: Sequence[int | None], given: Sequence[int] | None, where: str,
+                        layout: str) -> tuple[int, ...]:
+    """The input's sample shape (batch excluded) the graph is read at: the file's sizes, with
+    ``given`` (``--input-shape``, with or without the batch) for the dynamic ones (None). A dynamic
+    size without ``given``, or a ``given`` that contradicts a fixed size, is a one-line error."""
+    declared = list(declared)
+    shown = ",".join("?" if d is None else str(d) for d in declared)
+    if given is not None:
+        given = [int(v) for v in given]
+        if len(given) == len(declared) + 1:
+            given = given[1:]  # the batch: any batch runs, whatever was given
+        if len(given) != len(declared) or any(v < 1 for v in given):
+            raise ModelError(f"--input-shape {','.join(map(str, given))} does not fit {where}'s input ({layout} "
+                             f"without the batch: {shown}); give {len(declared)} positive sizes")
+        clash = [(d, v) for d, v in zip(declared, given, strict=True) if d is not None and d != v]
+        if clash:
+            raise ModelError(f"--input-shape {','.join(map(str, given))} contradicts {where}'s fixed input size "
+                             f"{shown} ({layout}); drop --input-shape or match it")
+        return tuple(given)
+    if any(d is None for d in declared):
+        example = ",".join("224" if d is None else str(d) for d in declared)
+        raise ModelError(f"{where}'s input has dynamic size(s) ({layout} without the batch: {shown}); pass "
+                         f"--input-shape {example} (input_shape= in the API) with the size to quantize at")
+    return tuple(int(d) for d in declared)  # type: ignore[arg-type]
 
 
 def same_pads(size: tuple[int, ...] | list[int], kernel: tuple[int, ...] | list[int], stride: list[int],
@@ -142,7 +169,7 @@ def model_file_suffixes() -> set[str]:
     return {s for suffixes, _, _ in READERS.values() for s in suffixes}
 
 
-def read_model_file(path: str | Path) -> SourceGraph:
+def read_model_file(path: str | Path, input_shape: Sequence[int] | None = None) -> SourceGraph:
     """Read ``path`` with the reader its suffix names; one-line errors for a missing or oversized file."""
     path = Path(path)
     spec = next((spec for suffixes, spec, _ in READERS.values() if path.suffix.lower() in suffixes), None)
@@ -155,7 +182,7 @@ def read_model_file(path: str | Path) -> SourceGraph:
         raise ModelError(f"{path} is {path.stat().st_size:,} bytes, above the {MAX_FILE_BYTES:,}-byte limit for a "
                          "model file; check it is the model")
     module, _, func = spec.partition(":")
-    return getattr(import_module(module), func)(path)
+    return getattr(import_module(module), func)(path, input_shape=input_shape)
 
 
 #: float tolerance of the reader check: |graph - source| <= ATOL_REL * max|source| + RTOL * |source|

@@ -156,3 +156,44 @@ def test_only_a_trailing_softmax_is_cut() -> None:
     np.testing.assert_allclose(apply_float_tail(g.meta, y.numpy()), torch.softmax(y, 1).numpy(), rtol=1e-6)
     kept = _chain(2)
     assert split_float_tail(kept) is kept  # a softmax inside the graph stays (and every target refuses it)
+
+
+class FullyConv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.conv = nn.Conv2d(3, 6, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.conv(x)).mean((2, 3))
+
+
+def test_a_dynamic_onnx_input_is_sized_by_input_shape(tmp_path: Path) -> None:
+    path = tmp_path / "dyn.onnx"
+    torch.onnx.export(FullyConv().eval(), (X[:1],), path, dynamo=False, opset_version=17, input_names=["x"],
+                      dynamic_axes={"x": {0: "n", 2: "h", 3: "w"}})
+    with pytest.raises(eptq_deploy.errors.ModelError, match=r"dynamic size\(s\).*--input-shape 3,224,224") as err:
+        eptq_deploy.quantize(path, X, **KW)
+    assert "\n" not in str(err.value)
+    with pytest.raises(eptq_deploy.errors.ModelError, match="contradicts"):
+        eptq_deploy.readers.read_source(path, (4, 12, 12))
+    qm = eptq_deploy.quantize(path, X, input_shape=(3, 12, 12), **KW)  # sized as the data
+    assert qm.graph.tensors[qm.graph.inputs[0]].shape[1:] == (3, 12, 12)
+    torch.testing.assert_close(qm.forward_float(X), FullyConv().eval()(X).detach(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(eptq_deploy.errors.UsageError, match="drop input_shape"):
+        eptq_deploy.quantize(FullyConv().eval(), X, input_shape=(3, 12, 12), **KW)
+
+
+def test_a_dynamic_tflite_input_is_refused_with_the_fix(classifier_file: Path, tmp_path: Path) -> None:
+    import flatbuffers
+
+    m = S.ModelT.InitFromPackedBuf(classifier_file.read_bytes(), 0)
+    m.subgraphs[0].tensors[m.subgraphs[0].inputs[0]].shapeSignature = [-1, -1, -1, 3]
+    b = flatbuffers.Builder(1024)
+    b.Finish(m.Pack(b), file_identifier=b"TFL3")
+    path = tmp_path / "dyn.tflite"
+    path.write_bytes(bytes(b.Output()))
+    with pytest.raises(eptq_deploy.errors.ModelError, match="dynamic size.*re-convert with a fixed input shape"):
+        eptq_deploy.quantize(path, NHWC, **KW)
+    with pytest.raises(eptq_deploy.errors.ModelError, match="contradicts"):
+        eptq_deploy.quantize(classifier_file, NHWC, input_shape=(16, 16, 3), **KW)
