@@ -22,7 +22,7 @@ import os
 import sys
 import warnings
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ModelError
 from .read_tflite import read_bytes
-from .readers import ATOL_REL, RTOL, SourceGraph
+from .readers import ATOL_REL, RTOL, SourceGraph, resolve_input_shape
 
 INSTALL = 'pip install "eptq-deploy[keras]"'
 #: layers that hold Python code or call TensorFlow functions by name: never deserialised
@@ -186,8 +186,9 @@ def _load(path: Path) -> tuple[Any, Any]:
                          "model.save()") from None
 
 
-def _io_shape(model: Any, where: Path) -> tuple[int | None, ...]:
-    """The single input's shape, after refusing models the canonical graph cannot hold."""
+def _io_shape(model: Any, where: Path, given: Sequence[int] | None) -> tuple[int, int, int]:
+    """The (H, W, C) the graph is read at: the input's own, ``given`` for its dynamic sizes; models
+    the canonical graph cannot hold (several inputs or outputs, no image input) refused."""
     try:
         inputs, outputs = list(model.inputs), list(model.outputs)
     except (AttributeError, ValueError):
@@ -199,21 +200,20 @@ def _io_shape(model: Any, where: Path) -> tuple[int | None, ...]:
     if len(shape) != 4:
         raise ModelError(f"{where}'s input has shape {list(shape)}; eptq-deploy reads one image input "
                          "(batch, height, width, channels)")
-    if any(d is None for d in shape[1:]):
-        raise ModelError(f"{where}'s input has shape {list(shape)}: a dynamic spatial size, which a fixed-size "
-                         "graph cannot hold")
-    return shape
+    return resolve_input_shape(shape[1:], given, str(where), "H,W,C")  # type: ignore[return-value]
 
 
-def _convert(tf: Any, keras: Any, model: Any, shape: tuple[int | None, ...], where: Path) -> bytes:
+def _convert(tf: Any, keras: Any, model: Any, hwc: tuple[int, int, int], where: Path) -> bytes:
     """TensorFlow's own float conversion: no quantization, no optimizations, built-in ops only. A
-    Keras 3 model is wrapped at batch 1 first: with a free batch its Flatten becomes SHAPE/PACK
-    arithmetic instead of one static reshape (tf-keras reshapes statically already, and at batch
-    1 the converter would fold that reshape into a FULLY_CONNECTED on a 4-D input)."""
+    Keras 3 model (or one with dynamic sizes) is wrapped at batch 1 and the read size first: with a
+    free batch a Keras 3 Flatten becomes SHAPE/PACK arithmetic instead of one static reshape
+    (tf-keras reshapes statically already, and at batch 1 the converter would fold that reshape
+    into a FULLY_CONNECTED on a 4-D input)."""
     try:
         with _quiet():
-            if keras.__name__ != "tf_keras":
-                x = keras.Input(batch_shape=(1, *shape[1:]), dtype=model.inputs[0].dtype)
+            declared = tuple(model.inputs[0].shape[1:])
+            if keras.__name__ != "tf_keras" or declared != hwc:
+                x = keras.Input(batch_shape=(1, *hwc), dtype=model.inputs[0].dtype)
                 model = keras.Model(x, model(x))
             converter = tf.lite.TFLiteConverter.from_keras_model(model)
             converter.optimizations = []
@@ -225,12 +225,13 @@ def _convert(tf: Any, keras: Any, model: Any, shape: tuple[int | None, ...], whe
                          "an op without a TFLite builtin") from None
 
 
-def read(source: str | Path) -> SourceGraph:
-    """The canonical float graph of a Keras .h5/.keras file, and a runner of the Keras model itself."""
+def read(source: str | Path, input_shape: Sequence[int] | None = None) -> SourceGraph:
+    """The canonical float graph of a Keras .h5/.keras file, and a runner of the Keras model itself;
+    ``input_shape`` (H, W, C, as the file's NHWC input) sizes a dynamic input."""
     path = Path(source)
     tf = _tensorflow()
     keras, model = _load(path)
-    lite = read_bytes(_convert(tf, keras, model, _io_shape(model, path), path), str(path))
+    lite = read_bytes(_convert(tf, keras, model, _io_shape(model, path, input_shape), path), str(path))
     out = lite.graph.outputs[0]
     out_key = f"keras:{model.output_names[0] if getattr(model, 'output_names', None) else 'output'}"
 

@@ -139,13 +139,19 @@ def _dynamic() -> keras.Model:
 @pytest.mark.parametrize(("build", "message"), [
     (_two_inputs, "has 2 inputs and 1 outputs; eptq-deploy reads single-input, single-output models"),
     (_two_outputs, "has 1 inputs and 2 outputs"),
-    (_dynamic, r"input has shape \[None, None, None, 3\]: a dynamic spatial size"),
+    (_dynamic, r"input has dynamic size\(s\) \(H,W,C without the batch: \?,\?,3\); pass --input-shape"),
 ])
 def test_models_the_graph_cannot_hold_are_refused(build: Callable[[], keras.Model], message: str,
                                                   tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=message) as e:
         read_source(_save(build(), tmp_path / "m.keras"))
     assert "\n" not in str(e.value)
+
+
+def test_a_dynamic_input_reads_at_the_given_size(tmp_path: Path) -> None:
+    src = read_source(_save(_dynamic(), tmp_path / "dyn.keras"), input_shape=(20, 24, 3))
+    assert src.hints["input_shape"] == (3, 20, 24)
+    check_against_source(src, torch.randn(2, 3, 20, 24))
 
 
 def test_bad_files_are_refused_in_one_line(tmp_path: Path) -> None:
