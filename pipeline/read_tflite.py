@@ -21,6 +21,7 @@ from .errors import EptqError, ModelError, UnsupportedOpError
 from .graph import WEIGHTED_OPS, Node, QuantGraph, TensorInfo
 from .readers import (
     SourceGraph,
+    adopt_source_names,
     as_add_or_mul,
     fold_into_layer,
     held_constant,
@@ -186,8 +187,11 @@ class _Reader:
                        {"source_layout": "NHWC"})  # users feed and read the file's own layout (layout.py)
         g.tensors = {k: v for k, v in g.tensors.items() if v.kind == "input" or any(
             k in n.inputs or k in n.outputs for n in g.nodes)}
+        by_canonical = {c: i for i, c in self.names.items()}
+        renamed = adopt_source_names(g, {c: self.sg.tensors[i].name.decode(errors="replace")
+                                         for c, i in by_canonical.items()})  # the exported file keeps them
         g.validate()
-        return g, {c: i for i, c in self.names.items()}
+        return g, {renamed.get(c, c): i for c, i in by_canonical.items()}
 
     def fused(self, opts: Any, op: str, where: str) -> str:
         code = getattr(opts, "fusedActivationFunction", 0) if opts is not None else 0
@@ -552,5 +556,5 @@ def read_bytes(raw: bytes, name: str, input_shape: Sequence[int] | None = None) 
         return [v.transpose(0, 3, 1, 2) if v.ndim == 4 else v for v in out]
 
     names_by_canonical = {c: c for c in names}  # canonical name -> itself; run_source resolves the index
-    return SourceGraph(g, run_source, names_by_canonical, {"input_shape": reader.tensors["input"].shape[1:],
+    return SourceGraph(g, run_source, names_by_canonical, {"input_shape": g.tensors[g.inputs[0]].shape[1:],
                                                             "name": path.stem})

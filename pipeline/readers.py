@@ -11,6 +11,7 @@ function, registered here by name.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from importlib import import_module
@@ -158,6 +159,34 @@ def held_constant(c: np.ndarray, shape: tuple[int, ...], channels_last: bool = F
     except ValueError:
         return None
     return np.ascontiguousarray(c) if fits and c.shape[0] == 1 else None
+
+
+#: a source tensor name kept as is: printable, no quotes, backslashes or spaces (names end up in
+#: generated C++ comments and file formats), at most 200 characters
+SAFE_TENSOR_NAME = re.compile(r"[A-Za-z0-9_.:;/+\-]{1,200}")
+
+
+def adopt_source_names(g: QuantGraph, source_name: dict[str, str]) -> dict[str, str]:
+    """Rename ``g``'s input and activation tensors (in place) to the names the source file gives them,
+    so exported files keep the names a firmware team already binds to; a name that is unsafe
+    (``SAFE_TENSOR_NAME``) or taken keeps the reader's own. Returns old name -> new name."""
+    taken = set(g.tensors)
+    renamed: dict[str, str] = {}
+    for old, new in source_name.items():
+        t = g.tensors.get(old)
+        if t is None or t.kind not in ("input", "activation") or new in taken or not SAFE_TENSOR_NAME.fullmatch(new):
+            continue
+        taken.add(new)
+        renamed[old] = new
+    for n in g.nodes:
+        n.inputs = [renamed.get(t, t) for t in n.inputs]
+        n.outputs = [renamed.get(t, t) for t in n.outputs]
+    g.tensors = {renamed.get(k, k): v for k, v in g.tensors.items()}
+    for new in renamed.values():
+        g.tensors[new].name = new
+    g.inputs = [renamed.get(t, t) for t in g.inputs]
+    g.outputs = [renamed.get(t, t) for t in g.outputs]
+    return renamed
 
 
 def list_readers() -> list[tuple[str, str]]:
