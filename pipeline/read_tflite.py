@@ -537,8 +537,14 @@ def read_bytes(raw: bytes, name: str, input_shape: Sequence[int] | None = None) 
     except Exception as e:
         raise ModelError(f"cannot parse {path} as TFLite ({' '.join(str(e).split())[:120]}); the file is "
                          "truncated or malformed") from None
-    reader = _Reader(model, name, input_shape)
-    g, names = reader.run()
+    try:
+        reader = _Reader(model, name, input_shape)
+        g, names = reader.run()
+    except EptqError:
+        raise
+    except Exception as e:  # missing tables, offsets out of range: the flatbuffer's structure is untrusted
+        raise ModelError(f"cannot read {path} as a TFLite model ({type(e).__name__}: {' '.join(str(e).split())[:100]}); "
+                         "the file is truncated or malformed") from None
 
     def run_source(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
         from ai_edge_litert.interpreter import Interpreter

@@ -224,19 +224,40 @@ def _close(ours: np.ndarray, theirs: np.ndarray) -> bool:
         np.all(np.abs(ours - theirs) <= ATOL_REL * max(scale, 1e-6) + RTOL * np.abs(theirs)))
 
 
+#: values per sample above which a tensor is taken for a malformed shape field (4 GiB of float32)
+MAX_SAMPLE_VALUES = 2**30
+
+
+def _run_source(src: SourceGraph, x: torch.Tensor, names: list[str]) -> list[np.ndarray]:
+    """The source runtime's values of ``names``; its refusal (a malformed file) as one line."""
+    try:
+        return src.run_source(x.numpy(), names)
+    except Exception as e:  # the runtime's own exception types vary (ValueError, RuntimeError, decode errors)
+        raise ModelError(f"the model's own runtime refuses it ({type(e).__name__}: "
+                         f"{' '.join(str(e).split())[:140]}); the file is malformed") from None
+
+
 def check_against_source(src: SourceGraph, x: torch.Tensor) -> None:
     """Run the float graph and the source runtime on ``x``; beyond float tolerance, stop with the
     first canonical op whose output differs from the source tensor it stands for."""
     g = src.graph
+    big = next((t for t in g.tensors.values() if int(np.prod(t.shape[1:], dtype=np.int64)) > MAX_SAMPLE_VALUES), None)
+    if big is not None:  # a shape field, not a real model: refuse before allocating it
+        raise ModelError(f"tensor {big.name!r} holds {int(np.prod(big.shape[1:], dtype=np.int64)):,} values per sample "
+                         f"(above {MAX_SAMPLE_VALUES:,}); the file is malformed")
     ours: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        run_float(g, x, hook=lambda t, v: ours.__setitem__(t, v) if t in src.source_names else None)
+    try:
+        with torch.no_grad():
+            run_float(g, x, hook=lambda t, v: ours.__setitem__(t, v) if t in src.source_names else None)
+    except (RuntimeError, ValueError, IndexError) as e:  # shapes a real model cannot have (a malformed file)
+        raise ModelError(f"the read graph cannot run ({' '.join(str(e).split())[:140]}); the file's shapes are "
+                         "inconsistent: it is malformed") from None
     out = g.outputs[0]
-    (theirs,) = src.run_source(x.numpy(), [src.source_names[out]])
+    (theirs,) = _run_source(src, x, [src.source_names[out]])
     if _close(ours[out].numpy(), theirs):
         return
     names = [t for t in g.activation_names() if t in src.source_names and t not in g.inputs]
-    values = src.run_source(x.numpy(), [src.source_names[t] for t in names])
+    values = _run_source(src, x, [src.source_names[t] for t in names])
     for t, v in zip(names, values, strict=True):
         if not _close(ours[t].numpy(), v):
             node = g.producer()[t]
