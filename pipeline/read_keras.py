@@ -68,11 +68,13 @@ def _quiet() -> Iterator[None]:
         os.close(devnull)
 
 
-def _tensorflow() -> Any:
+def load_tensorflow() -> Any:
     """TensorFlow, imported on first use (seconds, and noisy), on the CPU only."""
     unset = "TF_CPP_MIN_LOG_LEVEL" not in os.environ
     if unset:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    with contextlib.suppress(ImportError):  # torch's triton loaded after TensorFlow crashes the process (segfault,
+        import triton  # noqa: F401  measured with tensorflow 2.21 and torch 2.14's triton); before it, both work
     try:
         with _quiet():
             import tensorflow as tf
@@ -229,7 +231,7 @@ def read(source: str | Path, input_shape: Sequence[int] | None = None) -> Source
     """The canonical float graph of a Keras .h5/.keras file, and a runner of the Keras model itself;
     ``input_shape`` (H, W, C, as the file's NHWC input) sizes a dynamic input."""
     path = Path(source)
-    tf = _tensorflow()
+    tf = load_tensorflow()
     keras, model = _load(path)
     lite = read_bytes(_convert(tf, keras, model, _io_shape(model, path, input_shape), path), str(path))
     out = lite.graph.outputs[0]

@@ -143,7 +143,7 @@ class _Reader:
             shown = [s if s is not None else "?" for s in shape]
             raise ModelError(f"ONNX input {self.input.name!r} has shape {shown}; eptq-deploy reads models with one "
                              "NCHW image input (batch 1 or dynamic); re-export the model with one")
-        self.shape = (1, *resolve_input_shape(shape[1:], input_shape, f"ONNX input {self.input.name!r}", "C,H,W"))
+        self.shape = (1, *resolve_input_shape(shape[1:], input_shape, f"the ONNX model (tensor {self.input.name!r})", "C,H,W"))
         self.values = self._run_everything()
         self.nodes: list[Node] = []
         self.tensors: dict[str, TensorInfo] = {"input": TensorInfo("input", self.shape, "input")}

@@ -80,16 +80,16 @@ def resolve_input_shape(declared: Sequence[int | None], given: Sequence[int] | N
         if len(given) == len(declared) + 1:
             given = given[1:]  # the batch: any batch runs, whatever was given
         if len(given) != len(declared) or any(v < 1 for v in given):
-            raise ModelError(f"--input-shape {','.join(map(str, given))} does not fit {where}'s input ({layout} "
+            raise ModelError(f"--input-shape {','.join(map(str, given))} does not fit the input of {where} ({layout} "
                              f"without the batch: {shown}); give {len(declared)} positive sizes")
         clash = [(d, v) for d, v in zip(declared, given, strict=True) if d is not None and d != v]
         if clash:
-            raise ModelError(f"--input-shape {','.join(map(str, given))} contradicts {where}'s fixed input size "
+            raise ModelError(f"--input-shape {','.join(map(str, given))} contradicts the fixed input size of {where} "
                              f"{shown} ({layout}); drop --input-shape or match it")
         return tuple(given)
     if any(d is None for d in declared):
         example = ",".join("224" if d is None else str(d) for d in declared)
-        raise ModelError(f"{where}'s input has dynamic size(s) ({layout} without the batch: {shown}); pass "
+        raise ModelError(f"the input of {where} has dynamic size(s) ({layout} without the batch: {shown}); pass "
                          f"--input-shape {example} (input_shape= in the API) with the size to quantize at")
     return tuple(int(d) for d in declared)  # type: ignore[arg-type]
 
