@@ -197,3 +197,25 @@ def test_a_dynamic_tflite_input_is_refused_with_the_fix(classifier_file: Path, t
         eptq_deploy.quantize(path, NHWC, **KW)
     with pytest.raises(eptq_deploy.errors.ModelError, match="contradicts"):
         eptq_deploy.quantize(classifier_file, NHWC, input_shape=(16, 16, 3), **KW)
+
+
+def test_the_cli_feeds_a_tflite_file_its_layout_and_size(classifier_file: Path, tmp_path: Path) -> None:
+    """Images load as usual (uint8 NHWC .npz, the preset at the file's 12x12 input) and reach the file
+    NHWC; check re-runs them the same way."""
+    from typer.testing import CliRunner
+
+    from eptq_deploy.cli import app
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (40, 20, 20, 3), dtype=np.uint8))
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(app, ["quantize", str(classifier_file), "--data", str(tmp_path / "d.npz"),
+                                   "--preset", "unit", "--target", "tflite-int8", "--method", "ptq",
+                                   "--samples", "24", "--out", str(out), "--no-progress", "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    manifest = eptq_deploy.bundle.read_manifest(out)
+    assert manifest["input"]["layout"] == "NHWC" and manifest["input"]["preprocessing"]["crop"] == 12
+    assert manifest["targets"]["tflite-int8"]["checks"]["max_abs_diff_lsb"] == 0
+    res = CliRunner().invoke(app, ["check", str(out), "--data", str(tmp_path / "d.npz"), "--include-calibration"])
+    assert res.exit_code == 0, res.output
+    assert "agreement with simulation 100.00%" in res.output
