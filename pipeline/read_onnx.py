@@ -264,13 +264,19 @@ class _Reader:
 
 
 # ---------------------------------------------------------------------- handlers
-def _conv(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+def _conv_operands(r: _Reader, n: onnx.NodeProto, what: str) -> tuple[str, np.ndarray]:
+    """A (transposed) convolution's input and constant 4-D weights; anything else refused."""
     if len(n.input) < 2 or not r.is_const(n.input[1]):
         r.refuse(n, "weights that are not constant")
     x = r.act(n.input[0], n)
     w = r.value(n.input[1]).astype(np.float32)
     if w.ndim != 4:
-        r.refuse(n, f"{w.ndim - 2}-D convolution")
+        r.refuse(n, f"{w.ndim - 2}-D {what}")
+    return x, w
+
+
+def _conv(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
+    x, w = _conv_operands(r, n, "convolution")
     b = r.value(n.input[2]).astype(np.float32) if len(n.input) > 2 and n.input[2] else np.zeros(w.shape[0], np.float32)
     stride = [int(s) for s in a.get("strides", [1, 1])]
     dilation = [int(d) for d in a.get("dilations", [1, 1])]
@@ -604,12 +610,7 @@ def _prelu(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
 
 
 def _conv_transpose(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
-    if len(n.input) < 2 or not r.is_const(n.input[1]):
-        r.refuse(n, "weights that are not constant")
-    x = r.act(n.input[0], n)
-    w = r.value(n.input[1]).astype(np.float32)
-    if w.ndim != 4:
-        r.refuse(n, f"{w.ndim - 2}-D transposed convolution")
+    x, w = _conv_operands(r, n, "transposed convolution")
     groups = int(a.get("group", 1))
     cout = w.shape[1] * groups
     b = r.value(n.input[2]).astype(np.float32) if len(n.input) > 2 and n.input[2] else np.zeros(cout, np.float32)
