@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -19,18 +20,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, fold, model_io
-from .bundle import read_manifest, verify_bundle, write_bundle
+from . import __version__, fold, model_io, tasks
+from .bundle import as_numpy, read_manifest, verify_bundle, write_bundle
 from .capture import capture, fuse_activations
-from .checks import latency, runtime_checks
+from .checks import latency, run_batches, runtime_checks
 from .eptq import EptqConfig, optimize, optimize_layerwise
 from .errors import BundleError, DataError, TargetError, UsageError
+from .float_exec import pack
 from .graph import QuantGraph, TargetRules
 from .hessian import hessian_scores
 from .hw_profiles import Profile, load_profile
 from .preprocess import Preset, get_preset, normalize_pixels, preset_info
 from .ptq import collect_stats, ptq
-from .quantized import QuantizedModel
+from .quantized import QuantizedModel, concat_batches
 from .readers import check_against_source, read_source
 from .targets import Runner, Target, get_target, list_targets
 
@@ -119,6 +121,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
              targets: str | list[str] | None = None, method: str | None = None, weight_bits: int | None = None,
              samples: int | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True,
              fold_preprocessing: str | Preset | None = None, input_shape: tuple[int, ...] | None = None,
+             outputs: Sequence[str] | None = None, postprocess: str | dict[str, Any] | None = None,
              **options: Any) -> QuantizedModel:
     """Quantize ``model`` for ``targets`` under ``profile`` from unlabelled ``data``.
 
@@ -137,8 +140,20 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     A model file (``.onnx``, ``.tflite``, ``.h5``, ``.keras``; see ``readers``) takes ``data``
     in its own layout (NHWC for TFLite and Keras files); ``input_shape`` (C, H, W for ONNX)
     sizes its dynamic input dimensions.
+
+    The integer model ends at ``outputs`` (tensor names) where given (``[]``: where the source model
+    ends, every op in the integer model); by default where the
+    model's final float work starts (``model_io.cut_graph``: softmax, sigmoid heads, the concat
+    merging box and class heads, a segmenter's last upsampling); that tail runs in float on the
+    host, and ``QuantizedModel.graph.meta["cut"]`` says where the cut fell.
+
+    ``postprocess`` names what the outputs mean (``tasks.FAMILIES``: "yolox", "ssd", "decoded",
+    "segment"; or a spec from ``tasks.postprocess_spec``): the bundle's manifest then ships the
+    decode parameters and thresholds, and ``check`` scores detections (mAP) or masks (mIoU).
     """
     method = method or DEFAULT_METHOD
+    if isinstance(postprocess, str) and postprocess not in tasks.FAMILIES:
+        raise UsageError(f"unknown postprocess {postprocess!r}; choose one of {', '.join(tasks.FAMILIES)}")
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     opts = method_options(method, options)
@@ -168,7 +183,12 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     else:  # the read graph must compute what the file's own runtime computes, before any work
         check_against_source(src, example)
         fg = fuse_activations(src.graph, prof.fusing)
-    fg = model_io.split_float_tail(fg)  # a trailing softmax runs on the host, after the integer graph
+    # the model's final float work (softmax, sigmoid heads, merging concats, a last upsampling) runs on the host
+    fg = model_io.cut_graph(fg, outputs)
+    if postprocess is not None:
+        hw = fg.tensors[fg.inputs[0]].shape[2:]
+        fg.meta["postprocess"] = (tasks.postprocess_spec(postprocess, hw) if isinstance(postprocess, str)
+                                  else dict(postprocess))
     if pre is not None:
         fg = fold.fold_preprocessing(fg, pre)
     for t in tgts:  # an op a target cannot write fails now, not after minutes of calibration and EPTQ
@@ -301,20 +321,28 @@ def load(bundle_dir: str | os.PathLike, target: str | None = None, threads: int 
 
 def manifest_interface(manifest: dict[str, Any]) -> dict[str, Any]:
     """The model's interface (``model_io``) as a bundle's manifest states it."""
-    return {"source_layout": manifest["input"].get("layout", "NCHW"),
-            "float_tail": manifest["model"].get("float_tail", [])}
+    model = manifest["model"]
+    return {"source_layout": manifest["input"].get("layout", "NCHW"), "float_tail": model.get("float_tail", []),
+            "cut": model.get("cut") or {}, "source_outputs": model.get("source_outputs", [])}
 
 
-def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = None, target: str | None = None,
-          threads: int = 1) -> dict[str, dict[str, Any]]:
-    """Re-run a bundle's model file(s) on their runtimes: agreement, LSB distance, top-1.
+def check(bundle_dir: str | os.PathLike, data: Any, labels: Any = None, target: str | None = None,
+          threads: int = 1, names: Sequence[str] | None = None,
+          sizes: Sequence[tuple[int, int]] | None = None) -> dict[str, dict[str, Any]]:
+    """Re-run a bundle's model file(s) on their runtimes: agreement, LSB distance, the task's score.
 
     The simulation is recomputed from the bundle's own quantized graph with the
     rounding rule each target declared; "float" is the target's float model file on
     the same runtime. The bundle is verified (schema, hashes) before anything loads.
+
+    ``labels``: class indices for a classifier (top-1); for a bundle with a detection
+    ``postprocess``, COCO annotations (instances.json: ``map``, ``map50``, ``float_map``), for a
+    segmenter a folder of label masks (``miou``, ``float_miou``); ``map_vs_float`` / ``miou_vs_float``
+    need no labels. ``names`` (the images' file names) match annotations to images, ``sizes`` (their
+    original width, height) map boxes back through the bundle's preprocessing.
     """
     from .data import take_samples
-    from .simulate import dequantize, get_rule, run_integer
+    from .simulate import dequantize_outputs, get_rule, run_integer
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
@@ -327,7 +355,6 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = 
         _check_pixels(x)
     xn = x.numpy()  # the model's own layout; the runners below take it as the source model did
     xg = model_io.to_graph_layout(g.meta, x)
-    out_q = g.tensors[g.outputs[0]].quant
     results: dict[str, dict[str, Any]] = {}
     sims: dict[str, np.ndarray] = {}
     for n in names:
@@ -340,11 +367,20 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: np.ndarray | None = 
             raise UsageError(f"{e}; re-export the bundle with this version of eptq-deploy") from None
         if rule_name not in sims:
             with torch.no_grad():
-                sims[rule_name] = model_io.to_source_layout(g.meta, torch.cat(
-                    [dequantize(run_integer(g, xg[i:i + 256], rule), out_q) for i in range(0, len(xg), 256)]).numpy())
+                parts = [dequantize_outputs(g, run_integer(g, xg[i:i + 256], rule)) for i in range(0, len(xg), 256)]
+            sims[rule_name] = model_io.to_user(g.meta, as_numpy(concat_batches(parts)), raw=True)
         float_runner = model_io.SourceRunner(t.load(bundle_dir / n, float_model=True, threads=threads), g.meta, raw=True)
-        float_out = np.concatenate([float_runner.run(xn[i:i + 64]) for i in range(0, len(xn), 64)])
-        res = runtime_checks(n, runner, xn, sims[rule_name], float_out, float(out_q.scale[0]), labels)
+        float_out = pack(run_batches(float_runner, xn, f"{n} float"))
+        lsbs = [float(g.tensors[o].quant.scale[0]) for o in g.outputs]
+        spec = g.meta.get("postprocess")
+        seen: list[Any] = []
+        res = runtime_checks(n, runner, xn, sims[rule_name], float_out, lsbs, None if spec else labels, list(g.outputs),
+                             keep=seen)
+        if spec:
+            if labels is not None and not isinstance(labels, (str, os.PathLike)):
+                raise UsageError("a detector's or segmenter's labels are a path: COCO instances.json or a folder of masks")
+            res.update(tasks.file_scores(g.meta, (manifest.get("input") or {}).get("preprocessing"), seen[0], float_out,
+                                         labels, names, sizes))
         res["float_reference"] = f"{t.float_model_file} on {t.runtime}"
         res["latency"] = latency(runner.runner, float_runner.runner, xg[:1].numpy())  # the files alone
         results[n] = {"runtime": t.runtime, "checks": res, "latency": res.pop("latency")}

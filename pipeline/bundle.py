@@ -30,9 +30,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, feeding, model_io
-from .checks import latency, runtime_checks
+from . import __version__, feeding, model_io, tasks
+from .checks import agreement, latency, runtime_checks
 from .errors import BundleError, EptqError, UsageError
+from .float_exec import pack, unpack
 from .fold import input_contract
 from .host import cpu_features
 from .quantized import QuantizedModel
@@ -42,6 +43,11 @@ MANIFEST_VERSION = 2
 QUANTIZATION_FILE = "quantization.json"
 CALIBRATION_FILE = "calibration.json"
 CLASSES_FILE = "classes.txt"
+
+
+def as_numpy(y: Any) -> Any:
+    """Packed torch outputs (``float_exec.pack``) as numpy, packed the same way."""
+    return pack([v.numpy() for v in unpack(y)])
 
 
 def sha256(path: Path) -> str:
@@ -107,8 +113,15 @@ def model_section(qm: QuantizedModel) -> dict[str, Any]:
     g = qm.graph
     outp = g.tensors[g.outputs[0]]
     classes = qm.info.get("classes")
+    face = model_io.interface(g.meta)
     return {"name": qm.info.get("model_name", "model"), "weights": qm.info.get("weights", "as given"),
-            "float_tail": model_io.interface(g.meta)["float_tail"],  # run on the host after the model file
+            "float_tail": face["float_tail"],  # run on the host after the model file
+            # where the integer model ends, and what the source model returns after the float tail
+            "cut": {"outputs": face["outputs"], "chosen_by": face["cut_chosen_by"]} if face["float_tail"] else None,
+            "source_outputs": face["source_outputs"] or list(g.outputs),
+            # what the outputs mean and how firmware decodes them (tasks.py): strides, anchors, thresholds
+            "postprocess": g.meta.get("postprocess"),
+            "outputs": [{"name": t, "shape": model_io.source_shape(g.meta, g.tensors[t].shape)} for t in g.outputs],
             "output": {"name": outp.name, "shape": model_io.source_shape(g.meta, outp.shape),
                        "meaning": feeding.output_meaning(g),
                        "classes": len(classes) if classes else None,
@@ -234,11 +247,14 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
         top = c.get("top1")
         tops = f"{top['float']:.2%} / {top['simulation']:.2%} / {top['runtime']:.2%}" if top else "no labels"
         lines.append(
-            f"| {name} | {t['runtime']} | {c['samples']} | {c['argmax_agreement_vs_simulation']:.2%} | "
-            f"{c['argmax_agreement_vs_float']:.2%} | {c['max_abs_diff_lsb']:.2f} | {tops} | "
+            f"| {name} | {t['runtime']} | {c['samples']} | {agreement(c):.2%} | "
+            f"{format(c['argmax_agreement_vs_float'], '.2%') if 'argmax_agreement_vs_float' in c else 'n/a'} | "
+            f"{c['max_abs_diff_lsb']:.2f} | {tops} | "
             f"{lat['int8_ms'] if lat else ''} | {lat['float_ms'] if lat else ''} | "
             f"{lat['speedup_vs_float'] if lat else ''} | {lat['threads'] if lat else ''} |")
-    lines += ["", "Agreement vs float is the share of samples whose top class is the float model's; latency is the "
+    lines += ["", "Agreement vs float is the share of samples (a segmenter's pixels) whose top class is the float model's; "
+              "for several outputs (a detector's heads) agreement is the share of output values exactly the simulation's; "
+              "latency is the "
               "median batch-1 time at the thread count shown (`eptq-deploy bench` takes `--threads`).",
               "", "## Feeding this model", ""]
     for name, t in manifest["targets"].items():
@@ -317,8 +333,8 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
     try:
         entries: dict[str, Any] = {}
         sim_cache: dict[str, np.ndarray] = {}
-        float_out = qm.forward_float(x, raw=True).numpy() if x is not None else None  # x: the model's own layout
-        out_lsb = float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0])
+        float_out = as_numpy(qm.forward_float(x, raw=True)) if x is not None else None  # x: the model's own layout
+        out_lsb = [float(qm.graph.tensors[o].quant.scale[0]) for o in qm.graph.outputs]
         write_side_files(tmp, qm)
         model = model_section(qm)
         folded = input_contract(qm.graph)["folded"]
@@ -336,9 +352,13 @@ def write_bundle(qm: QuantizedModel, targets: list[Any], out: Path, *, x: torch.
                 runner = t.load(folder, threads=threads)
                 rule = entry["rounding"] = getattr(runner, "rounding", None) or t.rules.rounding  # the kernels that ran
                 if rule not in sim_cache:
-                    sim_cache[rule] = qm.simulate(x, t.name, rounding=rule, raw=True).numpy()
+                    sim_cache[rule] = as_numpy(qm.simulate(x, t.name, rounding=rule, raw=True))
+                spec, seen = qm.graph.meta.get("postprocess"), []
                 entry["checks"] = runtime_checks(t.name, model_io.SourceRunner(runner, qm.graph.meta, raw=True),
-                                                 x.numpy(), sim_cache[rule], float_out, out_lsb, labels)
+                                                 x.numpy(), sim_cache[rule], float_out, out_lsb,
+                                                 None if spec else labels, list(qm.graph.outputs), keep=seen)
+                if spec:  # label-free task scores: the file's detections or masks against the float model's
+                    entry["checks"].update(tasks.file_scores(qm.graph.meta, None, seen[0], float_out))
                 entry["latency"] = latency(runner, t.load(folder, float_model=True, threads=threads),
                                            model_io.to_graph_layout(qm.graph.meta, x[:1].numpy()))
             entry["inspect"] = t.inspect(folder)

@@ -9,6 +9,7 @@ over the representative values; weights are searched per output channel.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,35 +27,59 @@ class ActStats:
     lo: float = math.inf
     hi: float = -math.inf
     sample: list[torch.Tensor] | None = None
+    channel: list[torch.Tensor] | None = None  # each sampled value's channel (axis 1), where the rank gives one
 
     def update(self, x: torch.Tensor, per_batch: int, gen: torch.Generator) -> None:
-        x = x.detach().reshape(-1).float()
+        x = x.detach().float()
+        shape = x.shape
+        x = x.reshape(-1)
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
         if self.sample is None:
-            self.sample = []
-        if x.numel() > per_batch:
-            x = x[torch.randint(0, x.numel(), (per_batch,), generator=gen)]
-        self.sample.append(x.clone())
+            self.sample, self.channel = [], []
+        idx = torch.randint(0, x.numel(), (per_batch,), generator=gen) if x.numel() > per_batch else torch.arange(x.numel())
+        self.sample.append(x[idx].clone())
+        if len(shape) >= 2:
+            inner = int(math.prod(shape[2:]))
+            self.channel.append((idx // inner) % shape[1])
+
+    def _subset(self, n: int, limit: int, seed: int) -> torch.Tensor | None:
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:limit] if n > limit else None
 
     def values(self, limit: int = 1 << 15, seed: int = 0) -> torch.Tensor:
         """The sampled values, at most ``limit`` of them (a seeded random subset)."""
         v = torch.cat(self.sample) if self.sample else torch.zeros(1)
-        if v.numel() > limit:
-            v = v[torch.randperm(v.numel(), generator=torch.Generator().manual_seed(seed))[:limit]]
-        return v
+        pick = self._subset(v.numel(), limit, seed)
+        return v if pick is None else v[pick]
+
+    def channels(self, limit: int = 1 << 15, seed: int = 0) -> torch.Tensor | None:
+        """The channel of each value ``values`` returns (same subset), or None where not recorded."""
+        if not self.sample or not self.channel or len(self.channel) != len(self.sample):
+            return None
+        c = torch.cat(self.channel)
+        pick = self._subset(c.numel(), limit, seed)
+        return c if pick is None else c[pick]
 
     def merge(self, other: ActStats) -> ActStats:
-        return ActStats(min(self.lo, other.lo), max(self.hi, other.hi), (self.sample or []) + (other.sample or []))
+        both = (self.channel or []) + (other.channel or [])
+        whole = len(both) == len(self.sample or []) + len(other.sample or [])
+        return ActStats(min(self.lo, other.lo), max(self.hi, other.hi), (self.sample or []) + (other.sample or []),
+                        both if whole else None)
 
 
-def _quant_error(v: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """MSE of quantizing v (K values) on each candidate grid (scale, zp of shape (A,)) -> (A,)."""
+def _quant_error(v: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor, qmin: int, qmax: int,
+                 then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """MSE of quantizing v (K values) on each candidate grid (scale, zp of shape (A,)) -> (A,), measured
+    after ``then`` where given (the function every consumer applies), each value's error times its
+    ``weight`` where given."""
     out = []
+    ref = v[None, :] if then is None else then(v[None, :])
     for i in range(0, len(scale), 32):  # chunks keep the (candidates x values) matrix small
         s, z = scale[i:i + 32, None], zp[i:i + 32, None]
-        q = torch.clamp(torch.round(v[None, :] / s) + z, qmin, qmax)
-        out.append(((q - z) * s - v[None, :]).pow(2).mean(1))
+        q = (torch.clamp(torch.round(v[None, :] / s) + z, qmin, qmax) - z) * s
+        e = ((q if then is None else then(q)) - ref).pow(2)
+        out.append((e if weight is None else e * weight[None, :]).mean(1))
     return torch.cat(out)
 
 
@@ -64,31 +89,47 @@ def pow2_exponent(x: float) -> int:
 
 
 def search_activation_grid(stats: ActStats, bits: int, *, symmetric: bool, power_of_two: bool,
-                           signedness: str) -> QParams:
-    """Per-tensor activation grid minimising MSE over the sampled values."""
+                           signedness: str, then: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                           importance: torch.Tensor | None = None) -> QParams:
+    """Per-tensor activation grid minimising MSE over the sampled values.
+
+    ``then``: the function every consumer of the tensor applies (a sigmoid, SiLU): the error is
+    measured after it, so values it saturates may be clipped (a conv's long negative tail before a
+    SiLU costs nothing once clipped, and would otherwise coarsen the grid of every other value).
+    ``importance``: one weight per channel (axis 1), how much an error there moves the next layer's
+    output (``ptq.channel_importance``): a channel of small values that the next layer multiplies by
+    large weights then keeps its resolution instead of being rounded away for a channel of large
+    values that the next layer nearly ignores.
+    """
     lo, hi = min(stats.lo, 0.0), max(stats.hi, 0.0)
     signed = {"signed": True, "unsigned": False}.get(signedness, lo < 0)
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     v = stats.values().double()
+    ch = stats.channels() if importance is not None else None
+    weight = None if ch is None or int(ch.max()) >= len(importance) else importance.double()[ch]
     if hi - lo <= 0:
         e = 0
         return QParams(bits, signed, [1.0], [0 if symmetric else qmin], exponent=[e] if power_of_two else None)
     if symmetric:
-        # real zero at code 0: the grid covers [qmin*s, qmax*s]; pick s
-        if signed:
-            need = max(hi / qmax, -lo / -qmin)
-        else:
-            need = hi / qmax  # an unsigned grid clips negatives (only used when lo >= 0 or forced)
-        if power_of_two:
-            e0 = pow2_exponent(need)
-            exps = torch.arange(e0 - 4, e0 + 1, dtype=torch.float64)
-            scales = torch.pow(2.0, exps)
-        else:
-            scales = need * torch.linspace(0.2, 1.0, _ALPHAS, dtype=torch.float64)
-        err = _quant_error(v, scales, torch.zeros_like(scales), qmin, qmax)
-        i = int(torch.argmin(err))
-        s = float(scales[i])
-        return QParams(bits, signed, [s], [0], exponent=[int(exps[i])] if power_of_two else None)
+        # real zero at code 0: the grid covers [qmin*s, qmax*s]; pick s. With "auto" signedness a tensor
+        # whose negatives are few and small (a SiLU's, down to -0.28) is also tried unsigned: clipping them
+        # can cost less than halving the resolution of everything else
+        best: tuple[float, QParams] | None = None
+        for sign in ([signed, False] if signed and hi > 0 and signedness not in ("signed", "unsigned") else [signed]):
+            lo_q, hi_q = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sign else (0, 2**bits - 1)
+            need = max(hi / hi_q, -lo / -lo_q) if sign else hi / hi_q
+            if power_of_two:
+                e0 = pow2_exponent(need)
+                exps = torch.arange(e0 - 4, e0 + 1, dtype=torch.float64)
+                scales = torch.pow(2.0, exps)
+            else:
+                scales = need * torch.linspace(0.2, 1.0, _ALPHAS, dtype=torch.float64)
+            err = _quant_error(v, scales, torch.zeros_like(scales), lo_q, hi_q, then, weight)
+            i = int(torch.argmin(err))
+            if best is None or float(err[i]) < best[0]:
+                best = (float(err[i]), QParams(bits, sign, [float(scales[i])], [0],
+                                               exponent=[int(exps[i])] if power_of_two else None))
+        return best[1]
     # asymmetric: shrink both ends independently, zero point rounds real zero onto the grid
     k = 20
     a = torch.linspace(0.3, 1.0, k, dtype=torch.float64)
@@ -96,7 +137,7 @@ def search_activation_grid(stats: ActStats, bits: int, *, symmetric: bool, power
     scales = ((his - los) / (qmax - qmin)).clamp_min(1e-12)
     scales = scales.float().double()  # the file stores float32 scales
     zps = torch.round(qmin - los / scales).clamp(qmin, qmax)
-    err = _quant_error(v, scales, zps, qmin, qmax)
+    err = _quant_error(v, scales, zps, qmin, qmax, then, weight)
     i = int(torch.argmin(err))
     return QParams(bits, signed, [float(scales[i])], [int(zps[i])])
 

@@ -17,6 +17,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from . import __version__
+from .checks import agreement
 from .errors import DataError, EptqError, UsageError
 from .preprocess import DEFAULT_PRESET, describe_presets
 
@@ -104,6 +105,12 @@ def quantize(
     weight_bits: Annotated[int | None, typer.Option(help="Weight bit width, one the profile allows.")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Sizes for a model file's dynamic input, in its layout "
                                                          "without the batch: C,H,W for ONNX, e.g. 3,224,224.")] = None,
+    outputs: Annotated[str | None, typer.Option(help="Tensor names, comma-separated, where the integer model ends; "
+                                                     "the ops after them run in float on the host (default: found, "
+                                                     "before the softmax/sigmoid heads, merging concats, last resize).")] = None,
+    postprocess: Annotated[str | None, typer.Option(help="What the outputs are, for decode parameters in the manifest "
+                                                         "and task scores in checks: yolox, ssd (BlazeFace anchors), "
+                                                         "decoded ([N, A, 5 + C] boxes) or segment.")] = None,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for MODEL (loaded with weights_only=True).")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Load a pickled full model: this RUNS CODE FROM THE FILE; only "
                                                     "for files you trust.")] = False,
@@ -152,6 +159,10 @@ def quantize(
             if chosen != "eptq":
                 raise UsageError(f"--checkpoint-dir/--resume apply to --method eptq, not {chosen}; drop them or use eptq")
             options.update(checkpoint_dir=str(checkpoint_dir) if checkpoint_dir else None, resume=resume)
+        if outputs is not None:
+            options["outputs"] = [o.strip() for o in outputs.split(",") if o.strip()]
+        if postprocess is not None:
+            options["postprocess"] = postprocess
         run_quantize(model, data, profile, target, chosen, weight_bits, weights, allow_pickle, preset, resize, crop,
                      _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
                      progress, options, labels, skip_bad=skip_bad_data, fold=fold_preprocessing,
@@ -223,9 +234,11 @@ def run_quantize(model: str, data: Path | None, profile: str | None, target: str
     qm.info["calibration"] = calibration_record(Path(data), names[:n_cal], n_cal)
     classes = load_class_names(labels_path if labels_path is not None else data) or hints.get("classes")
     outputs = qm.graph.tensors[qm.graph.outputs[0]].shape[-1]
-    if classes and len(classes) <= outputs:  # names for the output's classes, any unnamed ones numbered
+    if classes and len(classes) <= outputs and len(qm.graph.outputs) == 1:  # names for the output's classes, any unnamed ones numbered
         qm.info["classes"] = classes + [f"class {k}" for k in range(len(classes), outputs)]
     typer.echo(f"quantized {model} ({prof.name}, {method}, {len(calib)} samples) in {time.perf_counter() - t0:.1f} s")
+    if model_io.interface(qm.graph.meta)["float_tail"]:
+        typer.echo(f"cut: {model_io.describe(qm.graph.meta)}")
     check_cmd = f"eptq-deploy check {shlex.quote(str(Path(out).resolve()))} --data {shlex.quote(str(Path(data).resolve()))}"
     if labels_path is not None:
         check_cmd += f" --labels {shlex.quote(str(Path(labels_path).resolve()))}"
@@ -261,10 +274,20 @@ def target_line(name: str, runtime: str, c: dict[str, Any] | None, lat: dict[str
     """One target's runtime checks and latency as one line (quantize, check and bench print it)."""
     line = f"  {name:<12} {runtime}:"
     if c:
-        f = c["fidelity_vs_float"]
-        line += (f" agreement with simulation {c['argmax_agreement_vs_simulation']:.2%}, max diff "
-                 f"{c['max_abs_diff_lsb']:.0f} LSB; vs float: top-1 agreement {f['top1_agreement']:.2%}, "
-                 f"top-5 {f['top5_agreement']:.2%}, SQNR {f['sqnr_db']} dB")
+        f = c.get("fidelity_vs_float")
+        what = "agreement with simulation" if "argmax_agreement_vs_simulation" in c else "outputs exactly the simulation's"
+        line += f" {what} {agreement(c):.2%}, max diff {c['max_abs_diff_lsb']:.0f} LSB"
+        if f and "top1_agreement" in f:
+            line += (f"; vs float: top-1 agreement {f['top1_agreement']:.2%}, top-5 {f['top5_agreement']:.2%}, "
+                     f"SQNR {f['sqnr_db']} dB")
+        elif f:
+            line += f"; vs float: per-pixel argmax agreement {c['argmax_agreement_vs_float']:.2%}, SQNR {f['sqnr_db']} dB"
+        else:
+            line += "; vs float: SQNR " + ", ".join(f"{o['sqnr_db_vs_float']}" for o in c["outputs"]) + " dB per output"
+        for key, label in (("map", "mAP"), ("map50", "mAP@.5"), ("map_vs_float", "mAP vs float"),
+                           ("miou", "mIoU"), ("miou_vs_float", "mIoU vs float")):
+            if c.get(key) is not None:
+                line += f"; {label} {c[key]:.1f}"
         if "top1" in c:
             line += f"; top-1 float {c['top1']['float']:.2%} sim {c['top1']['simulation']:.2%} runtime {c['top1']['runtime']:.2%}"
     if lat:
@@ -292,7 +315,9 @@ def check(
     data: Annotated[Path, typer.Option(help="Images to run: a folder, or an .npz/.npy array (preprocessed as the "
                                             "bundle's manifest states).")],
     labels: Annotated[Path | None, typer.Option(help="Labels: a CSV (filename,class_index) for an image folder; "
-                                                     "an .npz's own 'labels' array is used by default.")] = None,
+                                                     "an .npz's own 'labels' array is used by default. A detector "
+                                                     "(postprocess in the manifest): COCO instances.json; a segmenter: "
+                                                     "a folder of label masks (VOC palette or class-index PNGs).")] = None,
     target: Annotated[str | None, typer.Option(help="Check one target (default: every target in the bundle).")] = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N samples.")] = None,
     min_agreement: Annotated[float, typer.Option(help="Fail (exit 1) when the runtime's argmax agrees with the "
@@ -313,7 +338,7 @@ def check(
         from .bundle import calibration_overlap, verify_bundle
         from .data import load_data, load_labels
         from .demo import DEMO_HOLDOUT
-        from .preprocess import Preset, to_pixels
+        from .preprocess import preset_from_info, to_pixels
 
         if not 0.0 <= min_agreement <= 1.0:
             raise UsageError(f"--min-agreement {min_agreement} must be a fraction between 0 and 1, e.g. 0.995")
@@ -322,16 +347,16 @@ def check(
         preset = None
         if isinstance(pre, dict):
             try:
-                preset = Preset(int(pre["resize"]), int(pre["crop"]), tuple(map(float, pre["mean"])),
-                                tuple(map(float, pre["std"])), float(pre["scale"]))
+                preset = preset_from_info(pre)
             except (KeyError, TypeError, ValueError):
                 raise UsageError(f"{bundle}/manifest.json input.preprocessing is malformed; re-export the bundle") from None
         if str(data) != DEMO_HOLDOUT and not data.exists():
             raise UsageError(f"data path not found: {data}; give an image folder, .npz or .npy")
         skip = [] if include_calibration or str(data) == DEMO_HOLDOUT else calibration_overlap(bundle, data)
         names: list[str] = []
+        sizes: list[tuple[int, int]] = []
         try:
-            x = load_data(data, preset, limit=limit, names=names, exclude=skip)
+            x = load_data(data, preset, limit=limit, names=names, exclude=skip, sizes=sizes)
         except DataError:
             if skip:
                 raise UsageError(f"all samples of {data} calibrated this bundle ({len(skip)} skipped); give other "
@@ -341,16 +366,23 @@ def check(
         if folded and preset is not None:  # the model takes the pixels themselves
             x = to_pixels(x, preset)
         x = model_io.to_source_layout(api.manifest_interface(m), x)  # loaded NCHW; a TFLite-read model takes NHWC
-        y = load_labels(labels if labels is not None else data, limit=limit, names=names,
-                        exclude=[i for i in skip if isinstance(i, int)])
-        results = api.check(bundle, x, y, target=target, threads=threads)
+        task = (m.get("model") or {}).get("postprocess")
+        if task:  # a detector's annotations or a segmenter's masks, matched to the images by file name
+            y = labels
+            if labels is not None and not labels.exists():
+                raise UsageError(f"labels not found: {labels}; give COCO instances.json or a folder of label masks")
+        else:
+            y = load_labels(labels if labels is not None else data, limit=limit, names=names,
+                            exclude=[i for i in skip if isinstance(i, int)])
+        results = api.check(bundle, x, y, target=target, threads=threads, names=names or None,
+                            sizes=sizes if len(sizes) == len(x) else None)
         skipped = (f"; skipped {len(skip)} calibration sample(s), --include-calibration keeps them" if skip
                    else "; none of them calibrated the bundle" if not include_calibration else "")
         typer.echo(f"bundle: {bundle} ({len(x)} samples from {data}{skipped})")
         worst = 1.0
         for name, r in results.items():
             typer.echo(target_line(name, r["runtime"], r["checks"], r["latency"]))
-            worst = min(worst, r["checks"]["argmax_agreement_vs_simulation"])
+            worst = min(worst, agreement(r["checks"]))
         if worst < min_agreement:
             typer.echo(f"error: agreement with the simulation {worst:.2%} is below --min-agreement "
                        f"{min_agreement:.2%}", err=True)

@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 from .demo import DEMO_HOLDOUT, DEMO_HOLDOUT_SAMPLES, demo_photos
 from .errors import DataError, UsageError
-from .preprocess import Preset, get_preset, normalize_uint8, preprocess_uint8, resize_crop
+from .preprocess import Preset, fit_image, get_preset, normalize_uint8, preprocess_uint8
 
 __all__ = [
     "iter_batches",
@@ -102,12 +102,15 @@ NOT_IMAGES = frozenset({".csv", ".tsv", ".txt", ".json", ".xml", ".yaml", ".yml"
 
 
 def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool,
-                 names: list[str] | None = None, exclude: frozenset[str] = frozenset()) -> torch.Tensor:
+                 names: list[str] | None = None, exclude: frozenset[str] = frozenset(),
+                 sizes: list[tuple[int, int]] | None = None) -> torch.Tensor:
     """Every readable image under ``root`` (sorted, recursive), preprocessed.
 
     ``names`` (if given) receives the relative path of every image loaded, in order,
-    so labels can be matched to the images actually read. Files named in ``exclude``
-    (relative paths) and label or annotation files (``NOT_IMAGES``) are passed over.
+    so labels can be matched to the images actually read; ``sizes`` (if given) their
+    original (width, height), so a detector's boxes can be mapped back to them
+    (``preprocess.input_transform``). Files named in ``exclude`` (relative paths) and
+    label or annotation files (``NOT_IMAGES``) are passed over.
     """
     files = sorted(
         (p for p in root.rglob("*") if p.is_file() and not p.name.startswith(".")
@@ -126,10 +129,13 @@ def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool,
                 if img.mode != "RGB":
                     converted += 1
                     img = img.convert("RGB")
-                upscaled += min(img.size) < preset.crop
-                images.append(np.asarray(resize_crop(img, preset.resize, preset.crop)))
+                # a letterbox or stretch scales every frame to fit by design; only a crop warns
+                upscaled += preset.fit == "crop" and min(img.size) < preset.crop
+                images.append(np.asarray(fit_image(img, preset)))
                 if names is not None:
                     names.append(path.relative_to(root).as_posix())
+                if sizes is not None:
+                    sizes.append(img.size)
         except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
             if not skip_bad:
                 raise DataError(
@@ -156,7 +162,7 @@ def _load_folder(root: Path, preset: Preset, limit: int | None, skip_bad: bool,
 
 def load_data(
     path: str | Path,
-    preset: str | None = None,
+    preset: str | Preset | None = None,
     *,
     limit: int | None = None,
     resize: int | None = None,
@@ -166,12 +172,14 @@ def load_data(
     skip_bad: bool = True,
     names: list[str] | None = None,
     exclude: Collection[str] | Collection[int] = (),
+    sizes: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Load an image folder, ``.npz`` or ``.npy`` as float32 NCHW.
 
     uint8 NHWC arrays and image files get the preset's preprocessing (default
     "imagenet"); float NCHW arrays are taken as already preprocessed. For a folder,
-    ``names`` receives the loaded files' relative paths (see ``load_labels``).
+    ``names`` receives the loaded files' relative paths (see ``load_labels``) and
+    ``sizes`` their original (width, height) (arrays leave both untouched).
     ``exclude`` drops samples before ``limit`` counts them: relative file paths in a
     folder, indices in an array. ``DEMO_HOLDOUT`` names the demo's held-out photos.
     """
@@ -184,7 +192,7 @@ def load_data(
     if not path.exists():
         raise DataError(f"data path not found: {path}; give an image folder, .npz or .npy")
     if path.is_dir():
-        return _load_folder(path, p, limit, skip_bad, names, frozenset(str(e) for e in exclude))
+        return _load_folder(path, p, limit, skip_bad, names, frozenset(str(e) for e in exclude), sizes)
     suffix = path.suffix.lower()
     if suffix == ".npz":
         arr = _read_npz_images(path)

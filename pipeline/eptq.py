@@ -29,8 +29,8 @@ from tqdm.auto import tqdm
 
 from .checkpoint import Checkpoint, interrupt_at_step_boundary, interrupted
 from .errors import UsageError
-from .float_exec import apply_activation, conv, float_op, release, run_float
-from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph
+from .float_exec import apply_activation, conv, float_op, pack, release, run_float
+from .graph import WEIGHTED_OPS, QParams, QuantGraph, moves_codes
 from .ptq import set_bias
 
 #: iterations by default: chosen from the measured accuracy-vs-iterations curve (README)
@@ -191,7 +191,7 @@ class FakeQuantNetwork(torch.nn.Module):
     hard = False  # evaluate with the final (hard) rounding instead of h(V)
 
     def forward(self, x: torch.Tensor, keep: float = 1.0, gen: torch.Generator | None = None,
-                layers: set[str] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                layers: set[str] | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
         T = self.qg.tensors
         first = self.qg.inputs[0]
         env = {first: fake_quant(x, T[first].quant, 1.0)}
@@ -202,7 +202,7 @@ class FakeQuantNetwork(torch.nn.Module):
             if layers is not None and n.outputs[0] in layers:
                 acts[n.outputs[0]] = y
             release(env, dead)
-        return env[self.qg.outputs[0]], acts
+        return pack([env[o] for o in self.qg.outputs]), acts
 
     def node_forward(self, n, xs: list[torch.Tensor], keep: float = 1.0, gen: torch.Generator | None = None) -> torch.Tensor:
         """One node on fake-quantized inputs, its output fake-quantized."""
@@ -213,7 +213,7 @@ class FakeQuantNetwork(torch.nn.Module):
             y = apply_activation(y, n.attrs["activation"])
         else:
             y = float_op(n, xs)
-        if n.op not in SAME_GRID_OPS:
+        if not moves_codes(n):
             y = fake_quant(y, self.qg.tensors[n.outputs[0]].quant, keep, gen)
         return y
 

@@ -54,15 +54,54 @@ def recipe(preprocessing: dict[str, Any] | None, io: dict[str, Any], folded: boo
         steps.append({"step": "preprocess", "text": "not recorded (the model was quantized from tensors through the "
                       "Python API): preprocess exactly as the data given to quantize() was"})
     else:
+        # the letterbox and stretch filter, stated beside fit_image, which uses it
+        from .preprocess import BILINEAR_FILTER
+
         r, c = int(preprocessing["resize"]), int(preprocessing["crop"])
-        steps.append({"step": "resize", "shorter_side": r, "filter": RESIZE_FILTER,
-                      "longer_side": f"round(longer * {r} / shorter), at least {c} (Python round, halves to even)",
-                      "skip_when": f"the shorter side already is {r} (arrays already {c} x {c} are not resized)"})
-        steps.append({"step": "centre_crop", "size": c, "left": f"round((W - {c}) / 2)", "top": f"round((H - {c}) / 2)"})
-        if not folded:
-            steps.append({"step": "normalise", "formula": "x = (p * scale - mean[c]) / std[c], in float32",
-                          "scale": float(preprocessing["scale"]), "mean": [float(v) for v in preprocessing["mean"]],
-                          "std": [float(v) for v in preprocessing["std"]]})
+        fit = preprocessing.get("fit", "crop")  # manifests before letterbox/stretch: crop, RGB
+        bgr = preprocessing.get("channels", "RGB") == "BGR"
+        if fit == "letterbox":
+            pad = preprocessing.get("pad_value", 0)
+            fill = [int(v) for v in pad] if isinstance(pad, list) else [int(pad)] * 3
+            if bgr:  # pad_value is in the model's B, G, R order; the fill is a pixel of the decoded RGB frame
+                fill = fill[::-1]
+            steps.append({"step": "letterbox", "size": c, "ratio": f"r = min({c} / H, {c} / W) = {c} / max(W, H)",
+                          "resized": f"W' = floor(W * {c} / max(W, H)), H' = floor(H * {c} / max(W, H)), in "
+                                     "integer arithmetic, each at least 1",
+                          "filter": BILINEAR_FILTER, "skip_resize_when": "W' = W and H' = H",
+                          "placement": f"top-left: resized pixel (x, y) is input pixel (x, y); columns W'..{c - 1} and "
+                                       f"rows H'..{c - 1} are fill", "fill": fill,
+                          "fill_order": "R, G, B pixels 0..255, before any normalisation",
+                          "to_original": "x = x_in * W / W', y = y_in * H / H' (pixel edges at integers)",
+                          "text": f"Letterbox into {c} x {c}: resize W x H to W' = floor(W x {c} / max(W, H)) by "
+                                  f"H' = floor(H x {c} / max(W, H)), {BILINEAR_FILTER} (skip when W' = W and "
+                                  f"H' = H); put it at the top-left of a {c} x {c} canvas filled with the pixel "
+                                  f"(R, G, B) = ({', '.join(map(str, fill))}). Boxes map back as x = x_in x W / W', "
+                                  "y = y_in x H / H'."})
+        elif fit == "stretch":
+            steps.append({"step": "stretch", "size": c, "filter": BILINEAR_FILTER,
+                          "resized": f"W x H to {c} x {c}, ignoring the aspect ratio",
+                          "skip_when": f"the frame already is {c} x {c}",
+                          "to_original": f"x = x_in * W / {c}, y = y_in * H / {c} (pixel edges at integers)",
+                          "text": f"Resize W x H to {c} x {c} ignoring the aspect ratio, {BILINEAR_FILTER} (skip when "
+                                  f"already {c} x {c}). Boxes map back as x = x_in x W / {c}, y = y_in x H / {c}."})
+        else:
+            steps.append({"step": "resize", "shorter_side": r, "filter": RESIZE_FILTER,
+                          "longer_side": f"round(longer * {r} / shorter), at least {c} (Python round, halves to even)",
+                          "skip_when": f"the shorter side already is {r} (arrays already {c} x {c} are not resized)"})
+            steps.append({"step": "centre_crop", "size": c, "left": f"round((W - {c}) / 2)",
+                          "top": f"round((H - {c}) / 2)"})
+        if not folded:  # folded, the first layer does both the normalisation and any channel reorder
+            mean, std = [float(v) for v in preprocessing["mean"]], [float(v) for v in preprocessing["std"]]
+            norm: dict[str, Any] = {"step": "normalise", "formula": "x = (p * scale - mean[c]) / std[c], in float32",
+                                    "scale": float(preprocessing["scale"]), "mean": mean, "std": std}
+            if bgr:  # normalise the R, G, B pixels as decoded (mean, std turned to that order), then reverse
+                norm.update(mean=mean[::-1], std=std[::-1], order="R, G, B (the manifest's preprocessing "
+                            "states mean and std in the model's B, G, R order)")
+            steps.append(norm)
+            if bgr:
+                steps.append({"step": "channel_order", "order": ["B", "G", "R"],
+                              "text": "Reverse the channel order of x to B, G, R: the model's channel 0 is blue, 2 is red."})
     q = inp.get("quantization")
     if q is not None:
         lo, hi = _range(q["dtype"])
@@ -152,6 +191,8 @@ def report_lines(name: str, model_file: str, feed: dict[str, Any], classes: list
                 text = f"Quantize: {formula}."
             else:
                 text = f"Give {v} to the file as float32; the file quantizes it ({s['where']}): {formula}."
+        elif s["step"] in ("letterbox", "stretch", "channel_order"):
+            text = s["text"]
         else:
             text = f"Lay the values out as {s['text']}."
         lines.append(f"{k}. {text}")

@@ -8,6 +8,7 @@ the integer simulation (``simulate.py``) also uses for ops a runtime computes in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -182,9 +183,21 @@ def float_op(n: Node, xs: list[torch.Tensor], pad_value: float = 0.0) -> torch.T
     raise NotImplementedError(op)
 
 
+def pack(values: list[Any]) -> Any:
+    """A graph's outputs as callers take them: the value itself for one output, a tuple for several
+    (a classifier keeps returning one tensor; a detector's heads come back in the graph's order)."""
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def unpack(y: Any) -> list[Any]:
+    """The list of outputs ``pack`` made (a single tensor or array is one output)."""
+    return list(y) if isinstance(y, (tuple, list)) else [y]
+
+
 def run_float(g: QuantGraph, x: torch.Tensor, weights: dict[str, torch.Tensor] | None = None,
-              hook: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Execute ``g`` in float; ``weights`` overrides stored constants (name -> tensor)."""
+              hook: Callable[[str, torch.Tensor], None] | None = None) -> Any:
+    """Execute ``g`` in float; ``weights`` overrides stored constants (name -> tensor). Returns the
+    output tensor, or a tuple of them in ``g.outputs`` order (``pack``)."""
     env: dict[str, torch.Tensor] = {g.inputs[0]: x}
     if hook:
         hook(g.inputs[0], x)
@@ -201,7 +214,7 @@ def run_float(g: QuantGraph, x: torch.Tensor, weights: dict[str, torch.Tensor] |
         if hook:
             hook(n.outputs[0], y)
         release(env, dead)
-    return env[g.outputs[0]]
+    return pack([env[o] for o in g.outputs])
 
 
 def node_inputs(g: QuantGraph, n: Node, env: dict[str, torch.Tensor],

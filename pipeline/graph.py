@@ -74,11 +74,17 @@ RESIZE_COORDS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetri
 #: how nearest-neighbour resize rounds the input coordinate (ONNX's nearest_mode names)
 RESIZE_NEAREST = ("round_prefer_floor", "round_prefer_ceil", "floor", "ceil")
 
-#: ops whose output grid is the input grid (they move or select codes, never rescale)
-SAME_GRID_OPS = frozenset({"max_pool2d", "pad", "slice", "flatten", "reshape"})
+#: ops whose output grid is the input grid (they move or select codes, never rescale); see ``moves_codes``
+SAME_GRID_OPS = frozenset({"max_pool2d", "pad", "slice", "flatten", "reshape", "transpose"})
 #: ops with learnable weights (inputs[1] weight, inputs[2] bias)
 WEIGHTED_OPS = frozenset({"conv2d", "depthwise_conv2d", "linear"})
 ACTIVATIONS = ("none", "relu", "relu6")
+
+
+def moves_codes(n: Node) -> bool:
+    """Whether node ``n``'s output holds input codes only, moved or selected (so it shares its input's
+    grid): the ``SAME_GRID_OPS`` and a nearest-neighbour resize, which copies pixels."""
+    return n.op in SAME_GRID_OPS or (n.op == "resize" and n.attrs.get("mode") == "nearest")
 
 
 @dataclass(frozen=True)
@@ -425,7 +431,9 @@ def _check_resize(n: Node, shape: tuple[int, ...]) -> None:
           and (a.get("nearest") in RESIZE_NEAREST) == (a["mode"] == "nearest") and len(ratio) == 1
           and all(isinstance(v, list) and len(v) == 2 for v in pairs)
           and all(type(s) is int and s > 0 for s in a["size"])
-          and all(type(s) in (int, float) and math.isfinite(s) and s > 0 for s in a[ratio[0]]))
+          # a step may be 0 (align_corners from a 1-pixel input: every output reads pixel 0); a scale divides
+          and all(type(s) in (int, float) and math.isfinite(s) and (s > 0 or (s == 0 and ratio[0] == "step"))
+                  for s in a[ratio[0]]))
     if not ok:
         raise UsageError(f"graph node {n.name!r} (resize): needs a 4-D input, mode nearest/linear, coord one of "
                          f"{', '.join(RESIZE_COORDS)}, a nearest rounding for mode nearest only, size [h, w] and one of "

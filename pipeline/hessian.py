@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .float_exec import run_float
+from .float_exec import run_float, unpack
 from .graph import WEIGHTED_OPS, QuantGraph
 
 
@@ -68,7 +68,8 @@ def hessian_scores(g: QuantGraph, batches: Iterable[torch.Tensor], *, n_draws: i
                 acts[name] = y
 
         x = x.detach().clone().requires_grad_(True)  # gives every activation a grad_fn
-        out = run_float(g, x, weights=params, hook=keep)
+        # several outputs (a detector's heads) are one output vector: the Hessian sees every head
+        out = torch.cat([o.reshape(o.shape[0], -1) for o in unpack(run_float(g, x, weights=params, hook=keep))], 1)
         vs = _draws(out, n_draws, gen)
         acc = {t: torch.zeros(x.shape[0], *acts[t].shape[1:]) for t in layers}
         inputs = [acts[t] for t in layers] + ([params[w] for w in wnames] if weights else [])

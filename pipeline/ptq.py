@@ -9,7 +9,7 @@ from the graph built here and learns the rounding.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .calibrate import ActStats, quantize_bias, search_activation_grid, search_weight_grid
 from .float_exec import run_float
 from .fold import is_folded, pixel_grid
-from .graph import SAME_GRID_OPS, WEIGHTED_OPS, QParams, QuantGraph, TargetRules
+from .graph import WEIGHTED_OPS, QParams, QuantGraph, TargetRules, moves_codes
 
 #: values kept per tensor per batch for the threshold search
 SAMPLES_PER_BATCH = 16384
@@ -34,11 +34,11 @@ def grid_groups(g: QuantGraph, rules: Iterable[TargetRules]) -> dict[str, str]:
             t = parent[t]
         return t
 
-    shared = set(SAME_GRID_OPS)
+    shared: set[str] = set()
     for r in rules:
         shared |= r.shared_grid_ops
     for n in g.nodes:
-        if n.op in shared:
+        if moves_codes(n) or n.op in shared:
             for i in n.inputs:
                 if i in parent:
                     parent[find(i)] = find(n.outputs[0])
@@ -95,9 +95,98 @@ def assign_activation_grids(g: QuantGraph, stats: dict[str, ActStats], profile, 
             for t in ts[1:]:
                 merged = merged.merge(stats[t])
             qp = search_activation_grid(merged, a.bits, symmetric=a.symmetric, power_of_two=a.power_of_two,
-                                        signedness=a.signedness)
+                                        signedness=a.signedness, then=consumer_function(g, ts),
+                                        importance=channel_importance(g, ts))
         for t in ts:
             g.tensors[t].quant = copy.deepcopy(qp)
+
+
+def _silu(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.sigmoid(x)
+
+
+#: what a tensor's consumers all compute from it, when they saturate (``consumer_function``)
+_CONSUMER_FUNCTIONS = {"sigmoid": torch.sigmoid, "silu": _silu, "tanh": torch.tanh, "relu": torch.relu,
+                       "relu6": torch.nn.functional.relu6, "hardswish": torch.nn.functional.hardswish,
+                       "hardsigmoid": torch.nn.functional.hardsigmoid, "softmax": None}
+
+
+def consumer_function(g: QuantGraph, ts: list[str]) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The element-wise function every reader of tensor group ``ts`` applies to it, or None.
+
+    Readers are the graph's nodes and, for the graph's outputs, the float tail the host runs
+    (a detector's objectness logits go through a sigmoid there). A SiLU is a sigmoid of the
+    tensor and the product of the two; a lone sigmoid, tanh or ReLU-like op reads it whole.
+    """
+    if len(ts) != 1:
+        return None
+    t = ts[0]
+    readers = [(n.op, n.inputs, n.outputs[0]) for n in g.consumers().get(t, [])]
+    if t in g.outputs:
+        readers += [(s["op"], s.get("inputs", [t]), s.get("outputs", [""])[0])
+                    for s in g.meta.get("float_tail", []) if t in s.get("inputs", [t])]
+    if not readers:
+        return None
+    ops = {op for op, _, _ in readers}
+    sig = {out for op, ins, out in readers if op == "sigmoid"}
+    if ops == {"sigmoid", "mul"} and all(op == "sigmoid" or sorted(ins) == sorted([t, *sig]) and len(ins) == 2
+                                         and t in ins for op, ins, _ in readers):
+        return _silu
+    if len(ops) == 1 and len(readers) == 1 and readers[0][0] in _CONSUMER_FUNCTIONS:
+        return _CONSUMER_FUNCTIONS[readers[0][0]]
+    return None
+
+
+#: element-wise ops an error passes through on its way to the next weighted layer (``channel_importance``)
+_PASS_THROUGH = frozenset({"sigmoid", "mul", "relu", "relu6", "hardswish", "hardsigmoid", "tanh", "leaky_relu"})
+
+
+def channel_importance(g: QuantGraph, ts: list[str], depth: int = 3) -> torch.Tensor | None:
+    """Per channel of tensor group ``ts``: the summed squared weights the next weighted layers apply to it.
+
+    An error e_c in channel c moves a conv's output by sum_o,k W[o, c, k] * e_c, so its squared effect
+    is e_c**2 * sum W[o, c, k]**2 (the diagonal of the next layer's Gauss-Newton term). Element-wise
+    ops on the way (a SiLU's sigmoid and product, ReLUs) pass the channel through; any other reader
+    (an add, a concat, a pool, the graph's output) leaves the weighting unknown, and None (every value
+    alike) is returned. Normalised to mean 1.
+    """
+    if len(ts) != 1 or len(g.tensors[ts[0]].shape) < 2:
+        return None
+    channels = g.tensors[ts[0]].shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    consumers = g.consumers()
+    frontier, seen = [ts[0]], set()
+    for _ in range(depth):
+        nxt = []
+        for t in frontier:
+            if t in g.outputs:
+                return None
+            for n in consumers.get(t, []):
+                if n.name in seen:
+                    continue
+                seen.add(n.name)
+                if n.op in WEIGHTED_OPS and n.inputs[0] == t:
+                    w = torch.from_numpy(np.asarray(g.tensors[n.inputs[1]].data, np.float64))
+                    if n.op == "depthwise_conv2d" or (n.op == "conv2d" and n.attrs.get("groups", 1) == channels
+                                                      and w.shape[1] == 1):
+                        per = w.pow(2).reshape(w.shape[0], -1).sum(1).reshape(channels, -1).sum(1)
+                    elif n.op == "conv2d" and n.attrs.get("groups", 1) == 1 or n.op == "linear":
+                        per = w.pow(2).transpose(0, 1).reshape(w.shape[1], -1).sum(1)
+                    else:
+                        return None
+                    if per.numel() != channels:
+                        return None
+                    total += per
+                elif n.op in _PASS_THROUGH and g.tensors[n.outputs[0]].shape == g.tensors[t].shape:
+                    nxt.append(n.outputs[0])
+                else:
+                    return None
+        frontier = nxt
+        if not frontier:
+            break
+    if frontier or not float(total.sum()) > 0:
+        return None
+    return total / total.mean()
 
 
 def fixed_grid(fixed: tuple[float, int, bool], profile) -> QParams:

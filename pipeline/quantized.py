@@ -10,9 +10,14 @@ from tqdm.auto import tqdm
 
 from . import model_io
 from .errors import UsageError
-from .float_exec import run_float
+from .float_exec import pack, run_float, unpack
 from .graph import QuantGraph
-from .simulate import dequantize, get_rule, run_integer
+from .simulate import dequantize, dequantize_outputs, get_rule, run_integer
+
+
+def concat_batches(parts: list[Any]) -> Any:
+    """Per-batch packed outputs (``float_exec.pack``) joined along the batch axis, packed again."""
+    return pack([torch.cat(list(col)) for col in zip(*(unpack(p) for p in parts), strict=True)])
 
 
 class QuantizedModel:
@@ -47,8 +52,8 @@ class QuantizedModel:
 
     @torch.no_grad()
     def simulate(self, x: torch.Tensor, target: str | None = None, batch_size: int | None = None,
-                 rounding: str | None = None, raw: bool = False) -> torch.Tensor:
-        """Dequantized float32 output of the integer network as ``target`` computes it; ``rounding``
+                 rounding: str | None = None, raw: bool = False) -> Any:
+        """Dequantized float32 output(s) of the integer network as ``target`` computes it; ``rounding``
         names another of its runtime's rules (a runner's ``rounding``: TFLite's reference kernels).
 
         ``x`` and the output are in the model's own layout (``model_io``); the output is what the
@@ -59,15 +64,14 @@ class QuantizedModel:
         steps = range(0, len(x), batch_size or self.graph.batch_size())
         outs = [run_integer(self.graph, x[i:i + steps.step], rule)
                 for i in tqdm(steps, desc="simulate", unit="batch", leave=False, disable=len(steps) <= 2)]
-        y = dequantize(torch.cat(outs), self.graph.tensors[self.graph.outputs[0]].quant)
-        return model_io.to_user(self.graph.meta, y, raw)
+        return model_io.to_user(self.graph.meta, dequantize_outputs(self.graph, concat_batches(outs)), raw)
 
     @torch.no_grad()
-    def forward_float(self, x: torch.Tensor, batch_size: int | None = None, raw: bool = False) -> torch.Tensor:
+    def forward_float(self, x: torch.Tensor, batch_size: int | None = None, raw: bool = False) -> Any:
         """The float model on ``x``, in and out as ``simulate``."""
         x = self._canonical(x)
         step = batch_size or self.float_graph.batch_size()
-        y = torch.cat([run_float(self.float_graph, x[i:i + step]) for i in range(0, len(x), step)])
+        y = concat_batches([run_float(self.float_graph, x[i:i + step]) for i in range(0, len(x), step)])
         return model_io.to_user(self.graph.meta, y, raw)
 
     @torch.no_grad()

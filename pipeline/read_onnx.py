@@ -251,11 +251,14 @@ class _Reader:
                 raise ModelError(f"cannot read ONNX node {node.name or node.output[0]!r} ({node.op_type}: "
                                  f"{_one_line(e)}); check the file") from None
         outs = [o.name for o in self.model.graph.output]
-        if len(outs) != 1:
-            raise ModelError(f"the ONNX model has {len(outs)} outputs; eptq-deploy handles one-output models for now")
-        if outs[0] not in self.names:
-            raise ModelError(f"the ONNX model's output {outs[0]!r} does not depend on its input; check the file")
-        g = QuantGraph(self.nodes, self.tensors, ["input"], [self.names[outs[0]]])
+        if not outs:
+            raise ModelError("the ONNX model declares no output; check the file")
+        for o in outs:
+            if o not in self.names:
+                raise ModelError(f"the ONNX model's output {o!r} does not depend on its input; check the file")
+        if len({self.names[o] for o in outs}) != len(outs):
+            raise ModelError("the ONNX model returns one tensor as two outputs; drop the duplicate output")
+        g = QuantGraph(self.nodes, self.tensors, ["input"], [self.names[o] for o in outs])
         g.validate()
         return g, {c: o for o, c in self.names.items()}
 

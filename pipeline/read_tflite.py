@@ -64,9 +64,9 @@ class _Reader:
         types = {self.sg.tensors[i].type for o in self.sg.operators for i in list(o.outputs)}
         if types & {S.TensorType.INT8, S.TensorType.UINT8, S.TensorType.INT16}:
             raise ModelError(f"{where} is already quantized (integer activations); give the float model")
-        if len(self.sg.inputs) != 1 or len(self.sg.outputs) != 1:
+        if len(self.sg.inputs) != 1 or len(self.sg.outputs) < 1:
             raise ModelError(f"{where} has {len(self.sg.inputs)} inputs and {len(self.sg.outputs)} outputs; "
-                             "eptq-deploy reads one-image-input, one-output models for now")
+                             "eptq-deploy reads one-image-input models")
         t_in = self.sg.tensors[self.sg.inputs[0]]
         shape = tuple(int(d) for d in t_in.shape)
         sig = [int(d) for d in t_in.shapeSignature] if t_in.shapeSignature is not None and len(t_in.shapeSignature) \
@@ -129,6 +129,15 @@ class _Reader:
     def shape(self, i: int) -> tuple[int, ...]:
         return _nchw(tuple(int(d) for d in self.sg.tensors[i].shape))
 
+    def intermediate(self, x: str, op: str, attrs: dict[str, Any], shape: tuple[int, ...], where: str) -> str:
+        """A canonical node with no TFLite tensor of its own (one TFLite op read as several)."""
+        k = self.count.get(op, 0)
+        self.count[op] = k + 1
+        name = f"{op}_{k}"
+        self.tensors[name] = TensorInfo(name, tuple(shape), "activation")
+        self.nodes.append(Node(name, op, [x], [name], attrs, where))
+        return name
+
     def emit(self, out_index: int, op: str, inputs: list[str], attrs: dict[str, Any], where: str,
              weights: tuple[np.ndarray, np.ndarray] | None = None) -> str:
         k = self.count.get(op, 0)
@@ -180,11 +189,13 @@ class _Reader:
             except Exception as e:  # a malformed operator: one line
                 raise ModelError(f"cannot read TFLite op {op} ({where}): {' '.join(str(e).split())[:160]}; "
                                  "check the file") from None
-        out = int(self.sg.outputs[0])
-        if out not in self.names:
+        outs = [int(o) for o in self.sg.outputs]
+        if any(o not in self.names for o in outs):
             raise ModelError(f"{self.where}'s output does not depend on its input; check the file")
-        g = QuantGraph(_live(self.nodes, self.names[out]), self.tensors, ["input"], [self.names[out]],
-                       {"source_layout": "NHWC"})  # users feed and read the file's own layout (layout.py)
+        if len({self.names[o] for o in outs}) != len(outs):
+            raise ModelError(f"{self.where} returns one tensor as two outputs; drop the duplicate output")
+        g = QuantGraph(_live(self.nodes, [self.names[o] for o in outs]), self.tensors, ["input"],
+                       [self.names[o] for o in outs], {"source_layout": "NHWC"})  # users feed and read the file's layout
         g.tensors = {k: v for k, v in g.tensors.items() if v.kind == "input" or any(
             k in n.inputs or k in n.outputs for n in g.nodes)}
         by_canonical = {c: i for i, c in self.names.items()}
@@ -205,10 +216,10 @@ class _Reader:
         return same_pads(self.tensors[x].shape[2:], kernel, stride, dilation)
 
 
-def _live(nodes: list[Node], output: str) -> list[Node]:
-    """The nodes the output depends on (a PAD folded into its convolution, a flatten a reshape
+def _live(nodes: list[Node], outputs: list[str]) -> list[Node]:
+    """The nodes the outputs depend on (a PAD folded into its convolution, a flatten a reshape
     undid, are left behind)."""
-    needed, keep = {output}, []
+    needed, keep = set(outputs), []
     for n in reversed(nodes):
         if set(n.outputs) & needed:
             keep.append(n)
@@ -359,8 +370,17 @@ def _reshape(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str,
             r.names[outs[0]] = prev.inputs[0]  # MEAN without keep_dims, then back to 4-D: the pooled tensor
         else:
             r.emit(outs[0], "reshape", [x], {"shape": list(_nchw(out))}, where)
+    elif out[0] == src[0]:  # any other: TFLite reshapes NHWC memory, so the canonical graph does it in NHWC
+        y = x
+        if len(src) == 4:
+            y = r.intermediate(y, "transpose", {"perm": [0, 2, 3, 1]}, (src[0], src[2], src[3], src[1]), where)
+        if len(out) == 4:
+            y = r.intermediate(y, "reshape", {"shape": list(out)}, out, where)
+            r.emit(outs[0], "transpose", [y], {"perm": [0, 3, 1, 2]}, where)
+        else:
+            r.emit(outs[0], "reshape", [y], {"shape": list(out)}, where)
     else:
-        r.refuse(op, where, f"a reshape from {list(src)} (NCHW) to {list(out)} (NHWC) that moves data between axes")
+        r.refuse(op, where, f"a reshape from {list(src)} (NCHW) to {list(out)} (NHWC) that changes the batch size")
 
 
 def _concat(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:

@@ -13,14 +13,15 @@ QLinearAdd, ...), the rule's ``integer_op`` computes what that kernel computes.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .errors import UsageError
-from .float_exec import conv, float_op, release
-from .graph import SAME_GRID_OPS, Node, QParams, QuantGraph
+from .float_exec import conv, float_op, pack, release, unpack
+from .graph import Node, QParams, QuantGraph, moves_codes
 
 
 def pad_codes(values: Sequence[float], qp: QParams) -> np.ndarray:
@@ -152,8 +153,9 @@ def quantize_input(g: QuantGraph, x: torch.Tensor, rule: RoundingRule) -> torch.
 
 
 def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
-                hook: Callable[[str, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Integer codes of the graph output for float input ``x`` (codes as float64)."""
+                hook: Callable[[str, torch.Tensor], None] | None = None) -> Any:
+    """Integer codes of the graph output(s) for float input ``x`` (codes as float64; a tuple in
+    ``g.outputs`` order for several outputs, as ``float_exec.pack``)."""
     T = g.tensors
     env: dict[str, torch.Tensor] = {g.inputs[0]: quantize_input(g, x, rule)}
     unrounded = rule.unrounded_nodes(g)
@@ -171,7 +173,7 @@ def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
                 y = rule.requantize_node(n, acc, xq.scale[0], wt.quant.scale, out.scale[0]) + float(out.zero_point[0])
             lo, hi = activation_bounds(n.attrs["activation"], out, rule)
             y = y.clamp(lo, hi)
-        elif n.op in SAME_GRID_OPS:
+        elif moves_codes(n):
             src = T[n.inputs[0]].quant
             y = float_op(n, [env[n.inputs[0]]], pad_value=float(src.zero_point[0]))
         elif n.op == "concat" and all(same_grid(T[i].quant, out) for i in n.inputs):
@@ -188,7 +190,7 @@ def run_integer(g: QuantGraph, x: torch.Tensor, rule: RoundingRule,
         if hook:
             hook(n.outputs[0], y)
         release(env, dead)
-    return env[g.outputs[0]]
+    return pack([env[o] for o in g.outputs])
 
 
 _F32_EXACT = 2**24  # every integer below this is exact in float32, whatever the summation order
@@ -226,7 +228,11 @@ def same_grid(a: QParams, b: QParams) -> bool:
     return bool(a.scale[0] == b.scale[0] and a.zero_point[0] == b.zero_point[0] and a.signed == b.signed and a.bits == b.bits)
 
 
-def simulate(g: QuantGraph, x: torch.Tensor, rule: RoundingRule) -> torch.Tensor:
-    """Float (dequantized) output of the integer graph."""
-    q = run_integer(g, x, rule)
-    return dequantize(q, g.tensors[g.outputs[0]].quant)
+def dequantize_outputs(g: QuantGraph, q: Any) -> Any:
+    """``run_integer``'s codes as floats, each output on its own grid (packed the same way)."""
+    return pack([dequantize(c, g.tensors[o].quant) for c, o in zip(unpack(q), g.outputs, strict=True)])
+
+
+def simulate(g: QuantGraph, x: torch.Tensor, rule: RoundingRule) -> Any:
+    """Float (dequantized) output(s) of the integer graph."""
+    return dequantize_outputs(g, run_integer(g, x, rule))

@@ -32,7 +32,8 @@ _BUILTIN = {"onnx-qdq": "eptq_deploy.targets.onnx_qdq:OnnxQdqTarget",
 
 
 class Runner(ABC):
-    """A model file loaded in its runtime: float NCHW in, float (dequantized) output out."""
+    """A model file loaded in its runtime: float NCHW in, float (dequantized) output out (a tuple of
+    them, in the graph's output order, for several: ``float_exec.pack``)."""
 
     threads: int = 1
     #: which of the runtime's kernel sets runs the file, where it has several (recorded with the latency)
@@ -41,7 +42,7 @@ class Runner(ABC):
     rounding: str | None = None
 
     @abstractmethod
-    def run(self, x: np.ndarray) -> np.ndarray: ...
+    def run(self, x: np.ndarray) -> Any: ...
 
 
 class Target(ABC):
@@ -91,8 +92,9 @@ class Target(ABC):
         its file back."""
         return None
 
-    def io_contract(self, graph: QuantGraph) -> dict[str, dict[str, Any]]:
-        """The integer model file's input and output as firmware sees them (the manifest's ``io``).
+    def io_contract(self, graph: QuantGraph) -> dict[str, Any]:
+        """The integer model file's input and outputs as firmware sees them (the manifest's ``io``:
+        ``input``, ``outputs`` in the graph's order, and ``output``, the first).
 
         Default: what ``Runner`` promises, float32 NCHW tensors named as in the graph,
         quantized and dequantized inside the file on the graph's own grids; a target
@@ -104,8 +106,8 @@ class Target(ABC):
             grid = None if qp is None else (float(qp.scale[0]), int(qp.zero_point[0]), info.dtype, where)
             return io_tensor(t, info.shape, "NCHW", "float32", grid)
 
-        return {"input": one(graph.inputs[0], "quantized inside the model"),
-                "output": one(graph.outputs[0], "dequantized inside the model")}
+        outs = [one(t, "dequantized inside the model") for t in graph.outputs]
+        return {"input": one(graph.inputs[0], "quantized inside the model"), "output": outs[0], "outputs": outs}
 
     def inspect(self, folder: Path) -> dict:
         """Runtime facts worth reporting (e.g. which layers run in integer)."""

@@ -34,7 +34,8 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from eptq_deploy.errors import UnsupportedOpError
-from eptq_deploy.graph import SAME_GRID_OPS, Node, QParams, QuantGraph, TargetRules
+from eptq_deploy.float_exec import pack
+from eptq_deploy.graph import Node, QParams, QuantGraph, TargetRules, moves_codes
 from eptq_deploy.simulate import FloatHalfEvenRule, pad_codes, register_rule
 
 from . import Runner, Target, io_tensor, same_float32
@@ -201,17 +202,19 @@ class _Emitter:
             self.quantize(x, x)
         for n in g.nodes:
             self.emit_node(n)
-        out = g.outputs[0]
-        if self.q:
-            s, z = self.grid(out)
-            self.node("DequantizeLinear", [f"{out}.q", s, z], [OUTPUT_NAME], "DQ_output")
-        else:
-            self.node("Identity", [out], [OUTPUT_NAME], "Id_output")
+        names = output_names(g)
+        for out, name in zip(g.outputs, names, strict=True):
+            if self.q:
+                s, z = self.grid(out)
+                self.node("DequantizeLinear", [f"{out}.q", s, z], [name], f"DQ_{name}")
+            else:
+                self.node("Identity", [out], [name], f"Id_{name}")
         inp = g.tensors[x].shape
         graph = helper.make_graph(
             self.nodes, "eptq_deploy_" + ("qdq" if self.q else "float"),
             [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", *inp[1:]])],
-            [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["N", *g.tensors[out].shape[1:]])],
+            [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", *g.tensors[out].shape[1:]])
+             for out, name in zip(g.outputs, names, strict=True)],
             self.inits,
         )
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="eptq-deploy")
@@ -222,13 +225,13 @@ class _Emitter:
     def emit_node(self, n: Node) -> None:
         op, a, out = n.op, n.attrs, n.outputs[0]
         T = self.g.tensors
-        same_grid = self.q and (op in SAME_GRID_OPS or (op == "concat" and all(
+        same_grid = self.q and (moves_codes(n) or (op == "concat" and all(
             u8_grid(T[i].quant) == u8_grid(T[out].quant) for i in n.inputs)))
         if same_grid:  # move uint8 codes directly
             ins = [f"{i}.q" for i in n.inputs]
             self.code_op(n, ins, f"{out}.q")
             return
-        if not self.q and op in SAME_GRID_OPS | {"concat"}:
+        if not self.q and (moves_codes(n) or op == "concat"):
             self.code_op(n, list(n.inputs), out)
             return
         if op in ("conv2d", "depthwise_conv2d"):
@@ -260,6 +263,8 @@ class _Emitter:
             elif op == "avg_pool2d":
                 self.node("AveragePool", ins, [f"{out}.f"], f"AveragePool_{out}", kernel_shape=a["kernel"],
                           strides=a["stride"], pads=a["pads"], count_include_pad=int(a["count_include_pad"]))
+            elif op == "resize":
+                self.resize(n, ins[0], f"{out}.f")
             else:
                 raise UnsupportedOpError(f"the QDQ ONNX writer (onnx-qdq, openvino-ir) cannot write op {op} "
                                          f"({n.name}): no measured integer kernel for it yet; use another target")
@@ -289,19 +294,47 @@ class _Emitter:
             self.node("Reshape", [ins[0], shp], [out], f"Reshape_{out}")
         elif op == "concat":
             self.node("Concat", ins, [out], f"Concat_{out}", axis=a["axis"])
+        elif op == "transpose":
+            self.node("Transpose", ins, [out], f"Transpose_{out}", perm=a["perm"])
+        elif op == "resize":
+            self.resize(n, ins[0], out)
         else:
             raise UnsupportedOpError(f"the QDQ ONNX writer (onnx-qdq, openvino-ir) cannot write op {op} ({n.name}); "
                                      "use another target")
 
+    def resize(self, n: Node, src: str, out: str) -> None:
+        """Resize with the node's coordinate rule. A ratio the source file gave as a scale is written as
+        that scale (onnxruntime divides by it, as the graph's ``scale`` does); a TFLite step as the
+        output sizes (batch and channels from the input's Shape, so any batch runs)."""
+        a = n.attrs
+        attrs: dict[str, Any] = {"mode": a["mode"], "coordinate_transformation_mode": a["coord"]}
+        if a["mode"] == "nearest":
+            attrs["nearest_mode"] = a["nearest"]
+        if "scale" in a:
+            scales = self.init(f"{out}.scales", np.array([1.0, 1.0, *a["scale"]], np.float32))
+            self.node("Resize", [src, "", scales], [out], f"Resize_{out}", **attrs)
+            return
+        self.node("Shape", [src], [f"{out}.in_shape"], f"Shape_{out}", end=2)
+        hw = self.init(f"{out}.hw", np.array(a["size"], np.int64))
+        self.node("Concat", [f"{out}.in_shape", hw], [f"{out}.sizes"], f"Concat_{out}_sizes", axis=0)
+        self.node("Resize", [src, "", "", f"{out}.sizes"], [out], f"Resize_{out}", **attrs)
 
-def qdq_io_contract(g: QuantGraph) -> dict[str, dict[str, Any]]:
+
+def output_names(g: QuantGraph) -> list[str]:
+    """The file's output names: ``output`` for one, ``output_K`` in the graph's order for several."""
+    return [OUTPUT_NAME] if len(g.outputs) == 1 else [f"{OUTPUT_NAME}_{k}" for k in range(len(g.outputs))]
+
+
+def qdq_io_contract(g: QuantGraph) -> dict[str, Any]:
     """The QDQ file's I/O: float32 NCHW with any batch size, quantized to uint8 by the file's
-    first QuantizeLinear and dequantized by its last DequantizeLinear (the grids in uint8)."""
-    x, y = g.tensors[g.inputs[0]], g.tensors[g.outputs[0]]
+    first QuantizeLinear and dequantized by its last DequantizeLinear(s) (the grids in uint8)."""
+    x = g.tensors[g.inputs[0]]
+    outs = [io_tensor(name, ["N", *g.tensors[t].shape[1:]], "NCHW", "float32",
+                      (*u8_grid(g.tensors[t].quant), "uint8", "DequantizeLinear inside the model"))
+            for t, name in zip(g.outputs, output_names(g), strict=True)]
     return {"input": io_tensor(x.name, ["N", *x.shape[1:]], "NCHW", "float32",
                                (*u8_grid(x.quant), "uint8", "QuantizeLinear inside the model")),
-            "output": io_tensor(OUTPUT_NAME, ["N", *y.shape[1:]], "NCHW", "float32",
-                                (*u8_grid(y.quant), "uint8", "DequantizeLinear inside the model"))}
+            "output": outs[0], "outputs": outs}
 
 
 def build_model(g: QuantGraph, quantized: bool = True, *, u8_weights_where_saturating: bool = False) -> onnx.ModelProto:
@@ -330,8 +363,8 @@ class OnnxRunner(Runner):
         self.input = self.sess.get_inputs()[0].name
         self.threads = threads
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        return self.sess.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)})[0]
+    def run(self, x: np.ndarray) -> Any:
+        return pack(self.sess.run(None, {self.input: np.ascontiguousarray(x, dtype=np.float32)}))
 
 
 class OnnxQdqTarget(Target):
@@ -401,7 +434,7 @@ def read_back_mismatches(path: Path, g: QuantGraph) -> list[str]:
                 bad.append(f"{t.name}: scale differs")
     for name in g.activation_names():
         if f"{name}.scale" not in inits:
-            if name in (g.inputs[0], g.outputs[0]):
+            if name in (g.inputs[0], *g.outputs):
                 bad.append(f"{name}: no quantizer in the file")
             continue  # a code-moving op's output without a DQ of its own
         qp, zp = g.tensors[name].quant, inits[f"{name}.zero_point"]
@@ -451,6 +484,14 @@ def ort_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return (x.float() * alpha + torch.tensor(0.5, dtype=torch.float32)).clamp(0.0, 1.0)
 
 
+def ort_resize_node(n: Node, in_shape: Any) -> Node:
+    """A TFLite-read resize (its ``step``) as onnxruntime computes the file's: given output sizes, it
+    divides by the float32 ratio output / input instead of multiplying by a step."""
+    a = {k: v for k, v in n.attrs.items() if k != "step"}
+    a["scale"] = [float(np.float32(o) / np.float32(i)) for o, i in zip(a["size"], in_shape[2:], strict=True)]
+    return Node(n.name, n.op, n.inputs, n.outputs, a, n.source)
+
+
 class OnnxruntimeRule(FloatHalfEvenRule):
     """onnxruntime's CPU provider on x86-64 (MLAS kernels for AVX2).
 
@@ -476,6 +517,8 @@ class OnnxruntimeRule(FloatHalfEvenRule):
             return ort_hard_sigmoid(xs[0])
         if n.op == "hardswish":
             return xs[0].float() * ort_hard_sigmoid(xs[0])
+        if n.op == "resize" and "step" in n.attrs:
+            return super().float_kernel(ort_resize_node(n, xs[0].shape), xs)
         return super().float_kernel(n, xs)
 
     def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:

@@ -36,7 +36,8 @@ from typing import Any
 import numpy as np
 import openvino as ov
 
-from eptq_deploy.graph import SAME_GRID_OPS, WEIGHTED_OPS, Node, QuantGraph
+from eptq_deploy.float_exec import pack
+from eptq_deploy.graph import WEIGHTED_OPS, Node, QuantGraph, moves_codes
 from eptq_deploy.host import has_vnni
 from eptq_deploy.simulate import FloatHalfEvenRule, register_rule
 
@@ -45,6 +46,7 @@ from .onnx_qdq import (
     OUTPUT_NAME,
     OnnxQdqTarget,
     build_model,
+    output_names,
     qdq_io_contract,
     u8_grid,
     u8s8_may_saturate,
@@ -89,9 +91,9 @@ class OpenVinoRunner(Runner):
         self.request = self.compiled.create_infer_request()
         self.threads = threads
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> Any:
         out = self.request.infer([np.ascontiguousarray(x, dtype=np.float32)])  # outputs copied, not shared
-        return np.asarray(out[0], dtype=np.float32)
+        return pack([np.asarray(out[k], dtype=np.float32) for k in range(len(self.compiled.outputs))])
 
 
 # ------------------------------------------------------------------ IR read-back
@@ -103,7 +105,7 @@ def _const(out: ov.Output) -> np.ndarray | None:
 def _tensor_of(names: set[str]) -> str | None:
     """The graph tensor an IR value belongs to, from the ONNX names the frontend kept."""
     for n in sorted(names):
-        if n == _ONNX_OUTPUT:
+        if n == _ONNX_OUTPUT or re.fullmatch(rf"{_ONNX_OUTPUT}_\d+", n):
             return n
         m = _TENSOR_RE.match(n)
         if m:
@@ -207,7 +209,7 @@ def read_back_mismatches(graph: QuantGraph, rb: dict[str, Any]) -> list[str]:
                 bad.append(f"{t.name}: non-zero zero point {got['zero_point'][:4]}")
     seen = set()
     for key, fqs in rb["fake_quantize"].items():
-        name = graph.outputs[0] if key == _ONNX_OUTPUT else key
+        name = dict(zip(output_names(graph), graph.outputs, strict=True)).get(key, key)
         qp = T[name].quant if name in T else None
         if qp is None:
             bad.append(f"FakeQuantize {fqs[0]['node']} is on {name!r}, which has no grid in the graph")
@@ -237,7 +239,7 @@ def read_back_mismatches(graph: QuantGraph, rb: dict[str, Any]) -> list[str]:
     producer = graph.producer()
     for t in graph.activation_names():  # every grid the emitter quantizes to must be in the IR
         p = producer.get(t)
-        if t not in seen and (p is None or p.op not in SAME_GRID_OPS | {"concat"}):
+        if t not in seen and (p is None or not (moves_codes(p) or p.op == "concat")):
             bad.append(f"{t}: no FakeQuantize for its grid in the IR")
     return bad
 

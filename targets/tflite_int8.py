@@ -33,6 +33,7 @@ from ai_edge_litert import schema_py_generated as S
 from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 from eptq_deploy.errors import TargetError, UnsupportedOpError
+from eptq_deploy.float_exec import pack
 from eptq_deploy.graph import Node, QParams, QuantGraph, TargetRules
 from eptq_deploy.simulate import (
     FloatHalfEvenRule,
@@ -51,7 +52,8 @@ _TYPE_NAMES = {v: k for k, v in vars(TT).items() if not k.startswith("_")}
 #: op versions the converter writes for int8 tensors (float files use version 1)
 INT8_VERSIONS = {BO.CONV_2D: 3, BO.DEPTHWISE_CONV_2D: 3, BO.FULLY_CONNECTED: 4, BO.ADD: 2, BO.MUL: 2,
                  BO.CONCATENATION: 2, BO.MAX_POOL_2D: 2, BO.AVERAGE_POOL_2D: 2, BO.MEAN: 2, BO.PAD: 2,
-                 BO.PADV2: 2, BO.SPLIT: 2, BO.STRIDED_SLICE: 2, BO.TRANSPOSE: 2, BO.LOGISTIC: 2, BO.RELU: 2, BO.RELU6: 2}
+                 BO.PADV2: 2, BO.SPLIT: 2, BO.STRIDED_SLICE: 2, BO.TRANSPOSE: 2, BO.LOGISTIC: 2, BO.RELU: 2, BO.RELU6: 2,
+                 BO.RESIZE_NEAREST_NEIGHBOR: 2}
 #: LOGISTIC's int8 output grid (the kernel demands it); hardsigmoid's lowering uses it too
 UNIT_GRID = (1.0 / 256.0, -128, True)
 #: op-resolver choices of ``load``: XNNPACK, the optimized builtins, the reference kernels
@@ -112,9 +114,9 @@ def read_back_mismatches(m: Any, g: QuantGraph, tensors: dict[str, dict[str, Any
         if not same_float32(got["scales"], [s]) or got["zero_points"].tolist() != [z]:
             bad.append(f"{name}: grid {got['scales'].tolist()}/{got['zero_points'].tolist()}, expected {s}/{z}")
     sg = m.subgraphs[0]
-    io = [sg.tensors[sg.inputs[0]].name.decode(), sg.tensors[sg.outputs[0]].name.decode()]
-    if io != [g.inputs[0], g.outputs[0]]:
-        bad.append(f"input/output named {io}, expected {[g.inputs[0], g.outputs[0]]}")
+    io = [sg.tensors[i].name.decode() for i in (*sg.inputs, *sg.outputs)]
+    if io != [g.inputs[0], *g.outputs]:
+        bad.append(f"input/outputs named {io}, expected {[g.inputs[0], *g.outputs]}")
     return bad
 
 
@@ -229,17 +231,17 @@ class _Emitter:
     # ----------------------------------------------------------------- build
     def build(self) -> bytes:
         g = self.g
-        if len(g.inputs) != 1 or len(g.outputs) != 1:
-            raise TargetError("tflite-int8 writes single-input, single-output graphs")
+        if len(g.inputs) != 1:
+            raise TargetError("tflite-int8 writes single-input graphs")
         x = self.output(g.inputs[0])
         for n in g.nodes:
             self.emit_node(n)
-        y = self.output(g.outputs[0])
-        self.sg.inputs, self.sg.outputs = [x], [y]
+        ys = [self.output(o) for o in g.outputs]
+        self.sg.inputs, self.sg.outputs = [x], ys
         sig = S.SignatureDefT()
         sig.signatureKey, sig.subgraphIndex = "serving_default", 0
         sig.inputs, sig.outputs = [], []
-        for lst, idx in ((sig.inputs, x), (sig.outputs, y)):
+        for lst, idx in [(sig.inputs, x)] + [(sig.outputs, y) for y in ys]:
             tm = S.TensorMapT()
             tm.name, tm.tensorIndex = self.sg.tensors[idx].name, idx
             lst.append(tm)
@@ -282,8 +284,31 @@ class _Emitter:
         elif op in ("flatten", "reshape"):
             self.same_grid(n)
             self.reshape(n.inputs[0], n.outputs[0])
+        elif op == "resize" and n.attrs["mode"] == "nearest":
+            self.resize_nearest(n)
         else:
             raise UnsupportedOpError(f"tflite-int8 cannot write op {op} ({n.name}); use another target for this model")
+
+    def resize_nearest(self, n: Node) -> None:
+        """RESIZE_NEAREST_NEIGHBOR copies codes: input coordinate (x + 0.5 with half_pixel_centers) *
+        step, floored, or rounded with align_corners, step = in / out in float32 (the graph's
+        ``step``, or a ``scale`` whose reciprocal is that same float32 number)."""
+        a, src = n.attrs, self.g.tensors[n.inputs[0]].shape
+        flags = {("asymmetric", "floor"): (False, False), ("tf_half_pixel_for_nn", "floor"): (False, True),
+                 ("align_corners", "round_prefer_ceil"): (True, False)}.get((a["coord"], a["nearest"]))
+        steps = [np.float32(i - 1) / np.float32(o - 1) if flags == (True, False) and o > 1 else np.float32(i) / np.float32(o)
+                 for i, o in zip(src[2:], a["size"], strict=True)]
+        given = a.get("step") or [1.0 / np.float32(v) for v in a["scale"]]
+        if flags is None or any(np.float32(g) != st for g, st in zip(given, steps, strict=True)):
+            raise UnsupportedOpError(f"tflite-int8 cannot write nearest resize {n.name} (coordinates {a['coord']}, "
+                                     f"rounding {a['nearest']}, ratio {given}): TFLite's kernel computes another "
+                                     "source pixel; use onnx-qdq, or cut the model before it with --outputs")
+        self.same_grid(n)
+        o = S.ResizeNearestNeighborOptionsT()
+        o.alignCorners, o.halfPixelCenters = flags
+        size = self.const_i32(f"{n.outputs[0]}/size", list(a["size"]))
+        self.op(BO.RESIZE_NEAREST_NEIGHBOR, [self.output(n.inputs[0]), size], [self.output(n.outputs[0])],
+                S.BuiltinOptions.ResizeNearestNeighborOptions, o)
 
     # ---------------------------------------------------------------- weights
     def weights(self, n: Node, layout: tuple[int, ...], axis: int) -> tuple[int, int]:
@@ -642,6 +667,15 @@ def quantize_codes(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return np.clip(r + zero_point, -128, 127).astype(np.int8)
 
 
+def output_value(y: np.ndarray, dtype: Any, grid: tuple[float, int] | None) -> np.ndarray:
+    """An output tensor as a runner returns it: int8 codes dequantized as ``simulate.dequantize`` does,
+    4-D NHWC back to NCHW."""
+    if dtype == np.int8 and grid is not None:
+        s, z = grid
+        y = (y.astype(np.int32) - z).astype(np.float32) * np.float32(s)
+    return np.ascontiguousarray(np.transpose(y, (0, 3, 1, 2)) if y.ndim == 4 else y)
+
+
 class TfliteRunner(Runner):
     """Float NCHW in, float (dequantized) NCHW out; the int8 input is quantized as the simulation does."""
 
@@ -649,9 +683,9 @@ class TfliteRunner(Runner):
         self.it, self.kernels = open_interpreter(path, threads, kernels)
         self.threads = threads
         self.rounding = "xnnpack" if self.kernels == "auto" else "tflite"  # builtin: the closest rule
-        self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
+        self.inp, self.outs = self.it.get_input_details()[0], self.it.get_output_details()
 
-    def run(self, x: np.ndarray) -> np.ndarray:
+    def run(self, x: np.ndarray) -> Any:
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 4:
             x = np.transpose(x, (0, 2, 3, 1))
@@ -659,18 +693,14 @@ class TfliteRunner(Runner):
             if tuple(self.inp["shape"]) != x.shape:
                 self.it.resize_tensor_input(self.inp["index"], list(x.shape))
                 self.it.allocate_tensors()
-                self.inp, self.out = self.it.get_input_details()[0], self.it.get_output_details()[0]
+                self.inp, self.outs = self.it.get_input_details()[0], self.it.get_output_details()
             if self.inp["dtype"] == np.int8:
                 x = quantize_codes(x, *self.inp["quantization"])
             self.it.set_tensor(self.inp["index"], np.ascontiguousarray(x, dtype=self.inp["dtype"]))
             self.it.invoke()
         except (RuntimeError, ValueError) as e:
             raise TargetError(f"ai-edge-litert ({self.kernels} kernels) failed on input {x.shape}: {_one_line(e)}") from None
-        y = self.it.get_tensor(self.out["index"])
-        if self.out["dtype"] == np.int8:
-            s, z = self.out["quantization"]
-            y = (y.astype(np.int32) - z).astype(np.float32) * np.float32(s)  # as simulate.dequantize
-        return np.ascontiguousarray(np.transpose(y, (0, 3, 1, 2)) if y.ndim == 4 else y)
+        return pack([output_value(self.it.get_tensor(d["index"]), d["dtype"], d["quantization"]) for d in self.outs])
 
 
 class TfliteInt8Target(Target):
@@ -708,7 +738,8 @@ class TfliteInt8Target(Target):
             return io_tensor(t, nhwc(graph.tensors[t].shape), "NHWC", "int8",
                              (s, z, "int8", "codes in the tensor"), rounding="half away from zero")
 
-        return {"input": one(graph.inputs[0]), "output": one(graph.outputs[0])}
+        outs = [one(t) for t in graph.outputs]
+        return {"input": one(graph.inputs[0]), "output": outs[0], "outputs": outs}
 
     def read_back_mismatches(self, folder: Path, graph: QuantGraph) -> list[str]:
         return read_back_mismatches(S.ModelT.InitFromPackedBuf((Path(folder) / self.model_file).read_bytes(), 0), graph)

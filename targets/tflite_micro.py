@@ -39,6 +39,7 @@ import torch
 from ai_edge_litert import schema_py_generated as S
 
 from eptq_deploy.errors import TargetError
+from eptq_deploy.float_exec import pack
 from eptq_deploy.graph import Node, QParams, QuantGraph, TensorInfo
 from eptq_deploy.simulate import RoundingRule, register_rule
 
@@ -49,6 +50,7 @@ from .tflite_int8 import (
     TfliteRule,
     int8_container_offset,
     multiply_by_quantized_multiplier,
+    output_value,
     quantize_codes,
     read_back_mismatches,
     rounding_divide_by_pot,
@@ -68,7 +70,7 @@ RESOLVER_METHODS = {
     "MAX_POOL_2D": "AddMaxPool2D", "MEAN": "AddMean", "MUL": "AddMul", "PAD": "AddPad", "PADV2": "AddPadV2",
     "QUANTIZE": "AddQuantize", "RELU": "AddRelu", "RELU6": "AddRelu6", "RESHAPE": "AddReshape",
     "SOFTMAX": "AddSoftmax", "SPLIT": "AddSplit", "STRIDED_SLICE": "AddStridedSlice", "SUB": "AddSub",
-    "TRANSPOSE": "AddTranspose", DECODE_OP: "AddDecode",
+    "TRANSPOSE": "AddTranspose", "RESIZE_NEAREST_NEIGHBOR": "AddResizeNearestNeighbor", DECODE_OP: "AddDecode",
 }
 #: the C array's alignment: flatbuffers and TFLM read the model in place
 ALIGNMENT = 16
@@ -297,9 +299,12 @@ class TfliteMicroRunner(Runner):
     kernels = "TFLM reference"
 
     def __init__(self, path: Path) -> None:
-        self.it = _interpreter(Path(path).read_bytes())
+        data = Path(path).read_bytes()
+        self.it = _interpreter(data)
         self.threads = 1
-        self.inp, self.out = self.it.get_input_details(0), self.it.get_output_details(0)
+        self.inp = self.it.get_input_details(0)
+        count = S.Model.GetRootAs(data, 0).Subgraphs(0).OutputsLength()
+        self.outs = [self.it.get_output_details(k) for k in range(count)]
 
     @staticmethod
     def _grid(details: dict[str, Any]) -> tuple[float, int] | None:
@@ -311,8 +316,8 @@ class TfliteMicroRunner(Runner):
         x = np.asarray(x, dtype=np.float32)
         if x.ndim == 4:
             x = np.transpose(x, (0, 2, 3, 1))
-        grid_in, grid_out = self._grid(self.inp), self._grid(self.out)
-        outs = []
+        grid_in = self._grid(self.inp)
+        outs: list[list[np.ndarray]] = []
         for i in range(len(x)):
             xi = x[i:i + 1]
             if self.inp["dtype"] == np.int8 and grid_in is not None:
@@ -322,13 +327,9 @@ class TfliteMicroRunner(Runner):
                 self.it.invoke()
             except (RuntimeError, ValueError) as e:
                 raise TargetError(f"TFLM failed on input {xi.shape}: {' '.join(str(e).split())[:200]}") from None
-            y = np.array(self.it.get_output(0))
-            if self.out["dtype"] == np.int8 and grid_out is not None:
-                s, z = grid_out
-                y = (y.astype(np.int32) - z).astype(np.float32) * np.float32(s)  # as simulate.dequantize
-            outs.append(y)
-        y = np.concatenate(outs).astype(np.float32)
-        return np.ascontiguousarray(np.transpose(y, (0, 3, 1, 2)) if y.ndim == 4 else y)
+            outs.append([output_value(np.array(self.it.get_output(k)), d["dtype"], self._grid(d))
+                         for k, d in enumerate(self.outs)])
+        return pack([np.concatenate(col).astype(np.float32) for col in zip(*outs, strict=True)])
 
 
 def _c_array(data: bytes) -> str:

@@ -88,8 +88,11 @@ def classifier_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_a_tflite_classifier_takes_nhwc_and_returns_the_files_probabilities(classifier_file: Path,
                                                                              tmp_path: Path) -> None:
     qm = eptq_deploy.quantize(classifier_file, NHWC, **KW)
-    assert interface(qm.graph.meta) == {"source_layout": "NHWC", "float_tail": [
-        {"op": "softmax", "attrs": {"axis": 1}, "source": interface(qm.graph.meta)["float_tail"][0]["source"]}]}
+    face = interface(qm.graph.meta)
+    assert face == {"source_layout": "NHWC", "float_tail": [
+        {"op": "softmax", "attrs": {"axis": 1}, "source": face["float_tail"][0]["source"],
+         "inputs": [qm.graph.outputs[0]], "outputs": face["source_outputs"]}],
+        "outputs": list(qm.graph.outputs), "source_outputs": face["source_outputs"], "cut_chosen_by": "auto"}
     assert qm.graph.nodes[-1].op == "linear"  # the integer graph ends at the logits
     probs, logits = qm.simulate(NHWC), qm.simulate(NHWC, raw=True)
     torch.testing.assert_close(probs, torch.softmax(logits, 1))

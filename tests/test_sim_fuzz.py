@@ -329,7 +329,7 @@ def _quantize(case: Case) -> tuple[QuantizedModel, torch.Tensor] | None:
     model = OneOp(case).eval()
     calib, x = _data(case)
     try:
-        qm = eptq_deploy.quantize(model, calib, profile=case.profile, targets=list(TARGETS), method="ptq",
+        qm = eptq_deploy.quantize(model, calib, profile=case.profile, targets=list(TARGETS), method="ptq", outputs=[],
                                   weight_bits=case.weight_bits, progress=False)
     except EptqError as e:
         _refused("quantize", e)

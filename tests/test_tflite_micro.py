@@ -174,10 +174,11 @@ def test_logistic_in_gemmlowp_fixed_point(scale: float, tmp_path: Path) -> None:
             return torch.sigmoid(x)
 
     x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1)) * scale
-    qm = eptq_deploy.quantize(Sigmoid().eval(), x[:32], profile="int8-pot", targets=[TARGET], method="ptq",
+    qm = eptq_deploy.quantize(Sigmoid().eval(), x[:32], profile="int8-pot", targets=[TARGET], method="ptq", outputs=[],
                               progress=False)
     t = get_target(TARGET)
     t.emit(qm.graph, tmp_path)
     got = t.load(tmp_path).run(x.numpy())
     np.testing.assert_array_equal(got, qm.simulate(x, TARGET).numpy())
-    assert not np.array_equal(got, qm.simulate(x, TARGET, rounding="tflite").numpy())  # 1 to 5 LSB apart
+    if scale < 100:  # at 100 the input grid, chosen for the sigmoid that reads it, saturates: both rules agree
+        assert not np.array_equal(got, qm.simulate(x, TARGET, rounding="tflite").numpy())  # 1 to 5 LSB apart

