@@ -346,8 +346,8 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: Any = None, target: 
 
     bundle_dir = Path(bundle_dir)
     manifest = read_manifest(bundle_dir)
-    names = _pick_target(bundle_dir, manifest, target)
-    for n in names:
+    chosen = _pick_target(bundle_dir, manifest, target)
+    for n in chosen:
         verify_bundle(bundle_dir, n)
     g = QuantGraph.load(bundle_dir)
     x = check_sample_shape(g, take_samples(data, None), "check data")
@@ -357,7 +357,7 @@ def check(bundle_dir: str | os.PathLike, data: Any, labels: Any = None, target: 
     xg = model_io.to_graph_layout(g.meta, x)
     results: dict[str, dict[str, Any]] = {}
     sims: dict[str, np.ndarray] = {}
-    for n in names:
+    for n in chosen:
         t = get_target(n)
         runner = model_io.SourceRunner(t.load(bundle_dir / n, threads=threads), g.meta, raw=True)
         rule_name = getattr(runner, "rounding", None) or manifest["targets"][n]["rounding"]  # this machine's kernels

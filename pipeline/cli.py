@@ -288,6 +288,8 @@ def target_line(name: str, runtime: str, c: dict[str, Any] | None, lat: dict[str
                            ("miou", "mIoU"), ("miou_vs_float", "mIoU vs float")):
             if c.get(key) is not None:
                 line += f"; {label} {c[key]:.1f}"
+            elif key in c:  # e.g. the float model finds nothing to score against on these images
+                line += f"; {label} n/a"
         if "top1" in c:
             line += f"; top-1 float {c['top1']['float']:.2%} sim {c['top1']['simulation']:.2%} runtime {c['top1']['runtime']:.2%}"
     if lat:

@@ -572,6 +572,8 @@ def _resize(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
     mode = _text(a.get("mode", "nearest"))
     coord = _text(a.get("coordinate_transformation_mode", "half_pixel"))
     nearest = _text(a.get("nearest_mode", "round_prefer_floor"))
+    if len(shape) == 4 and shape[2:] == (1, 1) and mode == "linear":  # from one pixel every rule copies it
+        mode, coord, nearest = "nearest", "asymmetric", "floor"
     if len(shape) != 4 or out[:2] != shape[:2]:
         r.refuse(n, f"a resize of {list(shape)} to {list(out)} (the spatial axes of a 4-D NCHW tensor are read)")
     if mode not in ("nearest", "linear"):

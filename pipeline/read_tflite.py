@@ -446,6 +446,8 @@ def _resize(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, 
     align = bool(opts.alignCorners) if opts is not None else False
     half = bool(opts.halfPixelCenters) if opts is not None else False
     nearest = op == "RESIZE_NEAREST_NEIGHBOR"
+    if len(shape) == 4 and shape[2:] == (1, 1):  # from one pixel, bilinear copies it: a nearest resize (moves codes)
+        nearest, align, half = True, False, False
     if len(shape) != 4 or out[:2] != shape[:2]:
         r.refuse(op, where, f"a resize of {list(shape)} to {list(out)} (NCHW; H and W of a 4-D tensor are read)")
     if align and half and not nearest:

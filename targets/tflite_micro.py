@@ -379,6 +379,8 @@ def write_sources(model: bytes, io: dict[str, dict[str, Any]], folder: Path, are
         "// codes: q = clamp(round(x / kInputScale) + kInputZeroPoint, -128, 127), halves away from zero",
         *tensor("Output", io["output"]),
         "// scores: (q - kOutputZeroPoint) * kOutputScale",
+        *[line for k, o in enumerate(io.get("outputs", [])[1:], start=1)  # further heads: interpreter.output(k)
+          for line in tensor(f"Output{k}", o)],
         "",
         f"constexpr int kModelOpCount = {len(ops)};",
         "",
