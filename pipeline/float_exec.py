@@ -138,6 +138,8 @@ def float_op(n: Node, xs: list[torch.Tensor], pad_value: float = 0.0) -> torch.T
         return torch.where(x >= 0, x, x * slope)
     if op == "tanh":
         return torch.tanh(x)
+    if op == "exp":
+        return torch.exp(x)
     if op == "conv_transpose2d":
         return conv_transpose(n, x, xs[1], xs[2])
     if op == "mul":

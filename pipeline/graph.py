@@ -62,13 +62,14 @@ OPS: dict[str, tuple[int | None, frozenset[str]]] = {
     "leaky_relu": (1, frozenset({"alpha"})),
     "prelu": (2, frozenset()),  # inputs: x, slope (a constant, one value per channel)
     "tanh": (1, frozenset()),
+    "exp": (1, frozenset()),  # a box decode's width and height (runs in the float tail)
     # weight (C_in, C_out / groups, kH, kW) and bias inputs like a conv, but not in WEIGHTED_OPS: quantization
     # never sees it. pads crop the full output (top, left, bottom, right); output_padding extends its end
     "conv_transpose2d": (3, frozenset({"stride", "pads", "output_padding", "dilation", "groups", "activation"})),
 }
 
 #: ops that may read a ``constant`` tensor (a float array held in the graph, not a learned weight)
-CONSTANT_INPUT_OPS = frozenset({"sub", "div", "prelu"})
+CONSTANT_INPUT_OPS = frozenset({"add", "mul", "sub", "div", "prelu"})
 #: resize coordinate rules: output pixel x -> input coordinate (ONNX's coordinate_transformation_mode names)
 RESIZE_COORDS = ("half_pixel", "pytorch_half_pixel", "align_corners", "asymmetric", "tf_half_pixel_for_nn")
 #: how nearest-neighbour resize rounds the input coordinate (ONNX's nearest_mode names)

@@ -34,8 +34,9 @@ LAYOUTS = ("NCHW", "NHWC")
 #: ops the host runs in float after the integer graph when they end a model (``cut_graph``): they
 #: compute on a model's final scores (softmax, sigmoid, tanh), upsample them (resize), merge heads
 #: whose values differ in kind onto one tensor (concat: a box offset and a class probability must
-#: not share one integer grid) or reorder a head's layout for the host (transpose)
-HOST_TAIL_OPS = frozenset({"softmax", "sigmoid", "tanh", "resize", "concat", "transpose"})
+#: not share one integer grid), reorder a head's layout for the host (transpose) or decode boxes (exp, and
+#: arithmetic with a constant: a grid, a stride; ``host_op``)
+HOST_TAIL_OPS = frozenset({"softmax", "sigmoid", "tanh", "resize", "concat", "transpose", "exp"})
 #: layout ops that may join the tail around them (alone they stay in the file: a flatten moves no data)
 TAIL_LAYOUT_OPS = frozenset({"reshape", "flatten", "slice"})
 
@@ -79,6 +80,13 @@ def source_shape(meta: dict[str, Any], shape: tuple[int, ...] | list[int]) -> li
     return shape
 
 
+def host_op(g: QuantGraph, n: Node) -> bool:
+    """Whether node ``n`` is float work that may end a model on the host (``HOST_TAIL_OPS``, or arithmetic
+    with a constant operand: a box decode adding a grid, multiplying by a stride)."""
+    return n.op in HOST_TAIL_OPS or (n.op in ("add", "sub", "mul", "div")
+                                     and any(g.tensors[i].kind == "constant" for i in n.inputs))
+
+
 def tail_nodes(g: QuantGraph) -> set[str]:
     """Names of the nodes the automatic cut leaves to the host: the largest set of trailing
     ``HOST_TAIL_OPS`` / ``TAIL_LAYOUT_OPS`` nodes (nothing outside it reads what they write), less
@@ -87,13 +95,13 @@ def tail_nodes(g: QuantGraph) -> set[str]:
     consumers = g.consumers()
     trailing: set[str] = set()
     for n in reversed(g.nodes):
-        if n.op in HOST_TAIL_OPS | TAIL_LAYOUT_OPS and all(
+        if (host_op(g, n) or n.op in TAIL_LAYOUT_OPS) and all(
                 c.name in trailing for o in n.outputs for c in consumers.get(o, [])):
             trailing.add(n.name)
     producer = g.producer()
     after: set[str] = set()  # trailing nodes that compute, or read what such a node wrote
     for n in g.nodes:
-        if n.name in trailing and (n.op in HOST_TAIL_OPS or any(
+        if n.name in trailing and (host_op(g, n) or any(
                 i in producer and producer[i].name in after for i in n.inputs)):
             after.add(n.name)
     before: set[str] = set()  # trailing layout ops feeding such a node (a head's reshape before the concat)
@@ -136,11 +144,18 @@ def cut_graph(g: QuantGraph, outputs: Sequence[str] | None = None) -> QuantGraph
     if any(o in g.inputs for n in g.nodes if n.name in tail for o in n.inputs) or not cut or not kept:
         return g  # nothing would be left to quantize before the tail
     steps = [{"op": n.op, "attrs": dict(n.attrs), "source": n.source or n.name, "inputs": list(n.inputs),
-              "outputs": list(n.outputs)} for n in g.nodes if n.name in tail]
+              "outputs": list(n.outputs), **_constants(g, n)} for n in g.nodes if n.name in tail]
     keep_t = {t for n in kept for t in (*n.inputs, *n.outputs)} | set(g.inputs)
     meta = {**g.meta, "float_tail": steps, "source_outputs": list(g.outputs),
             "cut": {"outputs": cut, "chosen_by": chosen}}
     return QuantGraph(kept, {k: v for k, v in g.tensors.items() if k in keep_t}, list(g.inputs), cut, meta)
+
+
+def _constants(g: QuantGraph, n: Node) -> dict[str, Any]:
+    """A tail step's constant operands (a decode's grid), held in the step itself: the host needs them."""
+    held = {i: g.tensors[i].data for i in n.inputs if g.tensors[i].kind == "constant"}
+    return {"constants": {k: {"shape": list(v.shape), "values": v.astype(np.float32).ravel().tolist()}
+                          for k, v in held.items()}} if held else {}
 
 
 def _tail_after(g: QuantGraph, outputs: list[str], producer: dict[str, Node]) -> set[str]:
@@ -195,6 +210,8 @@ def apply_float_tail(meta: dict[str, Any], y: Any) -> Any:
         env = dict(zip(i["outputs"], ts, strict=True))
         with torch.no_grad():
             for k, step in enumerate(tail):
+                for name, c in step.get("constants", {}).items():
+                    env[name] = torch.tensor(c["values"], dtype=torch.float32).reshape(c["shape"])
                 node = Node(f"float_tail/{k}", step["op"], list(step["inputs"]), list(step["outputs"]), dict(step["attrs"]))
                 env[node.outputs[0]] = float_op(node, [env[t] for t in node.inputs])
         outs = [env[o] for o in i["source_outputs"]]

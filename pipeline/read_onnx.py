@@ -42,7 +42,7 @@ MIN_OPSET, MAX_OPSET = 11, 21
 SUPPORTED = ("Conv", "Gemm", "MatMul", "BatchNormalization", "Relu", "Clip", "Sigmoid", "HardSigmoid",
              "HardSwish", "Add", "Mul", "Concat", "MaxPool", "AveragePool", "GlobalAveragePool", "ReduceMean",
              "Flatten", "Reshape", "Squeeze", "Unsqueeze", "Slice", "Pad", "Identity", "Dropout", "Softmax",
-             "Sub", "Div", "Transpose", "Split", "Resize", "LeakyRelu", "PRelu", "Tanh", "ConvTranspose", "Shape")
+             "Sub", "Div", "Transpose", "Split", "Resize", "LeakyRelu", "PRelu", "Tanh", "ConvTranspose", "Shape", "Exp")
 
 
 #: the child process of ``_Reader._run_everything``: onnxruntime on zeros, every output saved in order
@@ -370,7 +370,7 @@ def _fold_constant(r: _Reader, n: onnx.NodeProto, op: str, x: str, c: np.ndarray
 
 def _binary(op: str) -> Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]:
     """Add, Mul, Sub, Div: of two activations, or of an activation and a constant (folded into the layer
-    before it where per channel; for Sub and Div otherwise held in the graph as a constant input)."""
+    before it where per channel, otherwise held in the graph as a constant input: a box decode's grid)."""
     def h(r: _Reader, n: onnx.NodeProto, a: dict[str, Any]) -> None:
         consts = [k for k, i in enumerate(n.input) if r.is_const(i)]
         if consts:
@@ -378,15 +378,13 @@ def _binary(op: str) -> Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None
             src, c = n.input[1 - k], r.value(n.input[k])
             if (k == 1 or op in ("add", "mul")) and _fold_constant(r, n, op, src, c):
                 return
-            if op in ("add", "mul"):
-                r.refuse(n, f"{op} of a constant that is not per channel of a convolution or linear layer before it")
             x = r.act(src, n)
             held = held_constant(c, r.tensors[x].shape)
             if held is None:
                 r.refuse(n, f"{op} with a constant of shape {list(c.shape)} that does not broadcast onto "
                          f"{list(r.tensors[x].shape)} without widening it")
             ins = [x, r.constant(held)] if k == 1 else [r.constant(held), x]
-            r.emit(n, op, ins, {"activation": "none"})
+            r.emit(n, op, ins, {} if op == "mul" else {"activation": "none"})
             return
         x, y = (r.act(i, n) for i in n.input)
         sx, sy = r.tensors[x].shape, r.tensors[y].shape
@@ -654,7 +652,7 @@ _HANDLERS: dict[str, Callable[[_Reader, onnx.NodeProto, dict[str, Any]], None]] 
     "ReduceMean": _reduce_mean, "Flatten": _reshape_like, "Reshape": _reshape_like, "Squeeze": _reshape_like,
     "Unsqueeze": _reshape_like, "Slice": _slice, "Pad": _pad, "Identity": _identity, "Dropout": _identity,
     "Softmax": _softmax, "Sub": _binary("sub"), "Div": _binary("div"), "Transpose": _transpose, "Split": _split,
-    "Resize": _resize, "LeakyRelu": _leaky_relu, "PRelu": _prelu, "Tanh": _unary("tanh"),
+    "Resize": _resize, "LeakyRelu": _leaky_relu, "PRelu": _prelu, "Tanh": _unary("tanh"), "Exp": _unary("exp"),
     "ConvTranspose": _conv_transpose, "Shape": _shape,
 }
 

@@ -225,6 +225,10 @@ class _Emitter:
     def emit_node(self, n: Node) -> None:
         op, a, out = n.op, n.attrs, n.outputs[0]
         T = self.g.tensors
+        if any(T[i].kind == "constant" for i in n.inputs):
+            raise UnsupportedOpError(f"the QDQ ONNX writer (onnx-qdq, openvino-ir) cannot write op {op} with a constant "
+                                     f"operand ({n.name}): no measured integer kernel for it; cut the model before it "
+                                     "with --outputs (it then runs in float on the host) or use another target")
         same_grid = self.q and (moves_codes(n) or (op == "concat" and all(
             u8_grid(T[i].quant) == u8_grid(T[out].quant) for i in n.inputs)))
         if same_grid:  # move uint8 codes directly

@@ -252,6 +252,10 @@ class _Emitter:
 
     def emit_node(self, n: Node) -> None:
         op = n.op
+        if any(self.g.tensors[i].kind == "constant" for i in n.inputs):
+            raise UnsupportedOpError(f"tflite-int8 cannot write op {op} with a constant operand ({n.name}); cut the "
+                                     "model before it with --outputs (it then runs in float on the host) or use another "
+                                     "target")
         if op in ("conv2d", "depthwise_conv2d"):
             self.conv(n)
         elif op == "linear":

@@ -85,7 +85,25 @@ class TwoHeads(nn.Module):
         return self.reg(y).flatten(2).transpose(1, 2), self.cls(y).flatten(2).transpose(1, 2)
 
 
-MODELS = {"detector": Detector, "segmenter": Segmenter, "two_heads": TwoHeads}
+class DecodedYolo(nn.Module):
+    """The common YOLO export: boxes decoded inside the graph, [N, A, 5 + C] as cx, cy, w, h in pixels (grid
+    added, stride multiplied, widths through exp), objectness and class scores through a sigmoid."""
+
+    def __init__(self, classes: int = 3) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.head = nn.Conv2d(8, 5 + classes, 1)
+        gy, gx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+        self.register_buffer("grid", torch.stack([gx, gy], -1).reshape(1, 64, 2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.head(F.silu(self.stem(x))).flatten(2).transpose(1, 2)  # [N, 64, 5 + C]
+        xy = (y[..., :2] + self.grid) * 2.0
+        wh = torch.exp(y[..., 2:4]) * 2.0
+        return torch.cat([xy, wh, torch.sigmoid(y[..., 4:])], -1)
+
+
+MODELS = {"detector": Detector, "segmenter": Segmenter, "two_heads": TwoHeads, "decoded": DecodedYolo}
 
 
 @pytest.fixture(scope="module")
@@ -257,3 +275,25 @@ def _held(images: Path, held: list[str]) -> torch.Tensor:
     names: list[str] = []
     x = load_data(images, "imagenet", crop=16, names=names)
     return x[[names.index(n) for n in held]]
+
+
+def test_decode_inside_the_model_becomes_the_float_tail(files: dict[str, Path], tmp_path: Path) -> None:
+    """A YOLO export that decodes its boxes (grid add, stride multiply, exp) is cut at its head: the decode,
+    with its grid, runs on the host, and the loaded runner returns the file's [N, A, 5 + C] boxes."""
+    calib, x = _data()
+    qm = eptq_deploy.quantize(files["decoded"], calib, method="ptq", progress=False, postprocess="decoded")
+    producer = qm.graph.producer()
+    assert [producer[o].op for o in qm.graph.outputs] == ["conv2d"]
+    tail = model_io.interface(qm.graph.meta)["float_tail"]
+    assert {"exp", "add", "mul", "sigmoid", "concat"} <= {s["op"] for s in tail}
+    assert any(s.get("constants") for s in tail)  # the grid travels with the tail
+    bundle = eptq_deploy.export(qm, out=tmp_path / "b", data=x)
+    y = eptq_deploy.load(bundle).run(x.numpy())
+    want = _source(files["decoded"], x)[0]
+    assert y.shape == want.shape == (12, 64, 8)
+    np.testing.assert_allclose(qm.forward_float(x).numpy(), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, qm.simulate(x).numpy(), rtol=1e-6, atol=1e-6)
+    boxes = eptq_deploy.tasks.detect(qm.graph.meta["postprocess"], y)
+    assert len(boxes) == 12 and all(d.boxes.shape[1] == 4 for d in boxes)
+    checks = eptq_deploy.bundle.read_manifest(bundle)["targets"]["onnx-qdq"]["checks"]
+    assert checks["max_abs_diff_lsb"] == 0 and "map_vs_float" in checks

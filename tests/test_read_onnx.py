@@ -444,11 +444,12 @@ def _canonical(op: str) -> eptq_deploy.graph.QuantGraph:
               "resize": helper.make_node("Resize", ["h", "", "s"], ["y"], mode="linear"),
               "leaky_relu": helper.make_node("LeakyRelu", ["h"], ["y"]), "tanh": helper.make_node("Tanh", ["h"], ["y"]),
               "prelu": helper.make_node("PRelu", ["h", "p"], ["y"]),
-              "conv_transpose2d": helper.make_node("ConvTranspose", ["h", "wt"], ["y"], strides=[2, 2])}[op]
+              "conv_transpose2d": helper.make_node("ConvTranspose", ["h", "wt"], ["y"], strides=[2, 2]),
+              "exp": helper.make_node("Exp", ["h"], ["y"]), "add": helper.make_node("Add", ["h", "g"], ["y"])}[op]
     extra = [helper.make_node("Relu", ["x"], ["x3"]), helper.make_node("Conv", ["x3", "w"], ["h2"], pads=[1, 1, 1, 1])] \
         if op == "div" else []
     inits = [w, _const("s", [1, 1, 2, 2]), _const("p", np.full((4, 1, 1), 0.2)),
-             _const("wt", np.random.default_rng(1).normal(size=(4, 2, 3, 3)))]
+             _const("wt", np.random.default_rng(1).normal(size=(4, 2, 3, 3))), _const("g", np.arange(16.0 * 16).reshape(16, 16))]
     src = read(_model([conv, *extra, second], inits, [1, 3, 16, 16]))
     assert op in {n.op for n in src.graph.nodes}
     return src.graph
@@ -458,7 +459,8 @@ def _canonical(op: str) -> eptq_deploy.graph.QuantGraph:
 WRITTEN_BY = {"transpose": {"onnx-qdq", "openvino-ir"}, "resize": {"onnx-qdq", "openvino-ir"}}
 
 
-@pytest.mark.parametrize("op", ["sub", "div", "transpose", "resize", "leaky_relu", "tanh", "prelu", "conv_transpose2d"])
+@pytest.mark.parametrize("op", ["sub", "div", "transpose", "resize", "leaky_relu", "tanh", "prelu", "conv_transpose2d",
+                                "exp", "add"])  # add: of a constant that is not per channel (a decode's grid)
 def test_new_ops_are_refused_by_every_target_by_name(op: str) -> None:
     """Targets without a measured integer kernel for these refuse the op by name before calibration
     (fusing and the folded-input check run first and must not trip on them); the QDQ writers move a

@@ -41,6 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
+# same folder (tools/ is the script's path): one JSON-line writer for the benchmarks
+from bench_mlperf_tiny import emit
+
 import eptq_deploy
 from eptq_deploy import model_io, tasks
 from eptq_deploy.data import load_data
@@ -148,13 +151,6 @@ def float_scores(spec: dict[str, Any], qm: Any, data: dict[str, Any]) -> tuple[A
     out = batched(lambda b: [v.numpy() for v in unpack(qm.forward_float(b))], xs)
     return out, tasks.task_scores(spec, out, out, layout=layout, labels=data.get("labels"), names=data.get("names"),
                                   transforms=data.get("transforms"), sizes=data.get("sizes"))
-
-
-def emit(row: dict[str, Any], results: Path, rows: list[dict[str, Any]]) -> None:
-    print(json.dumps(row), flush=True)
-    with open(results, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    rows.append(row)
 
 
 def main(argv: list[str] | None = None) -> int:
