@@ -11,10 +11,10 @@ target's file is run on its own runtime. Scores are the task's (``eptq_deploy.ta
 - DeepLabV3-MobileNetV2 (257x257 stretch, [-1, 1]): mIoU on the 14 ``voc_samples`` (argmax
   resized back nearest, void ignored) and mIoU against the float model's masks on ImageNet samples.
 - BlazeFace short range (128x128 letterbox, [-1, 1]): label-free mAP against the float model's
-  faces on the ``coco_mini/val2017`` images that hold a person.
+  faces on the ``coco_mini`` images (train2017 and val2017) that hold a person.
 
 Calibration: ``coco_mini/train2017`` plus the first ImageNet samples (YOLOX), ImageNet samples
-(DeepLabV3), ImageNet samples plus the train2017 images with a person (BlazeFace); the
+(DeepLabV3), ImageNet samples (BlazeFace, scored on every coco_mini image with a person); the
 label-free ImageNet evaluation uses the samples after those, so no image both calibrates and scores.
 
 Per target: the runtime's scores, the simulation's agreement with it (identical boxes after NMS,
@@ -104,10 +104,11 @@ def datasets(root: Path, model: str, free_limit: int | None) -> dict[str, dict[s
         val = images(root / "voc_samples", preset, keep={p.name for p in (root / "voc_samples").glob("*_image.png")})
         val["labels"] = root / "voc_samples"
         return {"calib": calib, "val": val, "free": images(imagenet, preset, skip=256, limit=free_limit)}
-    calib = torch.cat([images(imagenet, preset, limit=200)["x"],
-                       images(root / "coco_mini" / "train2017", preset, keep=person_images(root, "train2017"))["x"]])
-    return {"calib": {"x": calib},
-            "free": images(root / "coco_mini" / "val2017", preset, keep=person_images(root, "val2017"))}
+    persons = person_images(root, "train2017") | person_images(root, "val2017")
+    free = images(root / "coco_mini" / "train2017", preset, keep=persons)
+    more = images(root / "coco_mini" / "val2017", preset, keep=persons)
+    free = {k: (torch.cat([v, more[k]]) if k == "x" else v + more[k]) for k, v in free.items()}
+    return {"calib": {"x": images(imagenet, preset, limit=256)["x"]}, "free": free}
 
 
 def batched(fn: Any, x: torch.Tensor | np.ndarray, step: int = 16) -> Any:
