@@ -492,6 +492,6 @@ def test_graph_json_checks_resize_transpose_and_constants() -> None:
         with pytest.raises(UsageError, match=op):
             g.validate()
     g = _canonical("prelu")
-    next(n for n in g.nodes if n.op == "prelu").op = "mul"
+    next(n for n in g.nodes if n.op == "prelu").op = "concat"  # concat moves activations: it cannot read one
     with pytest.raises(UsageError, match="reads constant"):
         g.validate()
