@@ -227,8 +227,9 @@ class _Builder:
             self.call(fx)
         if len(self.user_inputs) != 1:
             raise ModelError(f"the model takes {len(self.user_inputs)} inputs; eptq-deploy handles single-image-input models (one NCHW tensor)")
-        if len(outputs) != 1:
-            raise ModelError(f"the model returns {len(outputs)} outputs; wrap it so forward() returns one tensor")
+        if not outputs or len(set(outputs)) != len(outputs):
+            raise ModelError(f"the model returns {len(outputs)} outputs{' (one tensor twice)' if outputs else ''}; "
+                             "return each tensor once (a tuple of tensors for several heads)")
         g = QuantGraph(self.nodes, self.tensors, [self.names[self.user_inputs[0]]], outputs)
         return g
 
@@ -417,6 +418,21 @@ def _reshape(b: _Builder, fx: torch.fx.Node, source: str) -> None:
         b.emit(fx, "reshape", [x], {"shape": shape}, source)
 
 
+def _transpose(b: _Builder, fx: torch.fx.Node, source: str) -> None:
+    """transpose(x, a, b) and permute(x, dims): the canonical transpose (the batch axis stays first)."""
+    x = b.tensor(fx.args[0], source)
+    rank = len(b.tensors[x].shape)
+    if "permute" in str(fx.target):
+        perm = [int(d) % rank for d in fx.args[1]]
+    else:
+        perm = list(range(rank))
+        i, j = int(fx.args[1]) % rank, int(fx.args[2]) % rank
+        perm[i], perm[j] = perm[j], perm[i]
+    if perm[:1] != [0]:
+        b.unsupported(fx, source, "a transpose that moves the batch axis")
+    b.emit(fx, "transpose", [x], {"perm": perm}, source)
+
+
 def _slice(b: _Builder, fx: torch.fx.Node, source: str) -> None:
     a = list(fx.args) + [None] * 5
     x = b.tensor(a[0], source)
@@ -495,6 +511,8 @@ _HANDLERS: dict[str, Callable[[_Builder, torch.fx.Node, str], None]] = {
     "aten.view.default": _reshape,
     "aten.reshape.default": _reshape,
     "aten.slice.Tensor": _slice,
+    "aten.transpose.int": _transpose,
+    "aten.permute.default": _transpose,
     "aten.pad.default": _pad,
     "aten.constant_pad_nd.default": _pad,
 }

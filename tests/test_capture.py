@@ -282,15 +282,18 @@ def test_grouped_conv_refused() -> None:
         capture(model, torch.randn(1, 3, 8, 8), profile_name="p")
 
 
-def test_two_outputs_refused() -> None:
+def test_two_outputs_captured_and_one_tensor_twice_refused() -> None:
     class Two(nn.Module):
-        def __init__(self) -> None:
+        def __init__(self, twice: bool) -> None:
             super().__init__()
             self.conv = nn.Conv2d(3, 4, 3)
+            self.twice = twice
 
         def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             y = self.conv(x)
-            return y, torch.relu(y)
+            return (y, y) if self.twice else (y, torch.sigmoid(y))
 
-    with pytest.raises(EptqError, match="2 outputs"):
-        capture(Two().eval(), torch.randn(1, 3, 8, 8))
+    g = capture(Two(False).eval(), torch.randn(1, 3, 8, 8))
+    assert len(g.outputs) == 2 and g.producer()[g.outputs[1]].op == "sigmoid"
+    with pytest.raises(EptqError, match="one tensor twice"):
+        capture(Two(True).eval(), torch.randn(1, 3, 8, 8))

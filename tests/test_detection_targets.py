@@ -297,3 +297,19 @@ def test_decode_inside_the_model_becomes_the_float_tail(files: dict[str, Path], 
     assert len(boxes) == 12 and all(d.boxes.shape[1] == 4 for d in boxes)
     checks = eptq_deploy.bundle.read_manifest(bundle)["targets"]["onnx-qdq"]["checks"]
     assert checks["max_abs_diff_lsb"] == 0 and "map_vs_float" in checks
+
+
+def test_a_pytorch_model_with_two_heads_goes_through(tmp_path: Path) -> None:
+    """A PyTorch module returning a tuple (box and score heads) is captured with both outputs, quantized,
+    exported and run; the loaded runner returns the tuple, the file's heads bit-exact with the simulation."""
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    calib, x = _data()
+    qm = eptq_deploy.quantize(model, calib, method="ptq", progress=False)
+    assert len(qm.graph.outputs) == 2  # the heads' transposes run on the host
+    bundle = eptq_deploy.export(qm, out=tmp_path / "b", data=x)
+    reg, cls = eptq_deploy.load(bundle).run(x.numpy())
+    with torch.no_grad():
+        want = model(x)
+    assert reg.shape == tuple(want[0].shape) and cls.shape == tuple(want[1].shape)
+    assert eptq_deploy.bundle.read_manifest(bundle)["targets"]["onnx-qdq"]["checks"]["max_abs_diff_lsb"] == 0
