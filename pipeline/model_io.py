@@ -223,6 +223,12 @@ def to_user(meta: dict[str, Any], y: Any, raw: bool = False) -> Any:
     return pack([to_source_layout(meta, v) for v in unpack(y if raw else apply_float_tail(meta, y))])
 
 
+def raw_to_user(meta: dict[str, Any], raw: Any) -> Any:
+    """A model file's raw outputs as a runner returns them with ``raw=True`` (source layout, packed) turned
+    into what the source model returns: back to the canonical layout, then ``to_user``."""
+    return to_user(meta, pack([to_graph_layout(meta, np.asarray(v)) for v in unpack(raw)]))
+
+
 def describe(meta: dict[str, Any]) -> str:
     """One sentence for reports: what the host does around the model file."""
     i = interface(meta)

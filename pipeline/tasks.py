@@ -38,7 +38,7 @@ from .detection import (
     to_original,
 )
 from .errors import DataError, UsageError
-from .float_exec import pack, unpack
+from .float_exec import unpack
 from .segmentation import confusion, miou, miou_vs_reference, predict_mask, read_masks
 
 FAMILIES = ("yolox", "ssd", "decoded", "segment")
@@ -167,12 +167,9 @@ def file_scores(meta: dict[str, Any], preprocessing: dict[str, Any] | None, raw:
     from . import model_io
     from .preprocess import input_transform, preset_from_info
 
-    def user(y: Any) -> Any:  # what the source model returns
-        return model_io.to_user(meta, pack([model_io.to_graph_layout(meta, np.asarray(v)) for v in unpack(y)]))
-
     transforms = None
     if sizes is not None and preprocessing is not None:
         transforms = [input_transform(preset_from_info(preprocessing), s) for s in sizes]
-    return task_scores(meta["postprocess"], user(raw), user(float_raw), layout=model_io.interface(meta)["source_layout"],
+    return task_scores(meta["postprocess"], model_io.raw_to_user(meta, raw), model_io.raw_to_user(meta, float_raw), layout=model_io.interface(meta)["source_layout"],
                        labels=labels, names=names, transforms=transforms,
                        sizes=sizes if transforms is not None else None)

@@ -128,10 +128,7 @@ def score_set(spec: dict[str, Any], qm: Any, runner: Any, target: str, data: dic
     lsb = max(float(np.abs(r.astype(np.float64) - s).max() / qm.graph.tensors[o].quant.scale[0])
               for r, s, o in zip(unpack(raw_rt), unpack(raw_sim), qm.graph.outputs, strict=True))
 
-    def user(raw: Any) -> Any:  # the source model's outputs: the float tail run on the file's raw outputs
-        return model_io.to_user(meta, pack([model_io.to_graph_layout(meta, v) for v in unpack(raw)]))
-
-    rt, sim = user(raw_rt), user(raw_sim)
+    rt, sim = model_io.raw_to_user(meta, raw_rt), model_io.raw_to_user(meta, raw_sim)
     out = tasks.task_scores(spec, rt, float_out, layout=layout, labels=data.get("labels"), names=data.get("names"),
                             transforms=data.get("transforms"), sizes=data.get("sizes"))
     if spec["task"] == "detect":
