@@ -25,6 +25,7 @@ from .bundle import as_numpy, read_manifest, verify_bundle, write_bundle
 from .capture import capture, fuse_activations
 from .checks import latency, run_batches, runtime_checks
 from .eptq import EptqConfig, optimize, optimize_layerwise
+from .equalize import equalize_silu
 from .errors import BundleError, DataError, TargetError, UsageError
 from .float_exec import pack
 from .graph import QuantGraph, TargetRules
@@ -122,7 +123,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
              samples: int | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True,
              fold_preprocessing: str | Preset | None = None, input_shape: tuple[int, ...] | None = None,
              outputs: Sequence[str] | None = None, postprocess: str | dict[str, Any] | None = None,
-             **options: Any) -> QuantizedModel:
+             equalize: bool = True, **options: Any) -> QuantizedModel:
     """Quantize ``model`` for ``targets`` under ``profile`` from unlabelled ``data``.
 
     ``data``: a tensor or array (N, C, H, W), an iterable of batches, or a DataLoader,
@@ -146,6 +147,10 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     model's final float work starts (``model_io.cut_graph``: softmax, sigmoid heads, the concat
     merging box and class heads, a segmenter's last upsampling); that tail runs in float on the
     host, and ``QuantizedModel.graph.meta["cut"]`` says where the cut fell.
+
+    ``equalize`` (default on) rescales the channels of every SiLU whose rescale can be made exact
+    (``equalize.py``: a 1x1 depthwise layer per SiLU, the float model unchanged) so one per-tensor
+    grid serves them all; ``QuantizedModel.info["equalized_silu"]`` lists the layers.
 
     ``postprocess`` names what the outputs mean (``tasks.FAMILIES``: "yolox", "ssd", "decoded",
     "segment"; or a spec from ``tasks.postprocess_spec``): the bundle's manifest then ships the
@@ -195,12 +200,14 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
         t.validate(fg)
     t_capture = time.perf_counter() - t0
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+    equalized = equalize_silu(fg, batches, prof.activations.bits) if equalize else []
     stats = collect_stats(fg, batches, seed=seed, progress=progress)
     timings = {"capture": round(t_capture, 3), "calibration": round(time.perf_counter() - t0 - t_capture, 3)}
     info: dict[str, Any] = {"method": method, "seed": seed, "samples": int(len(x)), "tool_version": __version__,
                             "options": opts,  # which of the given samples calibrated (the CLI names files instead)
                             "calibration": {"source": "data given to quantize()", "kind": "in-memory data",
-                                            "indices": picked}}
+                                            "indices": picked},
+                            "equalized_silu": equalized}
     if pre is not None:
         info["preprocessing"] = preset_info(pre)
     rules = [t.rules for t in tgts]

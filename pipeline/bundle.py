@@ -153,6 +153,8 @@ def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: 
         "calibration": {"samples": qm.info.get("samples"),
                         **{k: v for k, v in calib.items() if k not in ("files", "indices")},
                         "record": CALIBRATION_FILE},
+        # layers whose SiLU channels were rescaled (equalize.py): each has a 1x1 depthwise layer "<name>.rescale"
+        "equalized_silu": qm.info.get("equalized_silu", []),
         "quantization_time_s": qm.info.get("timings_s"),
         "quantization_file": QUANTIZATION_FILE,
         "files": _files_at(out, [p.name for p in sorted(out.iterdir()) if p.is_file()]),

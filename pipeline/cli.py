@@ -111,6 +111,8 @@ def quantize(
     postprocess: Annotated[str | None, typer.Option(help="What the outputs are, for decode parameters in the manifest "
                                                          "and task scores in checks: yolox, ssd (BlazeFace anchors), "
                                                          "decoded ([N, A, 5 + C] boxes) or segment.")] = None,
+    equalize: Annotated[bool, typer.Option(help="Rescale each SiLU's channels exactly (a 1x1 depthwise layer per "
+                                                "SiLU) so one activation grid serves them all.")] = True,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for MODEL (loaded with weights_only=True).")] = None,
     allow_pickle: Annotated[bool, typer.Option(help="Load a pickled full model: this RUNS CODE FROM THE FILE; only "
                                                     "for files you trust.")] = False,
@@ -163,6 +165,8 @@ def quantize(
             options["outputs"] = [o.strip() for o in outputs.split(",") if o.strip()]
         if postprocess is not None:
             options["postprocess"] = postprocess
+        if not equalize:
+            options["equalize"] = False
         run_quantize(model, data, profile, target, chosen, weight_bits, weights, allow_pickle, preset, resize, crop,
                      _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
                      progress, options, labels, skip_bad=skip_bad_data, fold=fold_preprocessing,
