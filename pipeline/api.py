@@ -25,7 +25,7 @@ from .bundle import as_numpy, read_manifest, verify_bundle, write_bundle
 from .capture import capture, fuse_activations
 from .checks import latency, run_batches, runtime_checks
 from .eptq import EptqConfig, optimize, optimize_layerwise
-from .equalize import equalize_silu
+from .equalize import equalize as equalize_channels
 from .errors import BundleError, DataError, TargetError, UsageError
 from .float_exec import pack
 from .graph import QuantGraph, TargetRules
@@ -200,7 +200,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
         t.validate(fg)
     t_capture = time.perf_counter() - t0
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
-    equalized = equalize_silu(fg, batches, prof.activations.bits) if equalize else []
+    equalized = equalize_channels(fg, batches, prof.activations.bits) if equalize else []
     stats = collect_stats(fg, batches, seed=seed, progress=progress)
     timings = {"capture": round(t_capture, 3), "calibration": round(time.perf_counter() - t0 - t_capture, 3)}
     info: dict[str, Any] = {"method": method, "seed": seed, "samples": int(len(x)), "tool_version": __version__,

@@ -13,7 +13,7 @@ from test_tflite import _one_torch_thread  # noqa: F401  (autouse fixture: one t
 from torch import nn
 
 import eptq_deploy
-from eptq_deploy.equalize import equalize_silu, factors, silu_sites
+from eptq_deploy.equalize import equalize, factors, sites
 from eptq_deploy.float_exec import run_float
 from eptq_deploy.readers import read_source
 
@@ -60,25 +60,25 @@ def test_rewrite_is_exact_in_float_and_only_where_it_can_be(model_file: Path) ->
     g = read_source(model_file, None).graph
     x = _data(16, 1)
     before = run_float(g, x)
-    sites = silu_sites(g)
-    assert len(sites) == 2  # stem -> depthwise, depthwise -> two pointwise convs; not the SiLU read by the add
-    done = equalize_silu(g, [x[:8], x[8:]], 8)
-    assert done == [p.name for p, _, _ in sites]
+    found = sites(g)
+    assert len(found) == 2  # stem -> depthwise, depthwise -> two pointwise convs; not the SiLU read by the add
+    done = equalize(g, [x[:8], x[8:]], 8)
+    assert done == [s.conv.name for s in found]
     g.validate()
     assert [n.op for n in g.nodes].count("depthwise_conv2d") == 3  # the model's own plus two rescales
     after = run_float(g, x)
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4 * float(before.abs().max()))
-    assert silu_sites(g) == []  # a rewritten site no longer matches: a second pass changes nothing
+    assert sites(g) == []  # a rewritten site no longer matches: a second pass changes nothing
 
 
 def test_factors_stay_within_the_grids_resolution(model_file: Path) -> None:
     g = read_source(model_file, None).graph
-    (_, _, m), _ = silu_sites(g)
+    first, _ = sites(g)
     r = np.logspace(-6, 2, 8)
-    c = factors(g, m, r, 8)
+    c = factors(g, first.tensor, r, 8)
     assert c.max() == pytest.approx(1.0) and c.min() == pytest.approx(2.0**-7)  # a dead channel is not blown up
     assert np.all(np.diff(c) >= 0)  # depthwise reader: the factor follows the channel's range
-    assert np.allclose(factors(g, m, np.zeros(8), 8), 1.0)
+    assert np.allclose(factors(g, first.tensor, np.zeros(8), 8), 1.0)
 
 
 def test_equalisation_buys_accuracy_on_uneven_silu_channels(model_file: Path) -> None:
