@@ -36,6 +36,7 @@ from .ptq import collect_stats, ptq
 from .quantized import QuantizedModel, concat_batches
 from .readers import check_against_source, read_source
 from .targets import Runner, Target, get_target, list_targets
+from .toolchains import installed
 
 METHODS = ("ptq", "eptq", "adaround")
 #: the method when none is named: EPTQ, at least as accurate as PTQ on every benchmark row (README)
@@ -58,11 +59,22 @@ def resolve_targets(targets: str | list[str] | tuple[str, ...] | None, profile: 
         names = [n.strip() for n in targets.split(",") if n.strip()]
     else:
         names = list(targets)
-    if names == ["all"]:
-        names = [n for n, _ in list_targets()]
+    if names == ["all"]:  # every target that can run here: a compiler target only where its toolchain is installed
+        names = [n for n, _ in list_targets() if get_target(n).toolchain is None or installed(get_target(n).toolchain)]
     if not names:
         raise UsageError("no target given; pass one of: " + ", ".join(n for n, _ in list_targets()))
     return [get_target(n) for n in dict.fromkeys(names)]
+
+
+def resolve_target_options(tgts: list[Target], given: dict[str, dict[str, Any]] | None) -> dict[str, dict[str, Any]]:
+    """Each target's options, validated and with its defaults (targets that take none are left out)."""
+    given = dict(given or {})
+    names = {t.name for t in tgts}
+    stray = sorted(set(given) - names)
+    if stray:
+        raise UsageError(f"options given for {', '.join(stray)}, which is not among the targets "
+                         f"({', '.join(sorted(names))}); add it to the targets or drop its options")
+    return {t.name: t.check_options(given.get(t.name, {})) for t in tgts if t.options}
 
 
 def check_pair(profile: Profile, target: Target) -> None:
@@ -123,7 +135,8 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
              samples: int | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True,
              fold_preprocessing: str | Preset | None = None, input_shape: tuple[int, ...] | None = None,
              outputs: Sequence[str] | None = None, postprocess: str | dict[str, Any] | None = None,
-             equalize: bool = True, **options: Any) -> QuantizedModel:
+             equalize: bool = True, target_options: dict[str, dict[str, Any]] | None = None,
+             **options: Any) -> QuantizedModel:
     """Quantize ``model`` for ``targets`` under ``profile`` from unlabelled ``data``.
 
     ``data``: a tensor or array (N, C, H, W), an iterable of batches, or a DataLoader,
@@ -152,6 +165,10 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     (``equalize.py``: a 1x1 depthwise layer per SiLU, the float model unchanged) so one per-tensor
     grid serves them all; ``QuantizedModel.info["equalized_silu"]`` lists the layers.
 
+    ``target_options`` (target name -> its options, ``Target.options``; e.g. ``{"ethos-u":
+    {"accelerator": "ethos-u65-256"}}``) are checked now and kept in the graph for export. A target
+    that calls a chip compiler is refused here if its toolchain is not installed.
+
     ``postprocess`` names what the outputs mean (``tasks.FAMILIES``: "yolox", "ssd", "decoded",
     "segment"; or a spec from ``tasks.postprocess_spec``): the bundle's manifest then ships the
     decode parameters and thresholds, and ``check`` scores detections (mAP) or masks (mIoU).
@@ -166,6 +183,8 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     tgts = resolve_targets(targets, prof)
     for t in tgts:
         check_pair(prof, t)
+        t.ready()
+    t_opts = resolve_target_options(tgts, target_options)
     pre = None
     if fold_preprocessing is not None:
         pre = get_preset(fold_preprocessing)
@@ -218,6 +237,8 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     timings["total"] = round(time.perf_counter() - t0, 3)
     info["timings_s"] = timings
     qg.meta.update({"profile": prof.name, "method": method, "targets": [t.name for t in tgts]})
+    if t_opts:
+        qg.meta["target_options"] = t_opts
     return QuantizedModel(qg, fg, prof, [t.name for t in tgts], {t.name: t.rules.rounding for t in tgts}, info)
 
 
@@ -298,7 +319,10 @@ def export(qmodel: QuantizedModel, target: str | list[str] | None = None, out: s
         if check_samples is not None:
             x = x[:check_samples]
             labels = None if labels is None else np.asarray(labels)[:check_samples]
-    return write_bundle(qmodel, [get_target(n) for n in names], Path(out), x=x, labels=labels, force=force,
+    chosen = [get_target(n) for n in names]
+    for t in chosen:  # a compiler target whose toolchain went missing since quantize: refused before writing
+        t.ready()
+    return write_bundle(qmodel, chosen, Path(out), x=x, labels=labels, force=force,
                         command=command, threads=threads, check_command=check_command)
 
 

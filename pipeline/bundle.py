@@ -297,6 +297,14 @@ def runtime_line(t: dict[str, Any]) -> str:
     if "arena_bytes" in ins:
         parts.append(f"memory: model {ins['model_bytes']:,} bytes (flash), tensor arena {ins['arena_bytes']:,} bytes "
                      "(RAM, measured by the runtime's allocator)")
+    chip = ins.get("vela")
+    if chip:
+        flash = chip["off_chip_flash_bytes"] or chip["on_chip_flash_bytes"] or chip["dram_bytes"] or 0
+        ips = chip["inferences_per_second"]
+        parts.append(f"compiled for {chip['accelerator']} ({chip['system_config']}, {chip['memory_mode']}): SRAM "
+                     f"{chip['sram_bytes'] or 0:,} bytes, weights store {flash:,} bytes, {chip['npu_cycles'] or 0:,.0f} NPU "
+                     f"cycles, {f'{ips:.1f}' if ips else '-'} inferences/s at {(chip['clock_hz'] or 0) / 1e6:.0f} MHz; "
+                     + (f"on the CPU: {', '.join(chip['cpu_ops'])}" if chip["cpu_ops"] else "every op on the NPU"))
     comp = ins.get("weight_compression")
     if isinstance(comp, dict) and "file_bytes_saved" in comp:
         parts.append(f"weights: {comp['tensors']} tensors compressed ({comp['method']}), file "

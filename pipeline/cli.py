@@ -111,6 +111,8 @@ def quantize(
     postprocess: Annotated[str | None, typer.Option(help="What the outputs are, for decode parameters in the manifest "
                                                          "and task scores in checks: yolox, ssd (BlazeFace anchors), "
                                                          "decoded ([N, A, 5 + C] boxes) or segment.")] = None,
+    accelerator: Annotated[str | None, typer.Option(help="Ethos-U accelerator for --target ethos-u (Vela's "
+                                                         "--accelerator-config, default ethos-u55-128).")] = None,
     equalize: Annotated[bool, typer.Option(help="Rescale each SiLU's channels exactly (a 1x1 depthwise layer per "
                                                 "SiLU) so one activation grid serves them all.")] = True,
     weights: Annotated[Path | None, typer.Option(help="State-dict file for MODEL (loaded with weights_only=True).")] = None,
@@ -167,6 +169,8 @@ def quantize(
             options["postprocess"] = postprocess
         if not equalize:
             options["equalize"] = False
+        if accelerator is not None:
+            options["target_options"] = {"ethos-u": {"accelerator": accelerator}}
         run_quantize(model, data, profile, target, chosen, weight_bits, weights, allow_pickle, preset, resize, crop,
                      _floats(mean, "mean"), _floats(std, "std"), samples, check_samples, seed, out, force, threads,
                      progress, options, labels, skip_bad=skip_bad_data, fold=fold_preprocessing,
@@ -441,6 +445,54 @@ def targets() -> None:
     from .targets import list_targets
 
     _print_listing(list_targets)
+
+
+toolchain_app = typer.Typer(help="Chip compilers, each in its own environment under the user's cache.",
+                            no_args_is_help=True)
+app.add_typer(toolchain_app, name="toolchain")
+
+
+def _toolchains() -> dict[str, Any]:
+    from .targets import get_target, list_targets
+
+    out: dict[str, Any] = {}
+    for name, _ in list_targets():
+        tc = get_target(name).toolchain
+        if tc is not None:
+            out.setdefault(tc.name, (tc, []))[1].append(name)
+    return out
+
+
+@toolchain_app.command("list")
+def toolchain_list() -> None:
+    """List the toolchains the targets call, where each lives and whether it is installed."""
+    from .toolchains import installed, location, missing_system
+
+    def rows() -> None:
+        for name, (tc, users) in sorted(_toolchains().items()):
+            state = "installed" if installed(tc) else "not installed"
+            lacking = missing_system(tc)
+            typer.echo(f"{name:<10} {state:<14} {tc.description}; targets: {', '.join(users)}; {location(tc)}"
+                       + (f"; {'; '.join(lacking)}" if lacking else ""))
+
+    _guard(rows)
+
+
+@toolchain_app.command("install")
+def toolchain_install(name: Annotated[str, typer.Argument(help="Toolchain name (eptq-deploy toolchain list).")],
+                      force: Annotated[bool, typer.Option(help="Rebuild even where it is installed.")] = False) -> None:
+    """Build a toolchain's environment with its pinned packages (needs the package index once)."""
+    from .errors import UsageError
+    from .toolchains import install
+
+    def body() -> None:
+        known = _toolchains()
+        if name not in known:
+            raise UsageError(f"unknown toolchain {name!r}; known: {', '.join(sorted(known)) or 'none'}")
+        exe = install(known[name][0], force=force)
+        typer.echo(f"installed {name}: {exe}")
+
+    _guard(body)
 
 
 @app.command()

@@ -23,12 +23,14 @@ import numpy as np
 
 from eptq_deploy.errors import UsageError
 from eptq_deploy.graph import QuantGraph, TargetRules
+from eptq_deploy.toolchains import Toolchain, require
 
 TARGET_ENTRY_POINT_GROUP = "eptq_deploy.targets"
 _BUILTIN = {"onnx-qdq": "eptq_deploy.targets.onnx_qdq:OnnxQdqTarget",
             "openvino-ir": "eptq_deploy.targets.openvino_ir:OpenVinoIrTarget",
             "tflite-int8": "eptq_deploy.targets.tflite_int8:TfliteInt8Target",
-            "tflite-micro": "eptq_deploy.targets.tflite_micro:TfliteMicroTarget"}
+            "tflite-micro": "eptq_deploy.targets.tflite_micro:TfliteMicroTarget",
+            "ethos-u": "eptq_deploy.targets.ethos_u:EthosUTarget"}
 
 
 class Runner(ABC):
@@ -59,6 +61,23 @@ class Target(ABC):
     rounding_rules: ClassVar[tuple[str, ...]] = ()
     #: the ``load`` keyword sets selecting each kernel set the runtime offers; conformance checks each
     kernel_variants: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    #: the chip compiler ``emit`` calls, in its own environment (``toolchains``); None: no compiler
+    toolchain: ClassVar[Toolchain | None] = None
+    #: options the target takes (``quantize(target_options={name: {...}})``), name -> what it sets
+    options: ClassVar[dict[str, str]] = {}
+
+    def ready(self) -> None:
+        """Refuse, before any work, a target whose toolchain is missing (one line naming the install command)."""
+        if self.toolchain is not None:
+            require(self.toolchain, self.name)
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The target's options, validated (unknown names refused); defaults filled by the target."""
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            allowed = ", ".join(sorted(self.options)) or "none"
+            raise UsageError(f"target {self.name} takes no option {', '.join(unknown)}; its options: {allowed}")
+        return dict(options)
 
     @abstractmethod
     def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
@@ -141,8 +160,11 @@ def _plugins() -> dict[str, object]:
     return {ep.name: ep for ep in entry_points(group=TARGET_ENTRY_POINT_GROUP)}
 
 
-def list_targets() -> list[tuple[str, str]]:
-    """(name, one-line description) of every target, built-in and plugin."""
+def list_targets(compilers: bool = True) -> list[tuple[str, str]]:
+    """(name, one-line description) of every target, built-in and plugin; ``compilers=False`` leaves out
+    the targets that call a chip compiler (``Target.toolchain``), whose files another target also writes."""
+    if not compilers:
+        return [(n, d) for n, d in list_targets() if get_target(n).toolchain is None]
     out = {name: _load(spec).description for name, spec in _BUILTIN.items()}
     for name, ep in _plugins().items():
         if name not in out:

@@ -26,7 +26,7 @@ from eptq_deploy.errors import UsageError
 from eptq_deploy.host import has_vnni
 from eptq_deploy.targets import get_target, list_targets
 
-TARGETS = [name for name, _ in list_targets()]
+TARGETS = [name for name, _ in list_targets(compilers=False)]  # ethos-u: test_ethos_u.py
 #: (profile, weight bits): power-of-two symmetric, free-scale asymmetric, 4-bit weights
 PROFILES = [("int8-pot", None), ("tflite-int8", None), ("imx500", 4)]
 #: where a runtime is not exact here: the least SQNR (dB) of its output against the simulation

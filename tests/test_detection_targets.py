@@ -27,7 +27,7 @@ from eptq_deploy.errors import UsageError
 from eptq_deploy.float_exec import unpack
 from eptq_deploy.targets import get_target, list_targets
 
-TARGETS = [name for name, _ in list_targets()]
+TARGETS = [name for name, _ in list_targets(compilers=False)]  # ethos-u: test_ethos_u.py
 PROFILES = [("int8-pot", None), ("tflite-int8", None), ("imx500", 4)]
 
 

@@ -43,7 +43,7 @@ from eptq_deploy.simulate import dequantize, get_rule, run_integer
 from eptq_deploy.targets import get_target, list_targets
 
 #: every target, built-in and plugin; each is run on every kernel set it offers (``kernel_variants``)
-TARGETS = tuple(name for name, _ in list_targets())
+TARGETS = tuple(name for name, _ in list_targets(compilers=False))  # ethos-u: test_ethos_u.py
 #: (profile, weight bits or None for the profile's own)
 PROFILES = (("tflite-int8", None), ("int8-pot", None), ("imx500", 8), ("imx500", 4), ("imx500", 2),
             ("w4a8-pot", None))

@@ -1,0 +1,123 @@
+"""Target ``ethos-u``: the tflite-int8 file compiled by Arm's Vela for an Ethos-U NPU.
+
+The int8 file is written and checked exactly as ``tflite-int8`` does (LiteRT runs it and must agree
+with the simulation); Vela then compiles it for the chosen accelerator with an explicit system
+configuration and memory mode from Vela's own ``Arm/vela.ini``, and the bundle keeps what Vela
+wrote: ``model_vela.tflite`` (the NPU command stream inside an ``ethos-u`` custom op, what the
+firmware's TFLM runs with the Ethos-U driver) and Vela's summary CSV. ``inspect`` reports SRAM and
+flash used, NPU cycles, inferences per second at the configured clock and the ops left on the CPU,
+by name. Vela runs in its own environment (``eptq-deploy toolchain install ethos-u``).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ai_edge_litert import schema_py_generated as S
+
+from eptq_deploy.errors import TargetError, UsageError
+from eptq_deploy.graph import QuantGraph
+from eptq_deploy.toolchains import Toolchain, run
+
+from .tflite_int8 import TfliteInt8Target
+from .tflite_micro import op_names
+
+VELA = Toolchain(name="ethos-u", description="Arm Vela 5.2.0, the Ethos-U NPU compiler",
+                 packages=("ethos-u-vela==5.2.0",), executable="vela")
+#: Vela 5.2.0's accelerator configurations (``vela --help``)
+ACCELERATORS = ("ethos-u55-32", "ethos-u55-64", "ethos-u55-128", "ethos-u55-256", "ethos-u65-256", "ethos-u65-512",
+                "ethos-u85-128", "ethos-u85-256", "ethos-u85-512", "ethos-u85-1024", "ethos-u85-2048")
+#: per NPU family, the system configuration and memory mode of Vela's Arm/vela.ini used by default
+#: (a high-end embedded system: SRAM for the tensor arena, weights in off-chip flash on the U55)
+SYSTEMS = {"ethos-u55": ("Ethos_U55_High_End_Embedded", "Shared_Sram"),
+           "ethos-u65": ("Ethos_U65_High_End", "Dedicated_Sram"),
+           "ethos-u85": ("Ethos_U85_SYS_DRAM_High", "Dedicated_Sram")}
+VELA_FILE = "model_vela.tflite"
+SUMMARY_FILE = "vela_summary.csv"
+NPU_OP = "ethos-u"  # the custom op holding the compiled command stream
+
+
+class EthosUTarget(TfliteInt8Target):
+    name = "ethos-u"
+    description = "TFLite int8 file compiled by Arm Vela for an Ethos-U NPU (the int8 file checked on ai-edge-litert)"
+    toolchain = VELA
+    options: ClassVar[dict[str, str]] = {
+        "accelerator": f"Vela accelerator configuration ({', '.join(ACCELERATORS)}; default ethos-u55-128)",
+        "system_config": "system configuration of Vela's Arm/vela.ini (default: per NPU family)",
+        "memory_mode": "memory mode of Vela's Arm/vela.ini (default: per NPU family)"}
+
+    def check_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        out = super().check_options(options)
+        acc = out.setdefault("accelerator", "ethos-u55-128")
+        if acc not in ACCELERATORS:
+            raise UsageError(f"unknown accelerator {acc!r}; Vela knows: {', '.join(ACCELERATORS)}")
+        system, memory = SYSTEMS[acc.rsplit("-", 1)[0]]
+        out.setdefault("system_config", system)
+        out.setdefault("memory_mode", memory)
+        return out
+
+    def emit(self, graph: QuantGraph, folder: Path, *, quantized: bool = True) -> list[Path]:
+        written = super().emit(graph, folder, quantized=quantized)
+        if not quantized:
+            return written
+        folder = Path(folder)
+        opts = self.check_options(graph.meta.get("target_options", {}).get(self.name, {}))
+        args = ["--config", "Arm/vela.ini", "--accelerator-config", opts["accelerator"],
+                "--system-config", opts["system_config"], "--memory-mode", opts["memory_mode"],
+                "--output-dir", str(folder), self.model_file]
+        done = run(VELA, self.name, args, cwd=folder)
+        stem = Path(self.model_file).stem
+        compiled, summary = folder / f"{stem}_vela.tflite", folder / f"{stem}_summary_{opts['system_config']}.csv"
+        if done.returncode != 0 or not compiled.exists() or not summary.exists():
+            lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+            why = next((ln for ln in lines if "rror" in ln), lines[-1] if lines else f"exit status {done.returncode}")
+            raise TargetError(f"Vela refused the model for {opts['accelerator']}: {why.strip()}")
+        compiled.replace(folder / VELA_FILE)
+        summary.replace(folder / SUMMARY_FILE)
+        (folder / "vela_options.txt").write_text("vela " + " ".join(args[:-3]) + f" {self.model_file}\n")
+        return [*written, folder / VELA_FILE, folder / SUMMARY_FILE, folder / "vela_options.txt"]
+
+    def runtime_versions(self) -> dict[str, str]:
+        return {**super().runtime_versions(), "ethos-u-vela": VELA.packages[0].split("==")[1]}
+
+    def inspect(self, folder: Path) -> dict:
+        """The int8 file's facts (as tflite-int8) and Vela's: memory, cycles, throughput, CPU ops."""
+        return {**super().inspect(folder), "vela": vela_report(Path(folder))}
+
+
+def _number(v: str) -> float | None:
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return None if math.isnan(f) else f
+
+
+def vela_report(folder: Path) -> dict[str, Any]:
+    """What Vela's summary CSV and compiled file say: memory used, cycles, inferences per second, and
+    which ops stay on the CPU (every op of the compiled file but the NPU's own)."""
+    with open(folder / SUMMARY_FILE, newline="") as f:
+        row = next(csv.DictReader(f))
+    m = S.ModelT.InitFromPackedBuf((folder / VELA_FILE).read_bytes(), 0)
+    names = op_names(m)
+    ops = [names[o.opcodeIndex] for sg in m.subgraphs for o in sg.operators]
+    num = {k: _number(row[k]) for k in ("core_clock", "sram_memory_used", "off_chip_flash_memory_used",
+                                        "on_chip_flash_memory_used", "dram_memory_used", "cycles_npu",
+                                        "cycles_total", "inferences_per_second", "nn_macs", "inference_time")}
+    kib = 1024  # Vela's summary states memory in KiB
+    return {"accelerator": row["accelerator_configuration"], "system_config": row["system_config"],
+            "memory_mode": row["memory_mode"], "clock_hz": num["core_clock"],
+            "sram_bytes": None if num["sram_memory_used"] is None else round(num["sram_memory_used"] * kib),
+            "off_chip_flash_bytes": None if num["off_chip_flash_memory_used"] is None
+            else round(num["off_chip_flash_memory_used"] * kib),
+            "on_chip_flash_bytes": None if num["on_chip_flash_memory_used"] is None
+            else round(num["on_chip_flash_memory_used"] * kib),
+            "dram_bytes": None if num["dram_memory_used"] is None else round(num["dram_memory_used"] * kib),
+            "npu_cycles": num["cycles_npu"], "total_cycles": num["cycles_total"],
+            "inference_time_s": num["inference_time"], "inferences_per_second": num["inferences_per_second"],
+            "macs": num["nn_macs"], "npu_ops": ops.count(NPU_OP),
+            "cpu_ops": sorted({o for o in ops if o != NPU_OP}),
+            "cpu_op_count": sum(o != NPU_OP for o in ops)}
