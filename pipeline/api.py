@@ -93,6 +93,9 @@ def check_pair(profile: Profile, target: Target) -> None:
     if not profile.activations.symmetric and not r.asymmetric_activations:
         raise TargetError(f"target {target.name} has no zero points for activations but profile {profile.name} is "
                           f"asymmetric; {fix}")
+    if r.power_of_two_activations and not profile.activations.power_of_two:
+        raise TargetError(f"target {target.name} takes power-of-two activation thresholds only but profile "
+                          f"{profile.name} has free scales; {fix}")
 
 
 def _as_tensor(data: Any, samples: int | None, seed: int, picked: list[int] | None = None) -> torch.Tensor:

@@ -447,7 +447,7 @@ def targets() -> None:
     _print_listing(list_targets)
 
 
-toolchain_app = typer.Typer(help="Chip compilers, each in its own environment under the user's cache.",
+toolchain_app = typer.Typer(help="Install and list the chip compilers targets call.",
                             no_args_is_help=True)
 app.add_typer(toolchain_app, name="toolchain")
 

@@ -106,6 +106,8 @@ class TargetRules:
     activation_bits: tuple[int, ...] = (8,)
     per_tensor_weights: bool = True
     asymmetric_activations: bool = True
+    #: whether every activation grid must be a power of two (quantizers stated as thresholds 2**k)
+    power_of_two_activations: bool = False
 
 
 @dataclass

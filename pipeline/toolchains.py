@@ -107,10 +107,14 @@ def install(tc: Toolchain, quiet: bool = False, force: bool = False) -> Path:
     return exe
 
 
-def run(tc: Toolchain, target: str, args: list[str], cwd: Path, timeout: float = 1800) -> subprocess.CompletedProcess:
-    """Run the toolchain's executable; its own output is returned, never raised as a traceback."""
+def run(tc: Toolchain, target: str, args: list[str], cwd: Path, timeout: float = 1800,
+        program: str | None = None) -> subprocess.CompletedProcess:
+    """Run the toolchain's executable (or another ``program`` of its environment, e.g. its ``python``);
+    its own output is returned, never raised as a traceback."""
     exe = require(tc, target)
+    if program is not None:
+        exe = _bin(location(tc), program)
     try:
         return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise TargetError(f"target {target}: {tc.executable} ran past {timeout:.0f} s and was stopped") from None
+        raise TargetError(f"target {target}: {exe.name} ran past {timeout:.0f} s and was stopped") from None

@@ -30,7 +30,8 @@ _BUILTIN = {"onnx-qdq": "eptq_deploy.targets.onnx_qdq:OnnxQdqTarget",
             "openvino-ir": "eptq_deploy.targets.openvino_ir:OpenVinoIrTarget",
             "tflite-int8": "eptq_deploy.targets.tflite_int8:TfliteInt8Target",
             "tflite-micro": "eptq_deploy.targets.tflite_micro:TfliteMicroTarget",
-            "ethos-u": "eptq_deploy.targets.ethos_u:EthosUTarget"}
+            "ethos-u": "eptq_deploy.targets.ethos_u:EthosUTarget",
+            "imx500": "eptq_deploy.targets.imx500:Imx500Target"}
 
 
 class Runner(ABC):

@@ -37,6 +37,7 @@ SYSTEMS = {"ethos-u55": ("Ethos_U55_High_End_Embedded", "Shared_Sram"),
            "ethos-u85": ("Ethos_U85_SYS_DRAM_High", "Dedicated_Sram")}
 VELA_FILE = "model_vela.tflite"
 SUMMARY_FILE = "vela_summary.csv"
+COMMAND_FILE = "vela_command.txt"
 NPU_OP = "ethos-u"  # the custom op holding the compiled command stream
 
 
@@ -63,22 +64,8 @@ class EthosUTarget(TfliteInt8Target):
         written = super().emit(graph, folder, quantized=quantized)
         if not quantized:
             return written
-        folder = Path(folder)
         opts = self.check_options(graph.meta.get("target_options", {}).get(self.name, {}))
-        args = ["--config", "Arm/vela.ini", "--accelerator-config", opts["accelerator"],
-                "--system-config", opts["system_config"], "--memory-mode", opts["memory_mode"],
-                "--output-dir", str(folder), self.model_file]
-        done = run(VELA, self.name, args, cwd=folder)
-        stem = Path(self.model_file).stem
-        compiled, summary = folder / f"{stem}_vela.tflite", folder / f"{stem}_summary_{opts['system_config']}.csv"
-        if done.returncode != 0 or not compiled.exists() or not summary.exists():
-            lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
-            why = next((ln for ln in lines if "rror" in ln), lines[-1] if lines else f"exit status {done.returncode}")
-            raise TargetError(f"Vela refused the model for {opts['accelerator']}: {why.strip()}")
-        compiled.replace(folder / VELA_FILE)
-        summary.replace(folder / SUMMARY_FILE)
-        (folder / "vela_options.txt").write_text("vela " + " ".join(args[:-3]) + f" {self.model_file}\n")
-        return [*written, folder / VELA_FILE, folder / SUMMARY_FILE, folder / "vela_options.txt"]
+        return [*written, *compile_tflite(Path(folder), self.model_file, opts)]
 
     def runtime_versions(self) -> dict[str, str]:
         return {**super().runtime_versions(), "ethos-u-vela": VELA.packages[0].split("==")[1]}
@@ -86,6 +73,24 @@ class EthosUTarget(TfliteInt8Target):
     def inspect(self, folder: Path) -> dict:
         """The int8 file's facts (as tflite-int8) and Vela's: memory, cycles, throughput, CPU ops."""
         return {**super().inspect(folder), "vela": vela_report(Path(folder))}
+
+
+def compile_tflite(folder: Path, model_file: str, opts: dict[str, Any]) -> list[Path]:
+    """Compile ``folder/model_file`` (an int8 .tflite) with Vela under ``opts`` (``check_options``'s);
+    writes ``VELA_FILE``, ``SUMMARY_FILE`` and the command used next to it. A refusal is one line."""
+    args = ["--config", "Arm/vela.ini", "--accelerator-config", opts["accelerator"],
+            "--system-config", opts["system_config"], "--memory-mode", opts["memory_mode"]]
+    done = run(VELA, EthosUTarget.name, [*args, "--output-dir", str(folder), model_file], cwd=folder)
+    stem = Path(model_file).stem
+    compiled, summary = folder / f"{stem}_vela.tflite", folder / f"{stem}_summary_{opts['system_config']}.csv"
+    if done.returncode != 0 or not compiled.exists() or not summary.exists():
+        lines = [ln for ln in (done.stderr + done.stdout).splitlines() if ln.strip()]
+        why = next((ln for ln in lines if "rror" in ln), lines[-1] if lines else f"exit status {done.returncode}")
+        raise TargetError(f"Vela refused the model for {opts['accelerator']}: {why.strip()}")
+    compiled.replace(folder / VELA_FILE)
+    summary.replace(folder / SUMMARY_FILE)
+    (folder / COMMAND_FILE).write_text(f"vela {' '.join(args)} {model_file}\n")
+    return [folder / VELA_FILE, folder / SUMMARY_FILE, folder / COMMAND_FILE]
 
 
 def _number(v: str) -> float | None:

@@ -74,7 +74,12 @@ def u8s8_may_saturate(g: QuantGraph, n: Node) -> bool:
     return bool(_U8_MAX * int(top2.max()) > _I16_MAX)
 
 
-class _Emitter:
+class QdqEmitter:
+    """Writes the graph as float ONNX ops between quantizers. This class writes QuantizeLinear and
+    DequantizeLinear; another quantizer format (the IMX500's ``mct_quantizers`` ops) overrides the
+    methods that place them: ``quantize``, ``float_in``, ``round_to_grid``, ``weight``, ``pad_fill``,
+    ``channel_fills``, ``output`` and ``model``."""
+
     def __init__(self, g: QuantGraph, quantized: bool, u8_weights_where_saturating: bool = False) -> None:
         self.g = g
         self.q = quantized
@@ -128,11 +133,7 @@ class _Emitter:
         if values is None or not any(pads):
             return self.float_in(x), pads
         tag, qp = f"{n.outputs[0]}.input_pad", self.g.tensors[x].quant
-        if self.q:  # codes in the uint8 container, as the tensor they pad
-            fills = (pad_codes(values, qp) + u8_grid(qp)[1] - int(qp.zero_point[0])).astype(np.uint8)
-            src = f"{x}.q"
-        else:
-            fills, src = np.asarray(values, np.float32), x
+        fills, src = (self.channel_fills(values, qp), f"{x}.q") if self.q else (np.asarray(values, np.float32), x)
         parts = [f"{tag}.ch{c}" for c in range(len(fills))]
         self.node("Split", [src, self.init(f"{tag}.split", np.ones(len(fills), np.int64))], parts, f"Split_{tag}", axis=1)
         t, l, b, r = pads
@@ -142,6 +143,31 @@ class _Emitter:
                       f"Pad_{tag}_{c}", mode="constant")
         self.node("Concat", [f"{p}.padded" for p in parts], [tag], f"Concat_{tag}", axis=1)
         return self.float_in(x, codes=tag), [0, 0, 0, 0]
+
+    def channel_fills(self, values: list[float], qp: QParams) -> np.ndarray:
+        """Per-channel padding values as the quantized tensor holds them: codes in the uint8 container."""
+        return (pad_codes(values, qp) + u8_grid(qp)[1] - int(qp.zero_point[0])).astype(np.uint8)
+
+    def round_to_grid(self, src: str, t: str, tag: str) -> str:
+        """``src`` rounded onto activation ``t``'s grid and read back as float (named after ``tag``)."""
+        s, z = self.grid(t)
+        self.node("QuantizeLinear", [src, s, z], [f"{tag}.q"], f"Q_{tag}")
+        self.node("DequantizeLinear", [f"{tag}.q", s, z], [f"{tag}.dq"], f"DQ_{tag}")
+        return f"{tag}.dq"
+
+    def pad_fill(self, t: str) -> np.ndarray:
+        """What a Pad on quantized tensor ``t`` fills with: real zero's code in the uint8 container."""
+        return np.array(u8_grid(self.g.tensors[t].quant)[1], np.uint8)
+
+    def output(self, t: str, name: str) -> None:
+        """Graph output ``name`` from quantized tensor ``t``: dequantized to float."""
+        s, z = self.grid(t)
+        self.node("DequantizeLinear", [f"{t}.q", s, z], [name], f"DQ_{name}")
+
+    def model(self, graph: onnx.GraphProto) -> onnx.ModelProto:
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="eptq-deploy")
+        model.ir_version = IR_VERSION
+        return model
 
     def finish(self, src: str, t: str) -> None:
         """Route float result ``src`` to activation ``t`` (quantize it in the QDQ graph)."""
@@ -178,11 +204,7 @@ class _Emitter:
         self.node("Relu", [src], [r], f"Relu_{out}")
         if act == "relu6" and not self._clip_redundant(out):
             if self.q:  # clip on the grid: Q, DQ, Clip, Q again - exact, and the conv still fuses
-                pre = f"{out}.pre6"
-                s, z = self.grid(out)
-                self.node("QuantizeLinear", [r, s, z], [f"{pre}.q"], f"Q_{pre}")
-                self.node("DequantizeLinear", [f"{pre}.q", s, z], [f"{pre}.dq"], f"DQ_{pre}")
-                r = f"{pre}.dq"
+                r = self.round_to_grid(r, out, f"{out}.pre6")
             lo, hi = self.init(f"{out}.clip_lo", np.array(0.0, np.float32)), self.init(f"{out}.clip_hi", np.array(6.0, np.float32))
             self.node("Clip", [r, lo, hi], [f"{out}.relu6"], f"Clip_{out}")
             r = f"{out}.relu6"
@@ -205,8 +227,7 @@ class _Emitter:
         names = output_names(g)
         for out, name in zip(g.outputs, names, strict=True):
             if self.q:
-                s, z = self.grid(out)
-                self.node("DequantizeLinear", [f"{out}.q", s, z], [name], f"DQ_{name}")
+                self.output(out, name)
             else:
                 self.node("Identity", [out], [name], f"Id_{name}")
         inp = g.tensors[x].shape
@@ -217,8 +238,7 @@ class _Emitter:
              for out, name in zip(g.outputs, names, strict=True)],
             self.inits,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="eptq-deploy")
-        model.ir_version = IR_VERSION
+        model = self.model(graph)
         onnx.checker.check_model(model)
         return model
 
@@ -282,8 +302,7 @@ class _Emitter:
         elif op == "pad":
             p = self.init(f"{out}.pads", np.array(a["pads"], np.int64))
             if self.q:
-                _, z = u8_grid(self.g.tensors[n.inputs[0]].quant)
-                v = self.init(f"{out}.pad_value", np.array(z, np.uint8))
+                v = self.init(f"{out}.pad_value", self.pad_fill(n.inputs[0]))
             else:
                 v = self.init(f"{out}.pad_value", np.array(0.0, np.float32))
             self.node("Pad", [ins[0], p, v], [out], f"Pad_{out}", mode="constant")
@@ -347,7 +366,7 @@ def build_model(g: QuantGraph, quantized: bool = True, *, u8_weights_where_satur
     ``u8_weights_where_saturating``: store the weights of every layer ``u8s8_may_saturate``
     flags as uint8 with zero point 128 (the onnx-qdq file); otherwise every weight is int8.
     """
-    return _Emitter(g, quantized, u8_weights_where_saturating).build()
+    return QdqEmitter(g, quantized, u8_weights_where_saturating).build()
 
 
 def session(path: Path, threads: int = 1, optimized_path: Path | None = None) -> ort.InferenceSession:
