@@ -305,6 +305,13 @@ def runtime_line(t: dict[str, Any]) -> str:
                      f"{chip['sram_bytes'] or 0:,} bytes, weights store {flash:,} bytes, {chip['npu_cycles'] or 0:,.0f} NPU "
                      f"cycles, {f'{ips:.1f}' if ips else '-'} inferences/s at {(chip['clock_hz'] or 0) / 1e6:.0f} MHz; "
                      + (f"on the CPU: {', '.join(chip['cpu_ops'])}" if chip["cpu_ops"] else "every op on the NPU"))
+    sensor = ins.get("imx500")
+    if sensor:
+        parts.append(f"IMX500 converter {sensor['converter_version']}: {'fits' if sensor['fit'] else 'DOES NOT FIT'}, "
+                     f"memory {sensor['memory_used_bytes']:,} of {sensor['memory_total_bytes']:,} bytes (margin "
+                     f"{sensor['memory_margin_bytes']:,}; model {sensor['model_memory_bytes']:,}, runtime "
+                     f"{sensor['runtime_memory_bytes']:,})"
+                     + (f"; converter warnings: {'; '.join(sensor['warnings'])}" if sensor["warnings"] else ""))
     comp = ins.get("weight_compression")
     if isinstance(comp, dict) and "file_bytes_saved" in comp:
         parts.append(f"weights: {comp['tensors']} tensors compressed ({comp['method']}), file "

@@ -162,12 +162,21 @@ def search_weight_grid(w: np.ndarray, bits: int, *, per_channel: bool, power_of_
         alphas = torch.linspace(0.25, 1.0, _ALPHAS, dtype=torch.float64)
         scales = alphas[:, None] * m[None, :] / qmax
         scales = scales.float().double()
-    q = torch.clamp(torch.round(W[None] / scales[:, :, None]), qmin, qmax)
-    err = ((q * scales[:, :, None] - W[None]).pow(2) * H[None]).sum(2)  # (A, C)
-    best = torch.argmin(err, 0)
+    # one candidate at a time (a (channels x weights) array alive, not candidates times that: a large
+    # layer's weights times 64 candidates would not fit in memory); ties keep the first, as argmin does
+    best_err = torch.full((W.shape[0],), math.inf, dtype=torch.float64)
+    best = torch.zeros(W.shape[0], dtype=torch.long)
+    q_best = torch.zeros_like(W)
+    for a in range(scales.shape[0]):
+        q = torch.clamp(torch.round(W / scales[a, :, None]), qmin, qmax)
+        err = ((q * scales[a, :, None] - W).pow(2) * H).sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, a, best)
+        q_best[better] = q[better]
     idx = torch.arange(W.shape[0])
     s = scales[best, idx]
-    wq = q[best, idx].reshape(w.shape).numpy().astype(np.int8 if bits <= 8 else np.int16)
+    wq = q_best.reshape(w.shape).numpy().astype(np.int8 if bits <= 8 else np.int16)
     zeros = np.zeros(s.numel(), np.int64)
     exps = cand[best, idx].numpy().astype(np.int64) if power_of_two else None
     return (

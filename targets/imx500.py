@@ -53,7 +53,8 @@ IMX = Toolchain(name="imx500", description="Sony IMX500 converter 3.19.2 (imxcon
 DOMAIN = "mct_quantizers"
 #: the mct-quantizers release whose op definitions the file follows (the one the converter pins)
 MCTQ_VERSION = "1.6.0"
-#: the converter's PyTorch front end reads only files whose producer is PyTorch
+#: the converter's PyTorch front end reads only files whose producer is PyTorch, with a PyTorch version
+#: (the installed torch's is written; ``written_by`` in the metadata names the writer)
 PRODUCER = "pytorch"
 WORKER = Path(__file__).with_name("imx500_ort_worker.py")
 PACKER_FILE, REPORT_FILE, PARAMS_FILE, LOG_FILE = "packerOut.zip", "memory_report.json", "dnnParams.xml", "converter.log"
@@ -120,7 +121,7 @@ class ImxEmitter(QdqEmitter):
 
     def model(self, graph: onnx.GraphProto) -> onnx.ModelProto:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-                                  producer_name=PRODUCER, producer_version="eptq-deploy " + __version__)
+                                  producer_name=PRODUCER, producer_version=version("torch").split("+")[0])
         model.ir_version = IR_VERSION
         for k, v in {"mctq_version": MCTQ_VERSION, "written_by": f"eptq-deploy {__version__}"}.items():
             entry = model.metadata_props.add()
@@ -245,8 +246,8 @@ def convert(folder: Path, model_file: str) -> list[Path]:
         if reports:  # a report but no packer output: the converter's verdict on the memory
             rep = json.loads(reports[0].read_text())["Memory Report"]
             if not rep.get("Fit In Chip", True):
-                raise TargetError(f"the model does not fit in the IMX500: it needs {rep['Memory Usage']} of "
-                                  f"{rep['Total Memory Available On Chip']} (converter's memory report)")
+                raise TargetError(f"the model does not fit in the IMX500: it needs {_size(rep['Memory Usage']):,} of "
+                                  f"{_size(rep['Total Memory Available On Chip']):,} bytes (converter's memory report)")
         raise TargetError(f"the IMX500 converter refused the model: {_converter_error(log)}")
     (out / PACKER_FILE).replace(folder / PACKER_FILE)
     reports[0].replace(folder / REPORT_FILE)
