@@ -28,12 +28,19 @@ from eptq_deploy.toolchains import CACHE_ENV, installed
 TARGET = get_target("ethos-u")
 
 
+def need_toolchain(target: str) -> None:
+    """Skip where ``target``'s toolchain is not installed; fail instead under EPTQ_REQUIRE_TOOLCHAINS=1 (CI)."""
+    tc = get_target(target).toolchain
+    if installed(tc) is None:
+        why = f"the {tc.name} toolchain is not installed (eptq-deploy toolchain install {tc.name})"
+        if os.environ.get("EPTQ_REQUIRE_TOOLCHAINS") == "1":
+            pytest.fail(why)
+        pytest.skip(why)
+
+
 @pytest.fixture
 def vela() -> None:
-    if installed(TARGET.toolchain) is None:
-        if os.environ.get("EPTQ_REQUIRE_TOOLCHAINS") == "1":
-            pytest.fail("the ethos-u toolchain is not installed: eptq-deploy toolchain install ethos-u")
-        pytest.skip("the ethos-u toolchain is not installed (eptq-deploy toolchain install ethos-u)")
+    need_toolchain("ethos-u")
 
 
 def _model() -> nn.Module:

@@ -8,32 +8,26 @@ Where the toolchain is not installed these tests skip, unless ``EPTQ_REQUIRE_TOO
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from test_ethos_u import need_toolchain
 from test_tflite import _one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 from torch import nn
 
 import eptq_deploy
 from eptq_deploy import api
 from eptq_deploy.errors import TargetError
-from eptq_deploy.targets import get_target
 from eptq_deploy.targets.imx500 import DOMAIN, MCTQ_VERSION
-from eptq_deploy.toolchains import CACHE_ENV, installed
-
-TARGET = get_target("imx500")
+from eptq_deploy.toolchains import CACHE_ENV
 
 
 @pytest.fixture
 def converter() -> None:
-    if installed(TARGET.toolchain) is None:
-        if os.environ.get("EPTQ_REQUIRE_TOOLCHAINS") == "1":
-            pytest.fail("the imx500 toolchain is not installed: eptq-deploy toolchain install imx500")
-        pytest.skip("the imx500 toolchain is not installed (eptq-deploy toolchain install imx500)")
+    need_toolchain("imx500")
 
 
 def _model() -> nn.Module:
