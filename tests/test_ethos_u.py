@@ -112,3 +112,28 @@ def test_cli_lists_and_refuses_toolchains(tmp_path: Path, monkeypatch: pytest.Mo
     r = CliRunner().invoke(app, ["toolchain", "install", "nope"])
     assert r.exit_code != 0 and "unknown toolchain 'nope'" in r.output
     assert "ethos-u" in dict(list_targets()) and "ethos-u" not in dict(list_targets(compilers=False))
+
+
+def test_cli_quantize_for_ethos_u_writes_the_vela_files(vela: None, tmp_path: Path) -> None:
+    from PIL import Image
+
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(_model(), (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=17,
+                      input_names=["x"], output_names=["y"])
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for k in range(24):
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(images / f"{k:03d}.png")
+    out = tmp_path / "bundle"
+    res = CliRunner().invoke(app, ["quantize", str(path), "--data", str(images), "--profile", "tflite-int8",
+                                   "--target", "ethos-u", "--accelerator", "ethos-u55-64", "--method", "ptq",
+                                   "--samples", "16", "--no-progress", "--threads", "1", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert (out / "ethos-u" / "model_vela.tflite").is_file()
+    chip = json.loads((out / "manifest.json").read_text())["targets"]["ethos-u"]["inspect"]["vela"]
+    assert chip["accelerator"] == "Ethos_U55_64" and chip["npu_cycles"] > 0
+    res = CliRunner().invoke(app, ["quantize", str(path), "--data", str(images), "--profile", "tflite-int8",
+                                   "--target", "ethos-u", "--accelerator", "ethos-u99", "--method", "ptq",
+                                   "--out", str(tmp_path / "no")])
+    assert res.exit_code != 0 and "unknown accelerator 'ethos-u99'" in res.output and not (tmp_path / "no").exists()
