@@ -60,7 +60,8 @@ def resolve_targets(targets: str | list[str] | tuple[str, ...] | None, profile: 
     else:
         names = list(targets)
     if names == ["all"]:  # every target that can run here: a compiler target only where its toolchain is installed
-        names = [n for n, _ in list_targets() if get_target(n).toolchain is None or installed(get_target(n).toolchain)]
+        every = [get_target(n) for n, _ in list_targets()]
+        names = [t.name for t in every if t.toolchain is None or installed(t.toolchain)]
     if not names:
         raise UsageError("no target given; pass one of: " + ", ".join(n for n, _ in list_targets()))
     return [get_target(n) for n in dict.fromkeys(names)]

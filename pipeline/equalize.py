@@ -47,6 +47,7 @@ class Site:
     conv: Node
     sigmoid: Node
     mul: Node
+    readers: list[Node]  # the convolutions reading ``tensor`` (no other site's rewrite changes them)
 
     @property
     def tensor(self) -> str:
@@ -79,7 +80,7 @@ def sites(g: QuantGraph) -> list[Site]:
         if sorted(m.inputs) != sorted([z, s.outputs[0]]) or [n.name for n in consumers.get(s.outputs[0], [])] != [m.name]:
             continue
         if s.outputs[0] not in g.outputs and _read_by_convolutions(g, consumers, m.outputs[0]):
-            out.append(Site(p, s, m))
+            out.append(Site(p, s, m, consumers[m.outputs[0]]))
     return out
 
 
@@ -99,13 +100,12 @@ def channel_ranges(g: QuantGraph, tensors: Iterable[str], batches: Iterable[torc
     return out
 
 
-def factors(g: QuantGraph, tensor: str, r: np.ndarray, bits: int) -> np.ndarray:
-    """Per-channel factors c of the site whose readers take ``tensor`` (channel ranges ``r``), in
+def factors(g: QuantGraph, readers: list[Node], r: np.ndarray, bits: int) -> np.ndarray:
+    """Per-channel factors c of a site read by the convolutions ``readers`` (channel ranges ``r``), in
     [2**-(bits-1), 1]."""
     top = float(r.max())
     if not top > 0:
         return np.ones_like(r)
-    readers = g.consumers()[tensor]
     if all(n.op == "depthwise_conv2d" for n in readers):
         c = r / top
     else:  # balance: the channel's activation range over its largest weight, each taken relative to its maximum
@@ -130,7 +130,7 @@ def equalize(g: QuantGraph, batches: list[torch.Tensor], bits: int) -> list[str]
     ranges = channel_ranges(g, [s.tensor for s in found], batches)
     done = []
     for site in found:
-        c = factors(g, site.tensor, ranges[site.tensor], bits)
+        c = factors(g, site.readers, ranges[site.tensor], bits)
         if np.allclose(c, 1.0):
             continue
         rescale(g, site, c)
@@ -145,7 +145,7 @@ def rescale(g: QuantGraph, site: Site, c: np.ndarray) -> None:
     w, b = T[p.inputs[1]], T[p.inputs[2]]
     w.data = (w.data / c.reshape((-1,) + (1,) * (w.data.ndim - 1))).astype(w.data.dtype)
     b.data = (b.data / c).astype(b.data.dtype)
-    for n in g.consumers()[site.tensor]:
+    for n in site.readers:
         v = T[n.inputs[1]]
         v.data = (v.data * c.reshape((-1, 1, 1, 1) if n.op == "depthwise_conv2d" else (1, -1, 1, 1))).astype(v.data.dtype)
     z_scaled = p.outputs[0]  # z' keeps the conv's name and is still read by the product

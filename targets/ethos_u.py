@@ -112,15 +112,14 @@ def vela_report(folder: Path) -> dict[str, Any]:
     num = {k: _number(row[k]) for k in ("core_clock", "sram_memory_used", "off_chip_flash_memory_used",
                                         "on_chip_flash_memory_used", "dram_memory_used", "cycles_npu",
                                         "cycles_total", "inferences_per_second", "nn_macs", "inference_time")}
-    kib = 1024  # Vela's summary states memory in KiB
+
+    def kib(key: str) -> int | None:  # Vela's summary states memory in KiB
+        return None if num[key] is None else round(num[key] * 1024)
+
     return {"accelerator": row["accelerator_configuration"], "system_config": row["system_config"],
-            "memory_mode": row["memory_mode"], "clock_hz": num["core_clock"],
-            "sram_bytes": None if num["sram_memory_used"] is None else round(num["sram_memory_used"] * kib),
-            "off_chip_flash_bytes": None if num["off_chip_flash_memory_used"] is None
-            else round(num["off_chip_flash_memory_used"] * kib),
-            "on_chip_flash_bytes": None if num["on_chip_flash_memory_used"] is None
-            else round(num["on_chip_flash_memory_used"] * kib),
-            "dram_bytes": None if num["dram_memory_used"] is None else round(num["dram_memory_used"] * kib),
+            "memory_mode": row["memory_mode"], "clock_hz": num["core_clock"], "sram_bytes": kib("sram_memory_used"),
+            "off_chip_flash_bytes": kib("off_chip_flash_memory_used"),
+            "on_chip_flash_bytes": kib("on_chip_flash_memory_used"), "dram_bytes": kib("dram_memory_used"),
             "npu_cycles": num["cycles_npu"], "total_cycles": num["cycles_total"],
             "inference_time_s": num["inference_time"], "inferences_per_second": num["inferences_per_second"],
             "macs": num["nn_macs"], "npu_ops": ops.count(NPU_OP),

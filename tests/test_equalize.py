@@ -75,10 +75,10 @@ def test_factors_stay_within_the_grids_resolution(model_file: Path) -> None:
     g = read_source(model_file, None).graph
     first, _ = sites(g)
     r = np.logspace(-6, 2, 8)
-    c = factors(g, first.tensor, r, 8)
+    c = factors(g, first.readers, r, 8)
     assert c.max() == pytest.approx(1.0) and c.min() == pytest.approx(2.0**-7)  # a dead channel is not blown up
     assert np.all(np.diff(c) >= 0)  # depthwise reader: the factor follows the channel's range
-    assert np.allclose(factors(g, first.tensor, np.zeros(8), 8), 1.0)
+    assert np.allclose(factors(g, first.readers, np.zeros(8), 8), 1.0)
 
 
 def test_equalisation_buys_accuracy_on_uneven_silu_channels(model_file: Path) -> None:
