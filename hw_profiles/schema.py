@@ -157,6 +157,9 @@ class Profile:
     first_layer_weight_bits: int | None
     last_layer_weight_bits: int | None
     source: str
+    #: the chip's memory for weights and activations, in bytes (None: not stated); weights that
+    #: cannot fit in it are refused before any work, and the report shows the margin
+    memory_bytes: int | None = None
 
     def with_weight_bits(self, bits: int) -> Profile:
         """Copy with ``weights.bits`` set, refusing widths the chip cannot run."""
@@ -201,6 +204,7 @@ class Profile:
             "fusing": list(self.fusing),
             "first_layer_weight_bits": self.first_layer_weight_bits,
             "last_layer_weight_bits": self.last_layer_weight_bits,
+            "memory_bytes": self.memory_bytes,
             "source": self.source,
         }
 
@@ -337,6 +341,17 @@ def _layer_bits_field() -> _Field:
     return _Field(check, hint)
 
 
+MEMORY_HINT = "null (not stated) or the chip's memory in bytes, a positive integer such as 8388480"
+
+
+def _memory_bytes(where: str, field: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if not _is_int(value) or value < 1:
+        raise _bad(where, field, value, MEMORY_HINT)
+    return int(value)
+
+
 _WEIGHT_FIELDS: dict[str, _Field] = {
     "default_bits": _int_field(
         *WEIGHT_BITS_RANGE, "an integer from 2 to 8 that is listed in weights.allowed_bits"
@@ -372,7 +387,10 @@ _TOP_FIELDS: dict[str, _Field] = {
     "fusing": _fusing_field(),
     "first_layer_weight_bits": _layer_bits_field(),
     "last_layer_weight_bits": _layer_bits_field(),
+    "memory_bytes": _Field(_memory_bytes, MEMORY_HINT),
 }
+#: fields a complete profile may leave out, with the value they then take
+OPTIONAL_FIELDS: dict[str, Any] = {"memory_bytes": None}
 
 EXTENDS_HINT = "a profile name or a path to a .yaml file relative to this one"
 PROFILE_FIELDS: tuple[str, ...] = (*_TOP_FIELDS, "extends")
@@ -439,7 +457,9 @@ def check_fields(
             out[key] = _TOP_FIELDS[key].check(where, key, value)
     if complete:
         for key, spec in _TOP_FIELDS.items():
-            if key not in out:
+            if key not in out and key in OPTIONAL_FIELDS:
+                out[key] = OPTIONAL_FIELDS[key]
+            elif key not in out:
                 raise _missing(where, key, spec.hint)
     return out
 
@@ -502,6 +522,7 @@ def build_profile(data: object, where: str, source: str) -> Profile:
         first_layer_weight_bits=f["first_layer_weight_bits"],
         last_layer_weight_bits=f["last_layer_weight_bits"],
         source=source,
+        memory_bytes=f["memory_bytes"],
     )
 
 

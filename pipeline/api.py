@@ -32,7 +32,7 @@ from .graph import QuantGraph, TargetRules
 from .hessian import hessian_scores
 from .hw_profiles import Profile, load_profile
 from .preprocess import Preset, get_preset, normalize_pixels, preset_info
-from .ptq import collect_stats, ptq
+from .ptq import collect_stats, layer_weight_bits, packed_weight_bytes, ptq
 from .quantized import QuantizedModel, concat_batches
 from .readers import check_against_source, read_source
 from .targets import Runner, Target, get_target, list_targets
@@ -221,6 +221,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
         fg = fold.fold_preprocessing(fg, pre)
     for t in tgts:  # an op a target cannot write fails now, not after minutes of calibration and EPTQ
         t.validate(fg)
+    check_chip_memory(fg, prof)
     t_capture = time.perf_counter() - t0
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     equalized = equalize_channels(fg, batches, prof.activations.bits) if equalize else []
@@ -244,6 +245,20 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     if t_opts:
         qg.meta["target_options"] = t_opts
     return QuantizedModel(qg, fg, prof, [t.name for t in tgts], {t.name: t.rules.rounding for t in tgts}, info)
+
+
+def check_chip_memory(g: QuantGraph, prof: Profile) -> None:
+    """Refuse, before any work, weights that alone overflow the memory the profile states for its chip
+    (packed at the profile's widths). Whether weights and activations together fit is the chip
+    compiler's verdict at export, where a target runs one."""
+    if prof.memory_bytes is None:
+        return
+    need = packed_weight_bytes(g, layer_weight_bits(g, prof), prof.bias_bits)
+    if need > prof.memory_bytes:
+        lower = [b for b in prof.weights.allowed_bits if b < prof.weights.bits]
+        fix = f"use fewer weight bits (--weight-bits {max(lower)})" if lower else "use a smaller model"
+        raise UsageError(f"the model's weights need {need:,} bytes at {prof.weights.bits}-bit, more than the "
+                         f"{prof.memory_bytes:,} bytes of memory profile '{prof.name}' states for its chip; {fix}")
 
 
 #: the Hessian pass's options (EPTQ's own come from ``EptqConfig``; ``seed`` is quantize's)

@@ -78,6 +78,26 @@ def peak_activation_bytes(qm: QuantizedModel) -> int:
     return peak
 
 
+def memory_section(qm: QuantizedModel) -> dict[str, Any]:
+    """Stored weight bytes, peak activations and, where the profile states its chip's memory, the
+    margin that weights (packed) and peak activations leave in it: an estimate; a chip compiler's
+    own report, where a target runs one, is the verdict."""
+    g = qm.graph
+    out: dict[str, Any] = {"weight_bytes": g.weight_bytes(), "peak_activation_bytes_batch1": peak_activation_bytes(qm)}
+    if qm.profile.memory_bytes is not None:
+        out["chip_memory_bytes"] = qm.profile.memory_bytes
+        out["chip_margin_bytes"] = (qm.profile.memory_bytes - out["weight_bytes"]["packed"]
+                                    - out["peak_activation_bytes_batch1"])
+    return out
+
+
+def _chip_margin(memory: dict[str, Any]) -> str:
+    if "chip_memory_bytes" not in memory:
+        return ""
+    return (f"; chip memory {memory['chip_memory_bytes']:,} bytes (profile), margin after packed weights and peak "
+            f"activations {memory['chip_margin_bytes']:,} bytes (estimate)")
+
+
 def _files(folder: Path, root: Path) -> dict[str, dict[str, Any]]:
     return {str(p.relative_to(root)): {"sha256": sha256(p), "bytes": p.stat().st_size}
             for p in sorted(folder.rglob("*")) if p.is_file()}
@@ -145,7 +165,7 @@ def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: 
                   "layout": model_io.interface(g.meta)["source_layout"],
                   "preprocessing": qm.info.get("preprocessing"), **input_contract(g)},
         "targets": target_entries,
-        "memory": {"weight_bytes": g.weight_bytes(), "peak_activation_bytes_batch1": peak_activation_bytes(qm)},
+        "memory": memory_section(qm),
         "ops": g.op_list(),
         "profile": qm.profile.to_dict(),
         "method": qm.info.get("method"),
@@ -225,7 +245,7 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
         f"{_calibration_source(manifest['calibration'])}; quantization time {_timings(manifest)}",
         f"- weights: {manifest['memory']['weight_bytes']['container']} bytes as stored "
         f"({manifest['memory']['weight_bytes']['packed']} packed at bit width); peak activations "
-        f"{manifest['memory']['peak_activation_bytes_batch1']} bytes at batch 1",
+        f"{manifest['memory']['peak_activation_bytes_batch1']} bytes at batch 1{_chip_margin(manifest['memory'])}",
         f"- ops: {', '.join(manifest['ops'])}",
         f"- interface (Python runner, `eptq_deploy.load`): {model_io.describe(qm.graph.meta)}",
         f"- made by: `{manifest['command']}`",

@@ -70,6 +70,17 @@ def layer_weight_bits(g: QuantGraph, profile) -> dict[str, int]:
     return bits
 
 
+def packed_weight_bytes(g: QuantGraph, bits: dict[str, int], bias_bits: int) -> int:
+    """Bytes of the weighted layers' constants packed at their widths: ``bits[layer]`` bits per
+    weight, ``bias_bits`` per bias (what a chip stores; the figure memory budgets are checked on)."""
+    total = 0
+    for n in g.weighted_nodes():
+        w = g.tensors[n.inputs[1]].data
+        b = g.tensors[n.inputs[2]].data if len(n.inputs) > 2 else None
+        total += (int(np.size(w)) * bits[n.name] + 7) // 8 + (0 if b is None else int(np.size(b)) * bias_bits // 8)
+    return total
+
+
 def assign_activation_grids(g: QuantGraph, stats: dict[str, ActStats], profile, rules: list[TargetRules]) -> None:
     """Choose one grid per group of tensors that must share it; fixed grids where a target demands
     and for the pixel input of a folded graph."""

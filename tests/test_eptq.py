@@ -97,7 +97,7 @@ def test_regularizer_and_beta_schedule() -> None:
 def test_eptq_runs_is_deterministic_and_exports(tmp_path) -> None:
     m = Tiny().eval()
     x = _data(32)
-    kw = dict(profile="imx500", weight_bits=4, method="eptq", progress=False, iters=20, batch_size=8)
+    kw = dict(profile="imx500", targets="onnx-qdq", weight_bits=4, method="eptq", progress=False, iters=20, batch_size=8)
     a = eptq_deploy.quantize(m, x, **kw)
     b = eptq_deploy.quantize(m, x, **kw)
     for name, t in a.graph.tensors.items():
@@ -143,7 +143,7 @@ def test_interrupt_and_resume_give_the_same_graph(tmp_path, monkeypatch) -> None
     from eptq_deploy.checkpoint import Interrupted
 
     m, x = Tiny().eval(), _data(32)
-    kw = dict(profile="imx500", weight_bits=4, method="eptq", progress=False, iters=30, batch_size=8)
+    kw = dict(profile="imx500", targets="onnx-qdq", weight_bits=4, method="eptq", progress=False, iters=30, batch_size=8)
     straight = eptq_deploy.quantize(m, x, **kw)
 
     real_beta = E.annealed_beta
@@ -167,7 +167,7 @@ def test_interrupt_and_resume_give_the_same_graph(tmp_path, monkeypatch) -> None
 
 def test_resume_refuses_a_checkpoint_of_another_run(tmp_path) -> None:
     m, x = Tiny().eval(), _data(16)
-    kw = dict(profile="imx500", weight_bits=4, method="eptq", progress=False, batch_size=8)
+    kw = dict(profile="imx500", targets="onnx-qdq", weight_bits=4, method="eptq", progress=False, batch_size=8)
     eptq_deploy.quantize(m, x, iters=6, checkpoint_dir=str(tmp_path), **kw)
     with pytest.raises(eptq_deploy.EptqError, match="made for another model, data or options"):
         eptq_deploy.quantize(m, x, iters=7, checkpoint_dir=str(tmp_path), resume=True, **kw)
@@ -180,7 +180,7 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path) -> None:
 
 def test_streamed_float_activations_when_the_cache_exceeds_the_budget() -> None:
     m, x = Tiny().eval(), _data(16)
-    kw = dict(profile="imx500", weight_bits=4, method="eptq", progress=False, iters=10, batch_size=8)
+    kw = dict(profile="imx500", targets="onnx-qdq", weight_bits=4, method="eptq", progress=False, iters=10, batch_size=8)
     cached = eptq_deploy.quantize(m, x, **kw)
     streamed = eptq_deploy.quantize(m, x, max_memory=1000, **kw)
     assert cached.info["eptq_log"]["float_activations"] == "cached"
@@ -199,7 +199,7 @@ def test_eptq_is_the_shipped_default(monkeypatch) -> None:
 
     assert SHIPPED_DEFAULT_METHOD == "eptq"
     monkeypatch.setattr(api, "DEFAULT_METHOD", SHIPPED_DEFAULT_METHOD)
-    qm = eptq_deploy.quantize(Tiny().eval(), _data(16), profile="imx500", weight_bits=4, progress=False, iters=3,
+    qm = eptq_deploy.quantize(Tiny().eval(), _data(16), profile="imx500", targets="onnx-qdq", weight_bits=4, progress=False, iters=3,
                               batch_size=8)
     assert qm.info["method"] == "eptq" and "eptq_log" in qm.info
 
@@ -249,7 +249,7 @@ def test_eptq_lowers_its_loss_and_beats_ptq_at_low_bits() -> None:
     m = Tiny().eval()
     x = torch.randn(96, 3, 8, 8, generator=torch.Generator().manual_seed(7))
     calib, held = x[:64], x[64:]
-    kw = dict(profile="imx500", weight_bits=4, progress=False)
+    kw = dict(profile="imx500", targets="onnx-qdq", weight_bits=4, progress=False)
     eptq = eptq_deploy.quantize(m, calib, method="eptq", iters=200, batch_size=16, **kw)
     ptq = eptq_deploy.quantize(m, calib, method="ptq", **kw)
     curve = eptq.info["eptq_log"]["curve"]

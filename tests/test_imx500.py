@@ -20,7 +20,7 @@ from torch import nn
 
 import eptq_deploy
 from eptq_deploy import api
-from eptq_deploy.errors import TargetError
+from eptq_deploy.errors import TargetError, UsageError
 from eptq_deploy.targets.imx500 import DOMAIN, MCTQ_VERSION
 from eptq_deploy.toolchains import CACHE_ENV
 
@@ -62,6 +62,8 @@ def test_w4_bundle_holds_the_converters_output_and_runs_as_simulated(converter: 
     chip = entry["inspect"]["imx500"]
     assert chip["fit"] is True and 0 < chip["memory_used_bytes"] < chip["memory_total_bytes"] == 8388480
     assert chip["converter_version"].startswith("3.19")
+    memory = json.loads((bundle / "manifest.json").read_text())["memory"]  # the profile's figure is the converter's
+    assert memory["chip_memory_bytes"] == chip["memory_total_bytes"] and 0 < memory["chip_margin_bytes"]
     # onnxruntime with mct-quantizers' ops against the simulation: this small model, exact
     assert entry["checks"]["max_abs_diff_lsb"] == 0
     runner = eptq_deploy.load(bundle, "imx500")
@@ -80,12 +82,24 @@ def test_w4_bundle_holds_the_converters_output_and_runs_as_simulated(converter: 
     assert "memory" in (bundle / "report.md").read_text()
 
 
+def test_weights_over_the_sensors_memory_are_refused_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(api, "collect_stats", lambda *a, **k: pytest.fail("calibration ran"))
+    big = nn.Sequential(nn.Conv2d(3, 2048, 1), nn.ReLU(), nn.Conv2d(2048, 4608, 1)).eval()
+    # 3*2048 + 2048*4608 one-byte weights + (2048 + 4608) four-byte biases = 9,469,952 bytes
+    with pytest.raises(UsageError, match=r"need 9,469,952 bytes at 8-bit.*8,388,480 bytes.*--weight-bits 4") as err:
+        eptq_deploy.quantize(big, torch.randn(8, 3, 4, 4), profile="imx500", targets=["onnx-qdq"], method="ptq",
+                             progress=False)
+    assert "\n" not in str(err.value)
+
+
 def test_a_model_over_the_sensors_memory_ends_with_the_verdict(converter: None, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    big = nn.Sequential(nn.Conv2d(3, 2048, 1), nn.ReLU(), nn.Conv2d(2048, 4608, 1)).eval()  # 9.4 MB of 8-bit weights
-    qm = eptq_deploy.quantize(big, torch.randn(8, 3, 4, 4), profile="imx500", targets=["imx500"], method="ptq",
-                              progress=False)
-    with pytest.raises(TargetError, match="does not fit in the IMX500") as err:
+    # 8.29 MB of 8-bit weights: under the sensor's 8.39 MB, so quantize goes on; with the
+    # activations the converter counts 8.95 MB
+    big = nn.Sequential(nn.Conv2d(3, 1792, 1), nn.ReLU(), nn.Conv2d(1792, 4608, 1)).eval()
+    qm = eptq_deploy.quantize(big, torch.randn(4, 3, 8, 8), profile="imx500", method="ptq", progress=False)
+    assert qm.targets == ["imx500"]  # the profile's native target
+    with pytest.raises(TargetError, match="does not fit in the IMX500: it needs [0-9,]+ of 8,388,480 bytes") as err:
         eptq_deploy.export(qm, out=tmp_path / "b")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "b").exists()

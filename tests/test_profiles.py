@@ -49,7 +49,7 @@ EXPECTED = {
     # name: (target, w bits, allowed, w pow2, narrow, a symmetric, a pow2, signedness)
     "tflite-int8": ("tflite-int8", 8, (8,), False, True, False, False, "signed"),
     "int8-pot": ("onnx-qdq", 8, (8,), True, True, True, True, "auto"),
-    "imx500": ("onnx-qdq", 8, (8, 4, 2), False, False, True, True, "auto"),
+    "imx500": ("imx500", 8, (8, 4, 2), False, False, True, True, "auto"),
     "openvino-cpu": ("openvino-ir", 8, (8,), False, True, False, False, "unsigned"),
     "w4a8-pot": ("onnx-qdq", 4, (4,), True, False, True, True, "auto"),
 }
@@ -269,7 +269,18 @@ BAD_CASES = [
     ("name-mismatch", _set("name", "other"), ["field 'name'", "'bad'"]),
     ("multiline-description", _set("description", "two\nlines"), ["description", "one-line"]),
     ("target", _set("native_target", "no spaces please"), ["native_target", "tflite-int8"]),
+    ("memory-as-text", _set("memory_bytes", "8MB"), ["memory_bytes", "'8MB'", "positive integer"]),
+    ("memory-zero", _set("memory_bytes", 0), ["memory_bytes", "positive integer"]),
 ]
+
+
+def test_chip_memory_is_optional_and_stated_for_the_imx500(tmp_path: Path) -> None:
+    assert load_profile("int8-pot").memory_bytes is None  # not stated: nothing checked against it
+    assert load_profile("imx500").memory_bytes == 8388480  # the converter's "Total Memory Available On Chip"
+    d = _yaml_dict("int8-pot")
+    d["name"], d["memory_bytes"] = "small", 300_000
+    p = load_profile(_write(tmp_path / "small.yaml", d))
+    assert p.memory_bytes == 300_000 and profile_from_dict(p.to_dict()) == p
 
 
 @pytest.mark.parametrize(
@@ -437,7 +448,7 @@ def test_list_profiles_with_plugins(plugins: types.ModuleType) -> None:
 
 FIELD_NAMES = [
     "name", "description", "native_target", "weights", "activations", "bias_bits", "fusing",
-    "first_layer_weight_bits", "last_layer_weight_bits", "extends", "source", "default_bits",
+    "first_layer_weight_bits", "last_layer_weight_bits", "memory_bytes", "extends", "source", "default_bits",
     "allowed_bits", "per_channel", "symmetric", "power_of_two", "range", "bits", "signedness",
 ]  # fmt: skip
 TOKENS = [

@@ -69,10 +69,11 @@ def main() -> int:
             continue
         t0 = time.perf_counter()
         if it == 0:
-            qm = eptq_deploy.quantize(model, calib, profile=a.profile, weight_bits=a.weight_bits, progress=False)
+            qm = eptq_deploy.quantize(model, calib, profile=a.profile, weight_bits=a.weight_bits, method="ptq",
+                                      targets="onnx-qdq", progress=False)
         else:
             qm = eptq_deploy.quantize(model, calib, profile=a.profile, weight_bits=a.weight_bits, method="eptq",
-                                      iters=it, progress=False)
+                                      targets="onnx-qdq", iters=it, progress=False)
         wall = time.perf_counter() - t0
         pred = qm.simulate(test_x).numpy().argmax(1)
         r = {"model": a.model, "profile": a.profile, "weight_bits": a.weight_bits, "iters": it,

@@ -49,7 +49,7 @@ def main() -> int:
         opts = {} if a.iters is None else {"iters": a.iters}
         t0 = time.perf_counter()
         qm = eptq_deploy.quantize(model, calib, profile=a.profile, weight_bits=int(bits), method="eptq",
-                                  progress=False, **opts)
+                                  targets="onnx-qdq", progress=False, **opts)
         wall = time.perf_counter() - t0
         top1 = float(np.mean(qm.simulate(test_x).numpy().argmax(1) == test_y))
         print(json.dumps({"model": name, "profile": a.profile, "weight_bits": int(bits), "device": device,
