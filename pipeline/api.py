@@ -31,10 +31,12 @@ from .float_exec import pack
 from .graph import QuantGraph, TargetRules
 from .hessian import hessian_scores
 from .hw_profiles import Profile, load_profile
+from .mixed_precision import check_budget, plan_widths
 from .preprocess import Preset, get_preset, normalize_pixels, preset_info
 from .ptq import collect_stats, layer_weight_bits, packed_weight_bytes, ptq
 from .quantized import QuantizedModel, concat_batches
 from .readers import check_against_source, read_source
+from .sizes import parse_size
 from .targets import Runner, Target, get_target, list_targets
 from .toolchains import installed
 
@@ -140,7 +142,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
              fold_preprocessing: str | Preset | None = None, input_shape: tuple[int, ...] | None = None,
              outputs: Sequence[str] | None = None, postprocess: str | dict[str, Any] | None = None,
              equalize: bool = True, target_options: dict[str, dict[str, Any]] | None = None,
-             **options: Any) -> QuantizedModel:
+             weight_memory: int | str | None = None, **options: Any) -> QuantizedModel:
     """Quantize ``model`` for ``targets`` under ``profile`` from unlabelled ``data``.
 
     ``data``: a tensor or array (N, C, H, W), an iterable of batches, or a DataLoader,
@@ -173,6 +175,12 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     {"accelerator": "ethos-u65-256"}}``) are checked now and kept in the graph for export. A target
     that calls a chip compiler is refused here if its toolchain is not installed.
 
+    ``weight_memory`` (bytes, or a size such as "300KB" = 300,000 bytes, "300KiB", "1.5MB") makes the
+    weight widths per layer: chosen among the profile's allowed widths so the packed weights fit
+    it with the least expected loss (``mixed_precision.py``: Hessian sensitivity, an exact integer
+    program), then quantized by ``method`` on that configuration. A budget nothing fits is refused
+    before any work; ``QuantizedModel.weight_bits`` and ``.weight_bytes`` give the result.
+
     ``postprocess`` names what the outputs mean (``tasks.FAMILIES``: "yolox", "ssd", "decoded",
     "segment"; or a spec from ``tasks.postprocess_spec``): the bundle's manifest then ships the
     decode parameters and thresholds, and ``check`` scores detections (mAP) or masks (mIoU).
@@ -183,6 +191,10 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     if method not in METHODS:
         raise UsageError(f"unknown method {method!r}; choose one of: {', '.join(METHODS)}")
     opts = method_options(method, options)
+    budget = None if weight_memory is None else parse_size(weight_memory, "weight_memory")
+    if budget is not None and weight_bits is not None:
+        raise UsageError("weight_bits and weight_memory both given: a budget chooses the widths per layer; "
+                         "give one of them")
     prof = resolve_profile(profile, weight_bits)
     tgts = resolve_targets(targets, prof)
     for t in tgts:
@@ -221,7 +233,10 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
         fg = fold.fold_preprocessing(fg, pre)
     for t in tgts:  # an op a target cannot write fails now, not after minutes of calibration and EPTQ
         t.validate(fg)
-    check_chip_memory(fg, prof)
+    if budget is None:
+        check_chip_memory(fg, prof)
+    else:
+        check_budget(fg, prof, budget)
     t_capture = time.perf_counter() - t0
     batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
     equalized = equalize_channels(fg, batches, prof.activations.bits) if equalize else []
@@ -235,10 +250,18 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     if pre is not None:
         info["preprocessing"] = preset_info(pre)
     rules = [t.rules for t in tgts]
+    hess, widths = None, None
+    if budget is not None:  # the widths first, from the same Hessian pass EPTQ uses
+        t = time.perf_counter()
+        hess = _hessians(fg, x, opts, seed, progress)
+        timings["hessian"] = round(time.perf_counter() - t, 3)
+        plan = plan_widths(fg, prof, hess[1], budget)
+        widths, info["mixed_precision"] = plan.bits, plan.to_dict()
+        timings["widths"] = round(time.perf_counter() - t - timings["hessian"], 3)
     if method == "ptq":
-        qg = ptq(fg, stats, prof, rules)
+        qg = ptq(fg, stats, prof, rules, weight_bits=widths)
     else:
-        qg = _eptq(fg, x, stats, prof, rules, opts, seed, progress, timings, info)
+        qg = _eptq(fg, x, stats, prof, rules, opts, seed, progress, timings, info, hess, widths)
     timings["total"] = round(time.perf_counter() - t0, 3)
     info["timings_s"] = timings
     qg.meta.update({"profile": prof.name, "method": method, "targets": [t.name for t in tgts]})
@@ -286,22 +309,36 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _hessians(fg: QuantGraph, x: torch.Tensor, opts: dict[str, Any], seed: int, progress: bool,
+              weights: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The label-free Hessian pass: per-sample layer scores and (``weights``) weight Hessian diagonals."""
+    step = min(64, fg.batch_size())  # backward passes keep every activation: fewer samples at 224x224
+    hb = [x[i:i + step] for i in range(0, len(x), step)]
+    return hessian_scores(fg, hb, n_draws=opts.get("n_draws", HESSIAN_OPTIONS["n_draws"]), seed=seed, weights=weights,
+                          progress=progress)
+
+
 def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: list[TargetRules], opts: dict[str, Any],
-          seed: int, progress: bool, timings: dict[str, float], info: dict[str, Any]) -> QuantGraph:
-    """Hessian scores, Hessian-weighted thresholds, then network-wise rounding optimisation."""
+          seed: int, progress: bool, timings: dict[str, float], info: dict[str, Any],
+          hess: tuple[dict[str, np.ndarray], dict[str, np.ndarray]] | None = None,
+          widths: dict[str, int] | None = None) -> QuantGraph:
+    """Hessian scores (``hess`` where the pass already ran), Hessian-weighted thresholds, then
+    network-wise rounding optimisation; ``widths``: per-layer weight bits, else the profile's."""
     if not fg.weighted_nodes():  # no rounding to learn: the calibrated grids are the whole result
         info["eptq_log"] = {"skipped": "the model has no weighted layer; its grids come from calibration (PTQ)"}
         return ptq(fg, stats, prof, rules)
     t = time.perf_counter()
     scores = whess = None
-    if (opts["hessian"] == "eptq" and info["method"] == "eptq") or opts["hmse"]:
-        step = min(64, fg.batch_size())  # backward passes keep every activation: fewer samples at 224x224
-        hb = [x[i:i + step] for i in range(0, len(x), step)]
-        scores, whess = hessian_scores(fg, hb, n_draws=opts["n_draws"], seed=seed, weights=opts["hmse"],
-                                       progress=progress)
+    if hess is not None:
+        scores, whess = hess
+    elif (opts["hessian"] == "eptq" and info["method"] == "eptq") or opts["hmse"]:
+        scores, whess = _hessians(fg, x, opts, seed, progress, weights=opts["hmse"])
+        timings["hessian"] = round(time.perf_counter() - t, 3)
+    else:
+        timings["hessian"] = 0.0
+    if scores is not None:
         info["hessian_scores"] = {n.name: float(np.mean(scores[n.outputs[0]])) for n in fg.weighted_nodes()}
-    timings["hessian"] = round(time.perf_counter() - t, 3)
-    qg = ptq(fg, stats, prof, rules, hessians=whess if opts["hmse"] else None)
+    qg = ptq(fg, stats, prof, rules, hessians=whess if opts["hmse"] else None, weight_bits=widths)
     cfg = EptqConfig(seed=seed, **{k: opts[k] for k in EPTQ_OPTIONS})
     t = time.perf_counter()
     if info["method"] == "adaround":

@@ -36,11 +36,13 @@ from .errors import BundleError, EptqError, UsageError
 from .float_exec import pack, unpack
 from .fold import input_contract
 from .host import cpu_features
+from .mixed_precision import plot_widths
 from .quantized import QuantizedModel
 
 MANIFEST_VERSION = 2
 #: side files of a bundle (hashed like every other file)
 QUANTIZATION_FILE = "quantization.json"
+WIDTHS_PLOT = "weight_bits.png"
 CALIBRATION_FILE = "calibration.json"
 CLASSES_FILE = "classes.txt"
 
@@ -83,12 +85,25 @@ def memory_section(qm: QuantizedModel) -> dict[str, Any]:
     margin that weights (packed) and peak activations leave in it: an estimate; a chip compiler's
     own report, where a target runs one, is the verdict."""
     g = qm.graph
-    out: dict[str, Any] = {"weight_bytes": g.weight_bytes(), "peak_activation_bytes_batch1": peak_activation_bytes(qm)}
+    out: dict[str, Any] = {"weight_bytes": g.weight_bytes(), "packed_weight_bytes": qm.weight_bytes,
+                           "weight_bits": qm.weight_bits, "peak_activation_bytes_batch1": peak_activation_bytes(qm)}
     if qm.profile.memory_bytes is not None:
         out["chip_memory_bytes"] = qm.profile.memory_bytes
         out["chip_margin_bytes"] = (qm.profile.memory_bytes - out["weight_bytes"]["packed"]
                                     - out["peak_activation_bytes_batch1"])
     return out
+
+
+def widths_section(plan: dict[str, Any]) -> list[str]:
+    """The report's lines on a weight-memory budget: the budget, what the widths pack to, each layer's width."""
+    lines = ["", "## Weight widths under the memory budget", "",
+             f"Budget {plan['budget_bytes']:,} bytes, packed weights {plan['packed_bytes']:,} bytes: {plan['note']} "
+             f"({plan['solver']}).", "", f"![widths against sensitivity]({plan['plot']})", "",
+             "| layer | weight bits | expected loss at each width |", "| --- | --- | --- |"]
+    for name, bits in plan["weight_bits"].items():
+        costs = ", ".join(f"{b}-bit {c:.3g}" for b, c in plan["costs"][name].items())
+        lines.append(f"| {name} | {bits} | {costs} |")
+    return lines
 
 
 def _chip_margin(memory: dict[str, Any]) -> str:
@@ -173,6 +188,9 @@ def build_manifest(qm: QuantizedModel, target_entries: dict[str, Any], command: 
         "calibration": {"samples": qm.info.get("samples"),
                         **{k: v for k, v in calib.items() if k not in ("files", "indices")},
                         "record": CALIBRATION_FILE},
+        # a weight-memory budget's per-layer widths (mixed_precision.py), with the costs they were chosen on
+        "mixed_precision": ({**qm.info["mixed_precision"], "plot": WIDTHS_PLOT} if qm.info.get("mixed_precision")
+                            else None),
         # layers whose SiLU channels were rescaled (equalize.py): each has a 1x1 depthwise layer "<name>.rescale"
         "equalized_silu": qm.info.get("equalized_silu", []),
         "quantization_time_s": qm.info.get("timings_s"),
@@ -200,6 +218,8 @@ def write_side_files(tmp: Path, qm: QuantizedModel) -> None:
                                                    default=_json_default))
     if qm.info.get("classes"):
         (tmp / CLASSES_FILE).write_text("".join(f"{c}\n" for c in qm.info["classes"]))
+    if qm.info.get("mixed_precision"):
+        plot_widths(qm.info["mixed_precision"], tmp / WIDTHS_PLOT)
 
 
 def calibration_record(data: Path, files: list[str], count: int) -> dict[str, Any]:
@@ -253,6 +273,8 @@ def write_report(path: Path, qm: QuantizedModel, manifest: dict[str, Any], layer
     ]
     if qm.info.get("note"):
         lines += ["", qm.info["note"]]
+    if manifest.get("mixed_precision"):
+        lines += widths_section(manifest["mixed_precision"])
     lines += [
         "",
         "## On the real runtime",

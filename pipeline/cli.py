@@ -20,6 +20,7 @@ from . import __version__
 from .checks import agreement
 from .errors import DataError, EptqError, UsageError
 from .preprocess import DEFAULT_PRESET, describe_presets
+from .sizes import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="EPTQ post-training quantization for edge targets: quantize, export, check.")
@@ -64,19 +65,6 @@ def _ints(text: str | None, what: str) -> tuple[int, ...] | None:
         raise UsageError(f"--{what} {text!r} is not a comma-separated list of sizes; e.g. 3,224,224") from None
 
 
-def _bytes(text: str) -> int:
-    """'4G', '512M', '100000' -> bytes."""
-    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    try:
-        value = float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
-    except ValueError:
-        value = -1
-    if value < 1:
-        raise UsageError(f"--max-memory {text!r} is not a size; write e.g. 4G, 512M or a number of bytes")
-    return int(value)
-
-
 def _command_line() -> str:
     return "eptq-deploy " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
@@ -103,6 +91,10 @@ def quantize(
                                                              "(kept on Ctrl-C; outside the bundle).")] = None,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted EPTQ run from --checkpoint-dir.")] = False,
     weight_bits: Annotated[int | None, typer.Option(help="Weight bit width, one the profile allows.")] = None,
+    weight_memory: Annotated[str | None, typer.Option(help="Budget for the packed weights, e.g. 300KB (300,000 "
+                                                           "bytes), 300KiB or 1.5MB: per-layer widths from the "
+                                                           "profile's allowed ones, chosen by Hessian sensitivity "
+                                                           "(instead of --weight-bits).")] = None,
     input_shape: Annotated[str | None, typer.Option(help="Sizes for a model file's dynamic input, in its layout "
                                                          "without the batch: C,H,W for ONNX, e.g. 3,224,224.")] = None,
     outputs: Annotated[str | None, typer.Option(help="Tensor names, comma-separated, where the integer model ends; "
@@ -158,7 +150,12 @@ def quantize(
         chosen = method or DEFAULT_METHOD
         options: dict[str, Any] = {} if iters is None else {"iters": iters}
         if max_memory is not None:
-            options["max_memory"] = _bytes(max_memory)
+            options["max_memory"] = parse_size(max_memory, "--max-memory")
+        if weight_memory is not None:
+            if weight_bits is not None:
+                raise UsageError("--weight-bits and --weight-memory both given: a budget chooses the widths per "
+                                 "layer; give one of them")
+            options["weight_memory"] = parse_size(weight_memory, "--weight-memory")
         if checkpoint_dir is not None or resume:
             if chosen != "eptq":
                 raise UsageError(f"--checkpoint-dir/--resume apply to --method eptq, not {chosen}; drop them or use eptq")
@@ -312,6 +309,10 @@ def print_summary(bundle: Path) -> None:
 
     m = read_manifest(bundle)
     typer.echo(f"bundle: {bundle}")
+    if m.get("mixed_precision"):
+        mp = m["mixed_precision"]
+        typer.echo(f"weight widths: {mp['packed_bytes']:,} of {mp['budget_bytes']:,} bytes; {mp['note']} "
+                   f"(per layer: report.md, {mp['plot']})")
     for name, t in m["targets"].items():
         if t.get("checks") or t.get("latency"):
             typer.echo(target_line(name, t["runtime"], t.get("checks"), t.get("latency")))

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .calibrate import ActStats, quantize_bias, search_activation_grid, search_weight_grid
 from .float_exec import run_float
 from .fold import is_folded, pixel_grid
-from .graph import WEIGHTED_OPS, QParams, QuantGraph, TargetRules, moves_codes
+from .graph import WEIGHTED_OPS, Node, QParams, QuantGraph, TargetRules, moves_codes
 
 #: values kept per tensor per batch for the threshold search
 SAMPLES_PER_BATCH = 16384
@@ -70,15 +70,17 @@ def layer_weight_bits(g: QuantGraph, profile) -> dict[str, int]:
     return bits
 
 
+def layer_packed_bytes(g: QuantGraph, n: Node, bits: int, bias_bits: int) -> int:
+    """Bytes of one weighted layer's constants packed at ``bits`` per weight and ``bias_bits`` per bias
+    (what a chip stores; the figure memory budgets are checked on)."""
+    w = g.tensors[n.inputs[1]].data
+    b = g.tensors[n.inputs[2]].data if len(n.inputs) > 2 else None
+    return (int(np.size(w)) * bits + 7) // 8 + (0 if b is None else int(np.size(b)) * bias_bits // 8)
+
+
 def packed_weight_bytes(g: QuantGraph, bits: dict[str, int], bias_bits: int) -> int:
-    """Bytes of the weighted layers' constants packed at their widths: ``bits[layer]`` bits per
-    weight, ``bias_bits`` per bias (what a chip stores; the figure memory budgets are checked on)."""
-    total = 0
-    for n in g.weighted_nodes():
-        w = g.tensors[n.inputs[1]].data
-        b = g.tensors[n.inputs[2]].data if len(n.inputs) > 2 else None
-        total += (int(np.size(w)) * bits[n.name] + 7) // 8 + (0 if b is None else int(np.size(b)) * bias_bits // 8)
-    return total
+    """``layer_packed_bytes`` summed over the weighted layers, each at ``bits[layer]``."""
+    return sum(layer_packed_bytes(g, n, bits[n.name], bias_bits) for n in g.weighted_nodes())
 
 
 def assign_activation_grids(g: QuantGraph, stats: dict[str, ActStats], profile, rules: list[TargetRules]) -> None:
@@ -217,10 +219,12 @@ def fixed_grid(fixed: tuple[float, int, bool], profile) -> QParams:
     return QParams(a.bits, signed, [scale], [zp], exponent=exponent)
 
 
-def quantize_weights(g: QuantGraph, fg: QuantGraph, profile, hessians: dict[str, np.ndarray] | None = None) -> None:
-    """Per-channel weight grids (MSE, Hessian-weighted where given), rounded weights and int32 bias."""
+def quantize_weights(g: QuantGraph, fg: QuantGraph, profile, hessians: dict[str, np.ndarray] | None = None,
+                     weight_bits: dict[str, int] | None = None) -> None:
+    """Per-channel weight grids (MSE, Hessian-weighted where given), rounded weights and int32 bias;
+    ``weight_bits`` (layer -> bits, e.g. ``mixed_precision``'s choice) overrides the profile's widths."""
     w = profile.weights
-    bits = layer_weight_bits(g, profile)
+    bits = weight_bits or layer_weight_bits(g, profile)
     for n in g.nodes:
         if n.op not in WEIGHTED_OPS:
             continue
@@ -244,9 +248,9 @@ def set_bias(g: QuantGraph, node, bias: np.ndarray, bias_bits: int) -> None:
 
 
 def ptq(fg: QuantGraph, stats: dict[str, ActStats], profile, rules: list[TargetRules],
-        hessians: dict[str, np.ndarray] | None = None) -> QuantGraph:
-    """The calibrated, round-to-nearest quantized graph."""
+        hessians: dict[str, np.ndarray] | None = None, weight_bits: dict[str, int] | None = None) -> QuantGraph:
+    """The calibrated, round-to-nearest quantized graph (``weight_bits``: per-layer widths, else the profile's)."""
     g = fg.copy()
     assign_activation_grids(g, stats, profile, rules)
-    quantize_weights(g, fg, profile, hessians)
+    quantize_weights(g, fg, profile, hessians, weight_bits)
     return g

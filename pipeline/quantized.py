@@ -12,6 +12,7 @@ from . import model_io
 from .errors import UsageError
 from .float_exec import pack, run_float, unpack
 from .graph import QuantGraph
+from .ptq import packed_weight_bytes
 from .simulate import dequantize, dequantize_outputs, get_rule, run_integer
 
 
@@ -39,6 +40,16 @@ class QuantizedModel:
     def __repr__(self) -> str:
         return (f"QuantizedModel(profile={self.profile.name!r}, targets={self.targets}, "
                 f"layers={len(self.graph.weighted_nodes())}, method={self.info.get('method')!r})")
+
+    @property
+    def weight_bits(self) -> dict[str, int]:
+        """Weight bits of every weighted layer (the profile's widths, or a weight-memory budget's choice)."""
+        return {n.name: int(self.graph.tensors[n.inputs[1]].quant.bits) for n in self.graph.weighted_nodes()}
+
+    @property
+    def weight_bytes(self) -> int:
+        """Packed weight bytes: bits/8 per weight, the profile's bias width per bias (what budgets count)."""
+        return packed_weight_bytes(self.graph, self.weight_bits, self.profile.bias_bits)
 
     def _rule(self, target: str | None, rounding: str | None = None):
         target = target or self.targets[0]
