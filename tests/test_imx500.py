@@ -14,6 +14,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from test_cli import _quantize, workdir  # noqa: F401  (fixture)
 from test_ethos_u import need_toolchain
 from test_tflite import _one_torch_thread  # noqa: F401  (autouse fixture: one torch thread)
 from torch import nn
@@ -103,3 +104,15 @@ def test_a_model_over_the_sensors_memory_ends_with_the_verdict(converter: None, 
         eptq_deploy.export(qm, out=tmp_path / "b")
     assert "\n" not in str(err.value)
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_quantize_with_the_imx500_profile_runs_the_converter(converter: None, workdir: Path) -> None:  # noqa: F811
+    # no --target: the imx500 profile's native target is the converter's
+    res = _quantize(workdir, "--profile", "imx500", "--weight-bits", "4", "--method", "ptq")
+    assert res.exit_code == 0, res.output
+    bundle = workdir / "bundle"
+    assert (bundle / "imx500" / "packerOut.zip").is_file() and (bundle / "imx500" / "memory_report.json").is_file()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    chip = manifest["targets"]["imx500"]["inspect"]["imx500"]
+    assert chip["fit"] is True and chip["memory_used_bytes"] > 0
+    assert manifest["memory"]["chip_memory_bytes"] == chip["memory_total_bytes"]

@@ -1,0 +1,135 @@
+"""Mixed precision under a weight-memory budget against uniform widths (imx500 profile, EPTQ).
+
+Budgets are stated as average bits per weight: ``--avg 3`` is ``3/8`` of the weights' 8-bit size
+plus the int32 biases (what ``weight_memory=`` counts), so "uniform W4" is the 4.0 row's size.
+Rows per model: the budgets of ``--avg`` (default 2.5, 3, 3.5; Lite0: 4.5) and uniform
+``--uniform`` widths (default 4 and 2; Lite0: 8 and 4), each EPTQ with the defaults. Reported:
+top-1 of the simulation (onnx-qdq's rule; the runtimes are bit-exact with it, tested) on the
+10,000 CIFAR-10 test images or the 500 held-out ImageNet samples, packed bytes, the widths chosen,
+time. A plot of top-1 against packed bytes (the accuracy-versus-size curve) goes to ``--plot``.
+
+    python tools/bench_mixed_precision.py --model resnet20
+    python tools/bench_mixed_precision.py --model efficientnet_lite0 --avg 4.5 --uniform 8,4
+
+One JSON line per row on stdout, appended to ``--results``; a Markdown table ends the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+# same folder (tools/ is the script's path): data, models and the result writer of the other benchmarks
+from bench_accuracy import Skip, load_dataset, load_model
+from bench_ethos_u import top1
+from bench_mlperf_tiny import emit
+
+import eptq_deploy
+from eptq_deploy.capture import capture
+from eptq_deploy.float_exec import unpack
+from eptq_deploy.hw_profiles import load_profile
+from eptq_deploy.ptq import packed_weight_bytes
+from eptq_deploy.zoo import shared_data_dir
+
+DEFAULT_RESULTS = Path(__file__).resolve().parent / "results" / "bench_mixed_precision.jsonl"
+TARGET = "onnx-qdq"
+
+
+def budget_for(model: torch.nn.Module, example: torch.Tensor, avg_bits: float) -> int:
+    """Bytes for ``avg_bits`` bits per weight on average, plus the int32 biases."""
+    prof = load_profile("imx500")
+    g = capture(model, example[:1], fusing=prof.fusing, profile_name=prof.name)
+    weights = sum(int(np.size(g.tensors[n.inputs[1]].data)) for n in g.weighted_nodes())
+    biases = packed_weight_bytes(g, {n.name: 0 for n in g.weighted_nodes()}, prof.bias_bits)
+    return int(weights * avg_bits / 8) + biases
+
+
+def row(model: str, config: str, avg: float | None, bits: int | None, data: tuple[Any, Any, Any]) -> dict[str, Any]:
+    calib, x, y = data
+    net = load_model(model)
+    options: dict[str, Any] = {"weight_memory": budget_for(net, calib, avg)} if avg is not None else {"weight_bits": bits}
+    t0 = time.perf_counter()
+    qm = eptq_deploy.quantize(net, calib, profile="imx500", targets=[TARGET], method="eptq", seed=0, progress=False,
+                              **options)
+    seconds = round(time.perf_counter() - t0, 1)
+    sim = np.concatenate([np.asarray(unpack(qm.simulate(x[i:i + 500], TARGET))[0]) for i in range(0, len(x), 500)])
+    timings = qm.info.get("timings_s", {})
+    return {"model": model, "config": config, "budget_bytes": options.get("weight_memory"),
+            "packed_bytes": qm.weight_bytes, "widths": dict(sorted(Counter(qm.weight_bits.values()).items())),
+            "weight_bits": qm.weight_bits, "images": len(y), "top1_simulation": top1(sim, y),
+            "quantize_s": seconds, "hessian_s": timings.get("hessian"), "optimisation_s": timings.get("optimisation")}
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = [r for r in rows if r["model"] == model]
+        mixed = sorted((r["packed_bytes"], r["top1_simulation"]) for r in mine if r["budget_bytes"])
+        uniform = sorted((r["packed_bytes"], r["top1_simulation"]) for r in mine if not r["budget_bytes"])
+        if mixed:
+            ax.plot(*zip(*mixed, strict=True), "o-", label=f"{model} mixed")
+        if uniform:
+            ax.plot(*zip(*uniform, strict=True), "s--", label=f"{model} uniform")
+    ax.set_xlabel("packed weight bytes")
+    ax.set_ylabel("top-1 (%)")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet20,resnet56", help="comma-separated models")
+    p.add_argument("--avg", default=None, help="budgets as average bits per weight (default 2.5,3,3.5; Lite0 4.5)")
+    p.add_argument("--uniform", default=None, help="uniform widths (default 4,2; Lite0 8,4)")
+    p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
+    p.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "mixed_precision_curve.png")
+    args = p.parse_args(argv)
+    if shared_data_dir() is None:
+        print("skipped: benchmark data not found (set EPTQ_DATA_DIR to the shared data folder)")
+        return 0
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(2)
+    rows: list[dict[str, Any]] = []
+    for model in args.model.split(","):
+        lite = model == "efficientnet_lite0"
+        avgs = [float(a) for a in (args.avg or ("4.5" if lite else "2.5,3,3.5")).split(",")]
+        uniform = [int(b) for b in (args.uniform or ("8,4" if lite else "4,2")).split(",")]
+        try:
+            data = load_dataset(model, 500 if lite else None)
+        except Skip as e:
+            emit({"model": model, "skipped": str(e)}, args.results, rows)
+            continue
+        for avg in avgs:
+            emit(row(model, f"mixed {avg:g} bits/weight", avg, None, data), args.results, rows)
+        for bits in uniform:
+            emit(row(model, f"uniform W{bits}", None, bits, data), args.results, rows)
+    done = [r for r in rows if "skipped" not in r]
+    if done:
+        plot(done, args.plot)
+    print("\n| model | weights | budget | packed bytes | layers per width | top-1 (simulation) | EPTQ time (Hessian) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in done:
+        widths = ", ".join(f"{n}x{b}" for b, n in sorted(r["widths"].items(), reverse=True))
+        budget = f"{r['budget_bytes']:,} B" if r["budget_bytes"] else "-"
+        print(f"| {r['model']} | {r['config']} | {budget} | {r['packed_bytes']:,} B | {widths} | "
+              f"{r['top1_simulation']:.2f} % | {r['quantize_s']} s ({r['hessian_s']} s) |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
