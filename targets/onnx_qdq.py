@@ -507,6 +507,30 @@ def ort_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return (x.float() * alpha + torch.tensor(0.5, dtype=torch.float32)).clamp(0.0, 1.0)
 
 
+#: MLAS's logistic (Eigen's rational approximation): input clamp, then the numerator's odd
+#: coefficients alpha_9..alpha_1 and the denominator's even ones beta_10..beta_0 (float32)
+MLAS_LOGISTIC_RANGE = (np.float32(-18.0), np.float32(18.0))
+MLAS_LOGISTIC_ALPHA = tuple(np.float32(c) for c in (4.37031012579801e-11, 1.15627324459942e-07, 6.08574864600143e-05,
+                                                    8.51377133304701e-03, 2.48287947061529e-01))
+MLAS_LOGISTIC_BETA = tuple(np.float32(c) for c in (6.10247389755681e-13, 5.76102136993427e-09, 6.29106785017040e-06,
+                                                   1.70198817374094e-03, 1.16817656904453e-01, 9.93151921023180e-01))
+
+
+def mlas_logistic(x: np.ndarray) -> np.ndarray:
+    """MlasComputeLogistic as its FMA kernels compute it in float32: x clamped to [-18, 18], both
+    polynomials in x**2 by Horner's rule with one rounding per step (FMA), ``x * p / q + 0.5``, floored
+    at 0. Not ``1 / (1 + exp(-x))``: the two differ in the last bits, which decides a quantizer's tie."""
+    v = np.clip(np.asarray(x, np.float32), *MLAS_LOGISTIC_RANGE)
+    v2 = v * v
+    p = np.full_like(v, MLAS_LOGISTIC_ALPHA[0])
+    for c in MLAS_LOGISTIC_ALPHA[1:]:
+        p = fma_f32(v2, p, c)
+    q = np.full_like(v, MLAS_LOGISTIC_BETA[0])
+    for c in MLAS_LOGISTIC_BETA[1:]:
+        q = fma_f32(v2, q, c)
+    return np.maximum((v * p) / q + np.float32(0.5), np.float32(0.0))
+
+
 def ort_resize_node(n: Node, in_shape: Any) -> Node:
     """A TFLite-read resize (its ``step``) as onnxruntime computes the file's: given output sizes, it
     divides by the float32 ratio output / input instead of multiplying by a step."""
@@ -523,9 +547,10 @@ class OnnxruntimeRule(FloatHalfEvenRule):
     onnx-qdq file, see ``targets/onnx_qdq.py``), and so does every op it runs as
     DQ -> float op -> Q, with HardSigmoid and HardSwish computed in float32 as its kernels
     compute them (``float_kernel``). Its QDQ fusion, however, turns DQ -> Add / Mul / AveragePool /
-    GlobalAveragePool -> Q into com.microsoft QLinear* kernels whose float32 arithmetic on
-    the uint8 codes rounds differently at (near-)ties; ``integer_op`` reproduces them bit
-    for bit (measured against onnxruntime 1.32 over every uint8 code pair of many grids).
+    GlobalAveragePool / Sigmoid -> Q into com.microsoft QLinear* kernels whose float32 arithmetic on
+    the uint8 codes rounds differently at (near-)ties (QLinearSigmoid: a table through MLAS's
+    rational logistic); ``integer_op`` reproduces them bit for bit (measured against onnxruntime
+    1.32 over every uint8 code (pair) of many grids).
     Other CPUs get other MLAS kernels (QLinearAdd without AVX2; QLinearAdd and
     QLinearGlobalAveragePool in fixed point on ARM), which may round those ties otherwise.
     """
@@ -546,7 +571,7 @@ class OnnxruntimeRule(FloatHalfEvenRule):
 
     def integer_op(self, n: Node, xs: list[torch.Tensor], qps: list[QParams], out: QParams) -> torch.Tensor | None:
         kernel = {"add": self._add, "mul": self._mul, "avg_pool2d": self._avg_pool2d,
-                  "global_avg_pool": self._global_avg_pool}.get(n.op)
+                  "global_avg_pool": self._global_avg_pool, "sigmoid": self._sigmoid}.get(n.op)
         if kernel is None or any(qp.bits != 8 for qp in (*qps, out)):
             return None
         off = uint8_container_offset(out)
@@ -597,6 +622,15 @@ class OnnxruntimeRule(FloatHalfEvenRule):
             inside = np.lib.stride_tricks.sliding_window_view(np.pad(np.ones(x.shape[2:]), pad[2:]), (kh, kw))
             count = inside[::sh, ::sw].sum((-1, -2)).astype(np.float32)
         return cvt_f32_to_i32(total / count / so + np.float32(zo))
+
+    @staticmethod
+    def _sigmoid(n: Node, xs: list[np.ndarray], grids: list[tuple[np.float32, int]]) -> np.ndarray:
+        """QLinearSigmoid: a 256-entry table, each uint8 code dequantized in float32 (s_in * (code - z_in)),
+        through MLAS's logistic (``mlas_logistic``), quantized as QuantizeLinear does (y / s_out, rounded
+        half to even, plus z_out)."""
+        (si, zi), (so, zo) = grids
+        table = cvt_f32_to_i32(mlas_logistic(si * (np.arange(256) - zi).astype(np.float32)) / so) + zo
+        return table[xs[0].astype(np.int64)]
 
     @staticmethod
     def _global_avg_pool(n: Node, xs: list[np.ndarray], grids: list[tuple[np.float32, int]]) -> np.ndarray:
