@@ -35,9 +35,10 @@ from typing import Any
 
 import numpy as np
 import openvino as ov
+import torch
 
 from eptq_deploy.float_exec import pack
-from eptq_deploy.graph import WEIGHTED_OPS, Node, QuantGraph, moves_codes
+from eptq_deploy.graph import WEIGHTED_OPS, Node, QParams, QuantGraph, moves_codes
 from eptq_deploy.host import has_vnni
 from eptq_deploy.simulate import FloatHalfEvenRule, register_rule
 
@@ -46,6 +47,7 @@ from .onnx_qdq import (
     OUTPUT_NAME,
     OnnxQdqTarget,
     build_model,
+    fma_f32,
     output_names,
     qdq_io_contract,
     u8_grid,
@@ -328,6 +330,22 @@ class OpenvinoRule(FloatHalfEvenRule):
 
     def unrounded_nodes(self, g: QuantGraph) -> set[str]:
         return folded_into_add(g)
+
+    def quantize(self, x: torch.Tensor, qp: QParams) -> torch.Tensor:
+        """A FakeQuantize as the CPU plugin computes it: the range [il, ih] of the frontend
+        ((q_min - z) * s, (q_max - z) * s in float32), then in float32 an input scale
+        ``(levels - 1) / (ih - il)`` and shift ``-il * (levels - 1) / (ih - il)``, one FMA on the
+        clamped value and round half to even: the level, q_min below the code. Adding the shift
+        (128 on an int8 grid) before rounding drops the value's last bits, so a value just above a
+        half step can round as the tie does (10.250001 on a 0.5 grid: code 20, where x / s gives 21)."""
+        s = np.float32(qp.scale[0])
+        zp = int(qp.zero_point[0])
+        il, ih = np.float32(qp.qmin - zp) * s, np.float32(qp.qmax - zp) * s
+        steps = np.float32(qp.qmax - qp.qmin)
+        isc, ish = steps / (ih - il), (-il * steps) / (ih - il)
+        v = np.clip(x.detach().numpy().astype(np.float32), il, ih)
+        level = np.rint(fma_f32(v, isc, ish)).astype(np.float64)
+        return torch.from_numpy(level + qp.qmin).clamp(qp.qmin, qp.qmax)
 
 
 

@@ -471,3 +471,17 @@ def test_xnnpack_requantization_scale_falls_back_to_reference_kernels(tmp_path: 
     np.testing.assert_array_equal(runner.run(x.numpy()), qm.simulate(x, target="tflite-int8", rounding="tflite").numpy())
     assert get_target("tflite-int8").load(b / "tflite-int8", kernels="reference").kernels == "reference"
     assert "XNNPACK refused" in (b / "report.md").read_text()
+
+
+#: drawn by the fuzz test above (a 1x1 max pool reads the input quantizer directly): the input value
+#: 10.250001 on a 0.5 grid is 20.500002 steps (code 21 by x / s); OpenVINO's FakeQuantize adds its
+#: 128 shift in float32 first, 148.500002 becomes the tie 148.5, and it rounds to even (code 20)
+OPENVINO_FQ_TIE = Case(op="max_pool", params={"kernel": (1, 1), "stride": None, "padding": (0, 0)}, shape=(1, 8, 11),
+                       profile="int8-pot", x_scale=10.0, x_shift=-1.0, seed=14051)
+
+
+def test_openvino_fake_quantize_rounds_after_its_shift() -> None:
+    qm, x = _quantize(OPENVINO_FQ_TIE)
+    strict = run_integer(qm.graph, x, get_rule("float-half-even"))
+    assert torch.any(run_integer(qm.graph, x, get_rule("openvino")) != strict)  # the case holds such a tie
+    _assert_match(check_case(OPENVINO_FQ_TIE))
