@@ -24,6 +24,7 @@ from eptq_deploy.hw_profiles import load_profile
 from eptq_deploy.mixed_precision import layer_costs, layer_widths, plan_widths, size_range, solve
 from eptq_deploy.ptq import layer_packed_bytes
 from eptq_deploy.sizes import parse_size
+from eptq_deploy.targets import get_target, list_targets
 
 
 def _model() -> nn.Module:
@@ -96,7 +97,8 @@ def test_solver_matches_brute_force_on_a_real_graph() -> None:
 def test_budget_kept_in_the_files_written_and_runtimes_exact(tmp_path: Path) -> None:
     budget = 6_000  # between all-2-bit (2,040 bytes) and all-8-bit (6,792)
     x = _data()
-    qm = eptq_deploy.quantize(_model(), x, profile="imx500", targets=["onnx-qdq", "tflite-int8"], method="eptq",
+    targets = [name for name, _ in list_targets(compilers=False)]  # the compilers: test_imx500, test_ethos_u
+    qm = eptq_deploy.quantize(_model(), x, profile="imx500", targets=targets, method="eptq",
                               weight_memory="6KB", iters=20, batch_size=16, progress=False)
     assert len(set(qm.weight_bits.values())) > 1 and qm.weight_bytes <= budget
     bundle = eptq_deploy.export(qm, out=tmp_path / "b", data=x[:16])
@@ -118,8 +120,10 @@ def test_budget_kept_in_the_files_written_and_runtimes_exact(tmp_path: Path) -> 
         assert -(2 ** (bits - 1)) <= w.min() and w.max() <= 2 ** (bits - 1) - 1
         packed += w.size * bits // 8 + b.size * 4
     assert packed == qm.weight_bytes <= budget
-    for t in ("onnx-qdq", "tflite-int8"):  # the mixed widths change nothing in the runtimes' exactness
-        assert manifest["targets"][t]["checks"]["max_abs_diff_lsb"] == 0
+    exact = [t for t in targets if get_target(t).exact_here(qm.graph)]
+    assert {"onnx-qdq", "tflite-int8", "tflite-micro"} <= set(exact)
+    for t in exact:  # the mixed widths change nothing in the runtimes' exactness
+        assert manifest["targets"][t]["checks"]["max_abs_diff_lsb"] == 0, t
 
 
 def test_a_budget_over_every_layer_at_8_bits_is_the_uniform_model_and_says_so() -> None:
