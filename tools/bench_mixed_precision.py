@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet20,resnet56", help="comma-separated models")
     p.add_argument("--avg", default=None, help="budgets as average bits per weight (default 2.5,3,3.5; Lite0 4.5)")
-    p.add_argument("--uniform", default=None, help="uniform widths (default 4,2; Lite0 8,4)")
+    p.add_argument("--uniform", default=None, help="uniform widths (default 4,2; Lite0 8,4; '' for none)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "mixed_precision_curve.png")
     args = p.parse_args(argv)
@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     for model in args.model.split(","):
         lite = model == "efficientnet_lite0"
         avgs = [float(a) for a in (args.avg or ("4.5" if lite else "2.5,3,3.5")).split(",")]
-        uniform = [int(b) for b in (args.uniform or ("8,4" if lite else "4,2")).split(",")]
+        widths = args.uniform if args.uniform is not None else ("8,4" if lite else "4,2")
+        uniform = [int(b) for b in widths.split(",") if b]
         try:
             data = load_dataset(model, 500 if lite else None)
         except Skip as e:
