@@ -120,7 +120,7 @@ def plan_widths(g: QuantGraph, profile: Profile, hessians: dict[str, np.ndarray]
     widths = layer_widths(g, profile)
     sizes = {k: {b: layer_packed_bytes(g, nodes[k], b, profile.bias_bits) for b in w} for k, w in widths.items()}
     costs = layer_costs(g, profile, hessians)
-    _, hi = size_range(g, profile)
+    hi = sum(sizes[k][max(w)] for k, w in widths.items())
     if hi <= budget:
         bits = {k: max(w) for k, w in widths.items()}
         note = (f"the budget holds every layer at its widest width ({hi:,} of {budget:,} bytes): "
