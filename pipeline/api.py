@@ -138,7 +138,7 @@ def _check_pixels(x: torch.Tensor) -> None:
 
 def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "int8-pot",
              targets: str | list[str] | None = None, method: str | None = None, weight_bits: int | None = None,
-             samples: int | None = None, seed: int = 0, batch_size: int = 64, progress: bool = True,
+             samples: int | None = None, seed: int = 0, calibration_batch_size: int = 64, progress: bool = True,
              fold_preprocessing: str | Preset | None = None, input_shape: tuple[int, ...] | None = None,
              outputs: Sequence[str] | None = None, postprocess: str | dict[str, Any] | None = None,
              equalize: bool = True, target_options: dict[str, dict[str, Any]] | None = None,
@@ -147,7 +147,8 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
 
     ``data``: a tensor or array (N, C, H, W), an iterable of batches, or a DataLoader,
     preprocessed as the model expects; ``samples`` of them are used (default: up to
-    1,024, fewer if fewer are given). ``targets`` (default: the profile's native
+    1,024, fewer if fewer are given), ``calibration_batch_size`` at a time for the statistics (EPTQ's
+    own ``batch_size`` option is its optimisation step's). ``targets`` (default: the profile's native
     target) are the files this model will be exported to; their rules shape the
     parameters, and an impossible profile/target pair fails here before any work.
 
@@ -238,7 +239,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     else:
         check_budget(fg, prof, budget)
     t_capture = time.perf_counter() - t0
-    batches = [x[i:i + batch_size] for i in range(0, len(x), batch_size)]
+    batches = [x[i:i + calibration_batch_size] for i in range(0, len(x), calibration_batch_size)]
     equalized = equalize_channels(fg, batches, prof.activations.bits) if equalize else []
     stats = collect_stats(fg, batches, seed=seed, progress=progress)
     timings = {"capture": round(t_capture, 3), "calibration": round(time.perf_counter() - t0 - t_capture, 3)}
@@ -285,7 +286,7 @@ def check_chip_memory(g: QuantGraph, prof: Profile) -> None:
 
 
 #: the Hessian pass's options (EPTQ's own come from ``EptqConfig``; ``seed`` is quantize's)
-HESSIAN_OPTIONS: dict[str, Any] = {"hessian": "eptq", "n_draws": 32, "hmse": True}
+HESSIAN_OPTIONS: dict[str, Any] = {"hessian": "eptq", "n_draws": None, "hmse": True}
 EPTQ_OPTIONS: dict[str, Any] = {f.name: f.default for f in fields(EptqConfig) if f.name != "seed"}
 
 
@@ -301,7 +302,7 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
         if out["hessian"] not in ("eptq", "none"):
             raise UsageError(f"hessian={out['hessian']!r}; choose 'eptq' (label-free Hessian scores) or 'none' (uniform)")
         for k in ("iters", "batch_size", "n_draws"):
-            if not isinstance(out[k], int) or out[k] < 1:
+            if (out[k] is not None or k == "iters") and (not isinstance(out[k], int) or out[k] < 1):
                 raise UsageError(f"{k}={out[k]!r} must be a positive integer")
         if out["max_memory"] is not None and (not isinstance(out["max_memory"], int) or out["max_memory"] < 1):
             raise UsageError(f"max_memory={out['max_memory']!r} must be a number of bytes, e.g. 4000000000")

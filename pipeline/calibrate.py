@@ -18,6 +18,7 @@ import torch
 from .graph import QParams
 
 _ALPHAS = 64  # candidate clipping ratios per search
+_LOW_ALPHAS = 16  # extra weight clipping ratios below 0.25 (``search_weight_grid``)
 
 
 @dataclass
@@ -28,10 +29,16 @@ class ActStats:
     hi: float = -math.inf
     sample: list[torch.Tensor] | None = None
     channel: list[torch.Tensor] | None = None  # each sampled value's channel (axis 1), where the rank gives one
+    channel_sum: torch.Tensor | None = None  # exact per-channel (axis 1) sums over every value seen (float64)
+    per_channel_count: int = 0  # values summed into each channel
 
     def update(self, x: torch.Tensor, per_batch: int, gen: torch.Generator) -> None:
         x = x.detach().float()
         shape = x.shape
+        if len(shape) >= 2:
+            sums = x.transpose(0, 1).reshape(shape[1], -1).sum(1, dtype=torch.float64)
+            self.channel_sum = sums if self.channel_sum is None else self.channel_sum + sums
+            self.per_channel_count += x.numel() // shape[1]
         x = x.reshape(-1)
         self.lo = min(self.lo, float(x.min()))
         self.hi = max(self.hi, float(x.max()))
@@ -59,6 +66,12 @@ class ActStats:
         c = torch.cat(self.channel)
         pick = self._subset(c.numel(), limit, seed)
         return c if pick is None else c[pick]
+
+    def channel_mean(self) -> np.ndarray | None:
+        """Mean of every channel (axis 1) over all values seen, or None for a tensor without channels."""
+        if self.channel_sum is None or not self.per_channel_count:
+            return None
+        return (self.channel_sum / self.per_channel_count).numpy()
 
     def merge(self, other: ActStats) -> ActStats:
         both = (self.channel or []) + (other.channel or [])
@@ -159,7 +172,10 @@ def search_weight_grid(w: np.ndarray, bits: int, *, per_channel: bool, power_of_
         cand = torch.stack([e0 - k for k in range(4)], 0)  # (A, C)
         scales = torch.pow(2.0, cand)
     else:
-        alphas = torch.linspace(0.25, 1.0, _ALPHAS, dtype=torch.float64)
+        # below a quarter of the largest weight only 2- and 3-bit grids can gain (a heavy-tailed channel's
+        # best 2-bit step is near its standard deviation); tried after the others, so a tie keeps the wider grid
+        alphas = torch.cat([torch.linspace(0.25, 1.0, _ALPHAS, dtype=torch.float64),
+                            torch.linspace(0.05, 0.25, _LOW_ALPHAS + 1, dtype=torch.float64)[:-1]])
         scales = alphas[:, None] * m[None, :] / qmax
         scales = scales.float().double()
     # one candidate at a time (a (channels x weights) array alive, not candidates times that: a large

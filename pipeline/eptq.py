@@ -42,7 +42,7 @@ class EptqConfig:
     """Knobs of the optimisation; defaults are the measured sweet spot on a 2-core CPU."""
 
     iters: int = DEFAULT_ITERS
-    batch_size: int = 32
+    batch_size: int | None = None  # samples per step; None: ``step_batch_size``
     lr: float = 0.1  # Adam, rounding variables
     bias_lr: float = 1e-3  # Adam, biases
     reg_weight: float = 3.0  # rounding regulariser per weight, against the task loss normalised to 1 at the start
@@ -277,6 +277,23 @@ def cache_float_activations(fg: QuantGraph, x: torch.Tensor, layers: list[str],
     return {t: store[t] for t in layers}
 
 
+#: activation values per optimisation step (at the quantized layers, all samples): 32 samples of a CIFAR
+#: ResNet are far below it, a 224x224 network reaches it at a few samples
+STEP_VALUES = 2**25
+BATCH_RANGE = (8, 32)
+
+
+def step_batch_size(fg: QuantGraph, layers: list[str]) -> int:
+    """Samples per optimisation step: 32, fewer where one sample's activations are large.
+
+    A step's cost grows with the activation values it touches; a 224x224 network holds ~35x
+    a CIFAR ResNet-20's per sample, and its loss already averages over 49x the spatial
+    positions per sample. At least 8 samples keep each step's gradient from one image's content.
+    """
+    per = sum(int(np.prod(fg.tensors[t].shape[1:])) for t in layers)
+    return max(BATCH_RANGE[0], min(BATCH_RANGE[1], STEP_VALUES // max(per, 1)))
+
+
 def cache_bytes(fg: QuantGraph, layers: list[str], n: int) -> int:
     """Bytes the float-activation cache takes for ``n`` samples (float32)."""
     return 4 * n * sum(int(np.prod(fg.tensors[t].shape[1:])) for t in layers)
@@ -334,6 +351,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     mgen = torch.Generator(device=dev).manual_seed(cfg.seed)  # activation-quantization masks
     layers = [n.outputs[0] for n in qg.nodes if n.op in WEIGHTED_OPS]
     layer_set = set(layers)
+    batch = cfg.batch_size or step_batch_size(fg, layers)
     t0 = time.perf_counter()
     shaping = {k: v for k, v in asdict(cfg).items() if k not in RUN_CONTROL}
     ckpt = Checkpoint(cfg.checkpoint_dir, qg, x, shaping) if cfg.checkpoint_dir else None
@@ -358,9 +376,9 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     # the task loss at the start (all activations quantized) sets the regulariser's scale
     loss0 = 1.0
     with torch.no_grad():
-        loss0 = float(task_loss(torch.randperm(len(x), generator=gen)[: cfg.batch_size], 1.0))
+        loss0 = float(task_loss(torch.randperm(len(x), generator=gen)[:batch], 1.0))
     loss0 = loss0 if loss0 > 0 and math.isfinite(loss0) else 1.0
-    log: dict[str, Any] = {"iters": cfg.iters, "initial_loss": loss0, "weights": n_weights, "device": str(dev),
+    log: dict[str, Any] = {"iters": cfg.iters, "batch_size": batch, "initial_loss": loss0, "weights": n_weights, "device": str(dev),
                            "float_activations": "streamed" if float_acts.streamed else "cached",
                            "float_activation_bytes": float_acts.bytes, "curve": []}
     start = 0
@@ -387,7 +405,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
                 raise interrupted(step, ckpt, state)
             if ckpt is not None and step > start and step % cfg.checkpoint_every == 0:
                 ckpt.save(state(step))
-            idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+            idx = torch.randint(0, len(x), (batch,), generator=gen)
             task = task_loss(idx, min(1.0, (step + 1) / max(cfg.act_ramp * cfg.iters, 1)))
             beta = annealed_beta(step, cfg)
             reg = torch.zeros((), device=dev)
@@ -412,12 +430,12 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
         for _ in range(int(cfg.bias_tune * cfg.iters)):
             if stop["hit"]:
                 raise interrupted(cfg.iters, ckpt, None)
-            task = task_loss(torch.randint(0, len(x), (cfg.batch_size,), generator=gen), 1.0)
+            task = task_loss(torch.randint(0, len(x), (batch,), generator=gen), 1.0)
             bias_opt.zero_grad(set_to_none=True)
             task.backward()
             bias_opt.step()
     net.hard = False
-    log.update(rounding_report(net, x, float_acts, attention, layers, loss0, gen, mgen, batch_size=cfg.batch_size))
+    log.update(rounding_report(net, x, float_acts, attention, layers, loss0, gen, mgen, batch_size=batch))
     g = net.finalize(qg, bias_bits)
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return g, log
@@ -435,6 +453,7 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     nodes = [n for n in qg.nodes if n.op in WEIGHTED_OPS]
+    batch = cfg.batch_size or step_batch_size(fg, [n.outputs[0] for n in nodes])
     f_acts = cache_float_activations(fg, x, [n.outputs[0] for n in nodes])
     net = FakeQuantNetwork(qg, fg)
     net.hard = True
@@ -449,7 +468,7 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
         opt = torch.optim.Adam([{"params": [net.V[k]], "lr": cfg.lr}, {"params": [net.bias[k]], "lr": cfg.bias_lr}])
         net.hard = False
         for step in range(cfg.iters):
-            idx = torch.randint(0, len(x), (cfg.batch_size,), generator=gen)
+            idx = torch.randint(0, len(x), (batch,), generator=gen)
             y = net.node_forward(n, [xin[idx]])
             task = (y - target[idx]).pow(2).mean()
             beta = annealed_beta(step, cfg)

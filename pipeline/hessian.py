@@ -29,21 +29,36 @@ from tqdm.auto import tqdm
 from .float_exec import run_float, unpack
 from .graph import WEIGHTED_OPS, QuantGraph
 
+#: outputs of at most this many entries get the exact expectation (one signed basis vector each)
+EXACT_OUTPUTS = 32
+#: Rademacher probes per batch above that (an ImageNet classifier's 1,000 logits, a detector's heads):
+#: each costs a backward pass of the whole network; the README's measurement compares 8 with 32
+MONTE_CARLO_DRAWS = 8
 
-def _draws(out: torch.Tensor, n_draws: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Probe vectors over the output (B x K): signed basis vectors if K <= n_draws, else Rademacher."""
+
+def draw_count(outputs: int, n_draws: int | None) -> tuple[int, bool]:
+    """(probes, exact) for an output of ``outputs`` entries: exact where it has no more entries than
+    ``n_draws`` (default ``EXACT_OUTPUTS``), else ``n_draws`` (default ``MONTE_CARLO_DRAWS``) random probes."""
+    if outputs <= (EXACT_OUTPUTS if n_draws is None else n_draws):
+        return outputs, True
+    return (MONTE_CARLO_DRAWS if n_draws is None else n_draws), False
+
+
+def _draws(out: torch.Tensor, n_draws: int | None, gen: torch.Generator) -> list[torch.Tensor]:
+    """Probe vectors over the output (B x K): signed basis vectors where ``draw_count`` says exact, else Rademacher."""
     b, k = out.shape[0], out[0].numel()
-    if k <= n_draws:
+    count, exact = draw_count(k, n_draws)
+    if exact:
         vs = []
         for j in range(k):
             v = torch.zeros(b, k)
             v[:, j] = torch.randint(0, 2, (b,), generator=gen).float() * 2 - 1
             vs.append(v.reshape(out.shape))
         return vs
-    return [(torch.randint(0, 2, (b, k), generator=gen).float() * 2 - 1).reshape(out.shape) for _ in range(n_draws)]
+    return [(torch.randint(0, 2, (b, k), generator=gen).float() * 2 - 1).reshape(out.shape) for _ in range(count)]
 
 
-def hessian_scores(g: QuantGraph, batches: Iterable[torch.Tensor], *, n_draws: int = 32, seed: int = 0,
+def hessian_scores(g: QuantGraph, batches: Iterable[torch.Tensor], *, n_draws: int | None = None, seed: int = 0,
                    weights: bool = True, progress: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-sample scores of every weighted layer's output, and weight Hessian diagonals.
 
@@ -80,7 +95,7 @@ def hessian_scores(g: QuantGraph, batches: Iterable[torch.Tensor], *, n_draws: i
             if weights:
                 for w, gr in zip(wnames, grads[len(layers):], strict=True):
                     whess[w] += gr.detach().double() ** 2
-        scale = 1.0 if out[0].numel() <= n_draws else 1.0 / len(vs)  # exact sum, or Monte Carlo mean
+        scale = 1.0 if draw_count(out[0].numel(), n_draws)[1] else 1.0 / len(vs)  # exact sum, or Monte Carlo mean
         for t in layers:
             a = acc[t] * scale
             red = a.mean(dim=tuple(range(2, a.dim()))) if a.dim() > 2 else a  # spatial mean
