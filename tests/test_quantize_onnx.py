@@ -18,6 +18,7 @@ import eptq_deploy.bundle
 from eptq_deploy.errors import EptqError, ProfileError, UsageError
 from eptq_deploy.graph import WEIGHTED_OPS, QParams, QuantGraph
 from eptq_deploy.hw_profiles import list_profiles, load_profile
+from eptq_deploy.ptq import BIAS_CORRECTION_BELOW, collect_stats, rounding_shift
 from eptq_deploy.quantized import QuantizedModel
 from eptq_deploy.targets import same_float32
 from eptq_deploy.targets.onnx_qdq import OnnxQdqTarget, read_back_mismatches
@@ -138,6 +139,8 @@ def _check_graph(qm: QuantizedModel, w_bits: int | None = None) -> None:
                 assert not qp.signed, f"{name} follows a fused {p.attrs['activation']} but is signed"
             else:  # a signed grid after a ReLU must start at real zero (asymmetric) or be symmetric
                 assert not qp.signed or qp.zero_point[0] in (qp.qmin, 0), name
+    stats = collect_stats(fg, [CALIB], progress=False)  # what PTQ calibrated on: its input means
+    means = {t: st.channel_mean() for t, st in stats.items()}
     for n in g.nodes:
         if n.op not in WEIGHTED_OPS:
             continue
@@ -150,7 +153,11 @@ def _check_graph(qm: QuantizedModel, w_bits: int | None = None) -> None:
         assert bt.data.dtype == np.int32 and bt.data.shape == (wt.data.shape[0],)
         assert bt.quant.bits == prof.bias_bits and bt.quant.axis == 0
         np.testing.assert_allclose(bt.quant.scale, acc.astype(np.float32), rtol=1e-6)
-        expect = np.round(fg.tensors[n.inputs[2]].data.astype(np.float64) / acc)
+        bias = fg.tensors[n.inputs[2]].data.astype(np.float64)
+        if wt.quant.bits < BIAS_CORRECTION_BELOW:  # PTQ's bias absorbs the mean shift of the rounding
+            s_w = wt.quant.scale.astype(np.float64).reshape((-1,) + (1,) * (wt.data.ndim - 1))
+            bias = bias - rounding_shift(n, fg.tensors[n.inputs[1]].data, wt.data * s_w, means[n.inputs[0]])
+        expect = np.round(bias / acc)
         assert np.all(np.abs(bt.data.astype(np.float64) - expect) <= 1), n.name
     # fused ReLU grids really exist in this model
     assert any(n.attrs.get("activation") == "relu" for n in g.nodes)
