@@ -290,13 +290,17 @@ def step_batch_size(fg: QuantGraph, layers: list[str]) -> int:
     a CIFAR ResNet-20's per sample, and its loss already averages over 49x the spatial
     positions per sample. At least 8 samples keep each step's gradient from one image's content.
     """
-    per = sum(int(np.prod(fg.tensors[t].shape[1:])) for t in layers)
-    return max(BATCH_RANGE[0], min(BATCH_RANGE[1], STEP_VALUES // max(per, 1)))
+    return max(BATCH_RANGE[0], min(BATCH_RANGE[1], STEP_VALUES // max(values_per_sample(fg, layers), 1)))
+
+
+def values_per_sample(fg: QuantGraph, layers: list[str]) -> int:
+    """Activation values one sample holds at ``layers``."""
+    return sum(int(np.prod(fg.tensors[t].shape[1:])) for t in layers)
 
 
 def cache_bytes(fg: QuantGraph, layers: list[str], n: int) -> int:
     """Bytes the float-activation cache takes for ``n`` samples (float32)."""
-    return 4 * n * sum(int(np.prod(fg.tensors[t].shape[1:])) for t in layers)
+    return 4 * n * values_per_sample(fg, layers)
 
 
 def memory_budget(max_memory: int | None) -> int:
@@ -453,8 +457,9 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.perf_counter()
     nodes = [n for n in qg.nodes if n.op in WEIGHTED_OPS]
-    batch = cfg.batch_size or step_batch_size(fg, [n.outputs[0] for n in nodes])
-    f_acts = cache_float_activations(fg, x, [n.outputs[0] for n in nodes])
+    layers = [n.outputs[0] for n in nodes]
+    batch = cfg.batch_size or step_batch_size(fg, layers)
+    f_acts = cache_float_activations(fg, x, layers)
     net = FakeQuantNetwork(qg, fg)
     net.hard = True
     log: dict[str, Any] = {"iters_per_layer": cfg.iters, "layers": []}
