@@ -40,10 +40,9 @@ import torch
 
 # same folder (tools/ is the script's path): data, models and the result writer of the other benchmarks
 from bench_accuracy import Skip, load_dataset, load_model
-from bench_ethos_u import top1
+from bench_mixed_precision import simulated_top1
 
 import eptq_deploy
-from eptq_deploy.float_exec import unpack
 from eptq_deploy.zoo import shared_data_dir
 
 HERE = Path(__file__).resolve().parent
@@ -98,10 +97,9 @@ def run(row: str, size: int, label: str, seed: int, data: tuple[Any, Any, Any]) 
     qm = eptq_deploy.quantize(load_model(model), subset(calib, size, seed), profile=profile, weight_bits=bits,
                               targets=[TARGET], method=method, seed=seed, progress=False, **options)
     seconds = round(time.perf_counter() - t0, 1)
-    sim = np.concatenate([np.asarray(unpack(qm.simulate(x[i:i + 500], TARGET))[0]) for i in range(0, len(x), 500)])
     timings = qm.info.get("timings_s", {})
     return {"row": row, "model": model, "weight_bits": bits, "calibration_images": size, "method": label,
-            "seed": seed, "images": len(y), "top1_simulation": top1(sim, y), "quantize_s": seconds,
+            "seed": seed, "images": len(y), "top1_simulation": simulated_top1(qm, x, y, TARGET), "quantize_s": seconds,
             "hessian_s": timings.get("hessian"), "optimisation_s": timings.get("optimisation")}
 
 

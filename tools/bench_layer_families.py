@@ -26,12 +26,11 @@ import torch
 
 # same folder (tools/ is the script's path): data and models of the other benchmarks
 from bench_accuracy import load_dataset, load_model
-from bench_ethos_u import top1
+from bench_mixed_precision import simulated_top1
 
 from eptq_deploy import model_io
 from eptq_deploy.capture import capture
 from eptq_deploy.equalize import equalize
-from eptq_deploy.float_exec import unpack
 from eptq_deploy.graph import Node, QuantGraph
 from eptq_deploy.hw_profiles import load_profile
 from eptq_deploy.ptq import collect_stats, ptq
@@ -85,11 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         bits = {k: (8 if k in members else args.weight_bits) for k in kinds}
         qm = QuantizedModel(ptq(fg, stats, prof, [rules], weight_bits=bits), fg, prof, [TARGET],
                             {TARGET: rules.rounding}, {})
-        sim = np.concatenate([np.asarray(unpack(qm.simulate(x[i:i + 500], TARGET))[0]) for i in range(0, len(x), 500)])
         r = {"model": args.model, "profile": args.profile, "weight_bits": args.weight_bits, "kept_at_8_bits": keep,
              "layers_kept": len(members), "layers": len(kinds),
              "weights_kept": int(sum(np.size(fg.tensors[n.inputs[1]].data) for n in nodes if n.name in members)),
-             "images": len(y), "top1_simulation": top1(sim, y)}
+             "images": len(y), "top1_simulation": simulated_top1(qm, x, y, TARGET)}
         print(json.dumps(r), flush=True)
         with args.results.open("a") as f:
             f.write(json.dumps(r) + "\n")

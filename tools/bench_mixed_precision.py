@@ -51,6 +51,12 @@ def budget_for(model: torch.nn.Module, example: torch.Tensor, avg_bits: float) -
     return int(weights * avg_bits / 8) + biases
 
 
+def simulated_top1(qm: Any, x: torch.Tensor, y: np.ndarray, target: str) -> float:
+    """Top-1 (%) of ``qm``'s simulation under ``target``'s rule, 500 images at a time."""
+    sim = np.concatenate([np.asarray(unpack(qm.simulate(x[i:i + 500], target))[0]) for i in range(0, len(x), 500)])
+    return top1(sim, y)
+
+
 def row(model: str, config: str, avg: float | None, bits: int | None, data: tuple[Any, Any, Any]) -> dict[str, Any]:
     calib, x, y = data
     net = load_model(model)
@@ -59,11 +65,10 @@ def row(model: str, config: str, avg: float | None, bits: int | None, data: tupl
     qm = eptq_deploy.quantize(net, calib, profile="imx500", targets=[TARGET], method="eptq", seed=0, progress=False,
                               **options)
     seconds = round(time.perf_counter() - t0, 1)
-    sim = np.concatenate([np.asarray(unpack(qm.simulate(x[i:i + 500], TARGET))[0]) for i in range(0, len(x), 500)])
     timings = qm.info.get("timings_s", {})
     return {"model": model, "config": config, "budget_bytes": options.get("weight_memory"),
             "packed_bytes": qm.weight_bytes, "widths": dict(sorted(Counter(qm.weight_bits.values()).items())),
-            "weight_bits": qm.weight_bits, "images": len(y), "top1_simulation": top1(sim, y),
+            "weight_bits": qm.weight_bits, "images": len(y), "top1_simulation": simulated_top1(qm, x, y, TARGET),
             "quantize_s": seconds, "hessian_s": timings.get("hessian"), "optimisation_s": timings.get("optimisation")}
 
 
