@@ -80,10 +80,13 @@ def quantize(
                                                      "native profile, or int8-pot).")] = None,
     target: Annotated[str | None, typer.Option(help="Target name(s), comma-separated, or 'all' (default: the "
                                                     "profile's native target).")] = None,
-    method: Annotated[str | None, typer.Option(help="Quantization method: eptq (default: Hessian-guided network-wise "
+    method: Annotated[str | None, typer.Option(help="Quantization method: eptq (default: network-wise "
                                                      "rounding optimisation, minutes) or ptq (calibrated "
                                                      "round-to-nearest, seconds), or adaround.")] = None,
     iters: Annotated[int | None, typer.Option(help="EPTQ optimisation iterations (default 800).")] = None,
+    hessian: Annotated[str | None, typer.Option(help="EPTQ's sample attention: none (default: every sample weighs "
+                                                      "the same) or eptq (each sample weighed by its label-free "
+                                                      "Hessian score at each layer, the paper's).")] = None,
     max_memory: Annotated[str | None, typer.Option(help="Memory for EPTQ's float-activation cache, e.g. 4G or "
                                                         "512M (default: a quarter of the RAM); above it the "
                                                         "activations are recomputed per batch instead.")] = None,
@@ -149,6 +152,8 @@ def quantize(
             return
         chosen = method or DEFAULT_METHOD
         options: dict[str, Any] = {} if iters is None else {"iters": iters}
+        if hessian is not None:
+            options["hessian"] = hessian
         if max_memory is not None:
             options["max_memory"] = parse_size(max_memory, "--max-memory")
         if weight_memory is not None:

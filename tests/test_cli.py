@@ -97,6 +97,14 @@ def test_unknown_profile_and_bad_bits(workdir: Path) -> None:
     assert not (workdir / "bundle").exists()
 
 
+def test_hessian_attention_option(workdir: Path) -> None:
+    res = _quantize(workdir, "--method", "eptq", "--iters", "2", "--hessian", "maybe")
+    assert res.exit_code == 2 and "'eptq'" in res.output and "'none'" in res.output
+    assert not (workdir / "bundle").exists()
+    res = _quantize(workdir, "--method", "eptq", "--iters", "2", "--hessian", "eptq", "--target", "onnx-qdq")
+    assert res.exit_code == 0, res.output
+
+
 def test_too_few_samples(workdir: Path) -> None:
     res = _quantize(workdir, "--samples", "100")
     assert res.exit_code == 2 and "48" in res.output

@@ -13,6 +13,7 @@ from eptq_deploy.eptq import (
     EptqConfig,
     annealed_beta,
     init_rounding,
+    layer_attention,
     rounding_regularizer,
     soft_rounding,
 )
@@ -243,18 +244,20 @@ def test_hessian_scores_match_the_full_jacobian_and_hutchinson_is_within_5_perce
         assert estimate[layer][i] == pytest.approx(want, rel=0.05)
 
 
-def test_eptq_lowers_its_loss_and_beats_ptq_at_low_bits() -> None:
-    """The network-wise optimisation does what it is for: its task loss falls, and at 4-bit
-    weights and the default budget the integer network's output is closer to the float model's
-    than PTQ's (bias-corrected: on this near-linear model that alone cuts PTQ's error 6x)."""
+def test_eptq_beats_ptq_where_rounding_matters() -> None:
+    """The network-wise optimisation does what it is for: at 2-bit weights the integer
+    network's output on held-out inputs is closer to the float model's than PTQ's
+    (bias-corrected; at 4 bits this near-linear model leaves nothing to gain over it),
+    and the regulariser has decided most rounding variables (at the start about 90 % lie
+    strictly between 0.05 and 0.95)."""
     m = Tiny().eval()
-    x = torch.randn(96, 3, 8, 8, generator=torch.Generator().manual_seed(7))
-    calib, held = x[:64], x[64:]
-    kw = dict(profile="imx500", targets="onnx-qdq", weight_bits=4, progress=False)
+    x = torch.randn(160, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    calib, held = x[:128], x[128:]
+    kw = dict(profile="imx500", targets="onnx-qdq", weight_bits=2, progress=False)
     eptq = eptq_deploy.quantize(m, calib, method="eptq", batch_size=16, **kw)
     ptq = eptq_deploy.quantize(m, calib, method="ptq", **kw)
-    curve = eptq.info["eptq_log"]["curve"]
-    assert len(curve) >= 2 and curve[-1]["task"] < curve[0]["task"]
+    log = eptq.info["eptq_log"]
+    assert len(log["curve"]) >= 2 and log["undecided_fraction"] < 0.25, log["undecided_fraction"]
     ref = ptq.forward_float(held)
 
     def err(qm: eptq_deploy.QuantizedModel) -> float:
@@ -302,3 +305,34 @@ def test_the_log_states_the_batch_size_it_used() -> None:
     kw = dict(profile="imx500", targets="onnx-qdq", weight_bits=4, method="eptq", progress=False, iters=3)
     assert eptq_deploy.quantize(m, _data(16), **kw).info["eptq_log"]["batch_size"] == 32
     assert eptq_deploy.quantize(m, _data(16), batch_size=4, **kw).info["eptq_log"]["batch_size"] == 4
+
+
+def test_learned_weight_scales_reach_the_integer_graph_and_never_touch_power_of_two_grids(tmp_path) -> None:
+    """With ``learn_scales`` the free per-channel weight scales move and the exported model
+    runs them; a power-of-two profile keeps its shifts (nothing there is learned)."""
+    m = Tiny().eval()
+    x = _data(32)
+    kw = dict(targets="onnx-qdq", weight_bits=4, method="eptq", progress=False, iters=30, batch_size=8, scale_lr=0.01)
+    ptq = eptq_deploy.quantize(m, x, profile="imx500", targets="onnx-qdq", weight_bits=4, method="ptq", progress=False)
+    qm = eptq_deploy.quantize(m, x, profile="imx500", learn_scales=True, **kw)
+    moved = [not np.array_equal(qm.graph.tensors[n.inputs[1]].quant.scale, ptq.graph.tensors[n.inputs[1]].quant.scale)
+             for n in qm.graph.weighted_nodes()]
+    assert all(moved)
+    bundle = eptq_deploy.export(qm, out=tmp_path / "b", data=x)
+    y = eptq_deploy.load(bundle).run(x.numpy())
+    np.testing.assert_allclose(y, qm.simulate(x).numpy(), atol=float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0]))
+    pot = eptq_deploy.quantize(m, x, profile="w4a8-pot", learn_scales=True, **kw)
+    for n in pot.graph.weighted_nodes():
+        s = pot.graph.tensors[n.inputs[1]].quant.scale
+        assert np.all(np.log2(s) == np.round(np.log2(s)))
+
+
+def test_attention_ranks_samples_within_a_layer_and_weighs_layers_equally() -> None:
+    """Scores four orders of magnitude apart across layers give every layer mean weight 1;
+    within a layer the samples keep their ratios; no scores (or all zero) is uniform."""
+    scores = {"a": np.array([1e-4, 3e-4]), "b": np.array([2.0, 6.0]), "c": np.zeros(2)}
+    att = layer_attention(scores, list(scores), 2)
+    for t in ("a", "b"):
+        assert float(att[t].mean()) == pytest.approx(1.0) and float(att[t][1] / att[t][0]) == pytest.approx(3.0)
+    assert att["c"].tolist() == [1.0, 1.0]
+    assert all(v.tolist() == [1.0, 1.0] for v in layer_attention(None, ["a", "b"], 2).values())

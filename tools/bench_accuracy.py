@@ -326,7 +326,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--opt", action="append", type=_option, default=[], metavar="KEY=VALUE",
                    help="method option passed to quantize(**options); VALUE is read as JSON if it parses")
     p.add_argument("--hessian", choices=("eptq", "none"), default=None,
-                   help="EPTQ ablation: 'none' replaces the Hessian scores by uniform layer weights (same as --opt hessian=none)")
+                   help="EPTQ's sample attention: 'eptq' weighs each sample by its label-free Hessian score at each layer "
+                        "(the paper's), 'none' (the default) weighs samples equally (same as --opt hessian=...)")
     p.add_argument("--iters", type=_positive, default=None, help="EPTQ/AdaRound iterations (same as --opt iters=N)")
     p.add_argument("--target", action="append", metavar="NAME",
                    help="target name(s) or 'all'; repeatable or comma list (default onnx-qdq)")

@@ -43,6 +43,7 @@ from bench_accuracy import Skip, load_dataset, load_model
 from bench_mixed_precision import simulated_top1
 
 import eptq_deploy
+from eptq_deploy.float_exec import unpack
 from eptq_deploy.zoo import shared_data_dir
 
 HERE = Path(__file__).resolve().parent
@@ -59,12 +60,15 @@ ROWS: dict[str, tuple[str, str, int]] = {
 }
 #: method label -> (quantize's method, its options)
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
-    "eptq": ("eptq", {}),
+    "eptq, Hessian attention": ("eptq", {"hessian": "eptq"}),
     "eptq, uniform attention": ("eptq", {"hessian": "none"}),
     "adaround (layer-wise)": ("adaround", {}),
     "ptq": ("ptq", {}),
 }
-EVERY_SIZE = ("eptq", "eptq, uniform attention")
+EVERY_SIZE = ("eptq, Hessian attention", "eptq, uniform attention")
+#: rows of earlier revisions kept in the report (not run again): the attention before each
+#: layer's scores were scaled to mean 1 (layers weighted against each other by their scores)
+EARLIER = ("eptq, Hessian attention across layers (earlier revision)",)
 
 
 def subset(calib: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -89,6 +93,14 @@ def key(r: dict[str, Any]) -> tuple[str, int, str, int]:
     return r["row"], r["calibration_images"], r["method"], r["seed"]
 
 
+def float_agreement(qm: Any, x: torch.Tensor) -> float:
+    """Share (%) of ``x`` whose simulated top class is the float model's: on the calibration
+    images against the held-out ones, it shows how much the optimisation fitted its own set."""
+    same = [np.asarray(unpack(qm.simulate(x[i:i + 500], TARGET))[0]).argmax(1)
+            == np.asarray(unpack(qm.forward_float(x[i:i + 500]))[0]).argmax(1) for i in range(0, len(x), 500)]
+    return round(float(np.concatenate(same).mean()) * 100, 2)
+
+
 def run(row: str, size: int, label: str, seed: int, data: tuple[Any, Any, Any]) -> dict[str, Any]:
     model, profile, bits = ROWS[row]
     calib, x, y = data
@@ -100,7 +112,9 @@ def run(row: str, size: int, label: str, seed: int, data: tuple[Any, Any, Any]) 
     timings = qm.info.get("timings_s", {})
     return {"row": row, "model": model, "weight_bits": bits, "calibration_images": size, "method": label,
             "seed": seed, "images": len(y), "top1_simulation": simulated_top1(qm, x, y, TARGET), "quantize_s": seconds,
-            "hessian_s": timings.get("hessian"), "optimisation_s": timings.get("optimisation")}
+            "hessian_s": timings.get("hessian"), "optimisation_s": timings.get("optimisation"),
+            "float_agreement_calibration": float_agreement(qm, subset(calib, size, seed)),
+            "float_agreement_held_out": float_agreement(qm, x)}
 
 
 def read(path: Path) -> list[dict[str, Any]]:
@@ -121,8 +135,9 @@ def report(rows: list[dict[str, Any]], plot_path: Path | None) -> None:
     cells = summarise(rows)
     print("\n| row | method | images | top-1 mean | spread (min..max) | seeds |")
     print("| --- | --- | --- | --- | --- | --- |")
+    labels = list(METHODS) + list(EARLIER)
     for (row, label, size), acc in sorted(cells.items(), key=lambda kv: (list(ROWS).index(kv[0][0]),
-                                                                           list(METHODS).index(kv[0][1]), kv[0][2])):
+                                                                           labels.index(kv[0][1]), kv[0][2])):
         spread = f"{min(acc):.2f}..{max(acc):.2f}" if len(acc) > 1 else "-"
         print(f"| {row} | {label} | {size} | {np.mean(acc):.2f} % | {spread} | {len(acc)} |")
     if plot_path is not None and cells:
@@ -139,7 +154,7 @@ def plot(cells: dict[tuple[str, str, int], list[float]], path: Path) -> None:
     names = [r for r in ROWS if any(k[0] == r for k in cells)]
     fig, axes = plt.subplots(1, len(names), figsize=(3.6 * len(names), 3.2), squeeze=False)
     for ax, row in zip(axes[0], names, strict=True):
-        for label in METHODS:
+        for label in list(METHODS) + list(EARLIER):
             pts = sorted((size, acc) for (r, m, size), acc in cells.items() if r == row and m == label)
             if not pts:
                 continue
@@ -147,7 +162,7 @@ def plot(cells: dict[tuple[str, str, int], list[float]], path: Path) -> None:
             mean = [float(np.mean(p[1])) for p in pts]
             lo = [m - min(p[1]) for m, p in zip(mean, pts, strict=True)]
             hi = [max(p[1]) - m for m, p in zip(mean, pts, strict=True)]
-            style = "o-" if label in EVERY_SIZE else "s"
+            style = "o-" if label in EVERY_SIZE else ("x:" if label in EARLIER else "s")
             ax.errorbar(sizes, mean, yerr=[lo, hi], fmt=style, capsize=3, label=label)
         ax.set_xscale("log", base=2)
         ax.set_title(row, fontsize=9)
