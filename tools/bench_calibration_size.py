@@ -2,9 +2,9 @@
 
 Rows (``--row``, default all, in this order): resnet20 imx500 W2, resnet20 W3
 (``tools/profiles/imx500-w3.yaml``), resnet56 W2, EfficientNet-Lite0 imx500 W4. Each row is
-quantized from 64, 256 and 1,024 calibration images (Lite0: 64, 256, 500) with EPTQ (label-free
-Hessian attention) and EPTQ with ``hessian="none"`` (uniform attention), same iteration budget
-(the defaults); AdaRound-style layer-wise optimisation and plain PTQ at the largest size only.
+quantized from 64, 256 and 1,024 calibration images (Lite0: 64, 256, 500) with EPTQ's label-free
+Hessian sample attention (``hessian="eptq"``) and with uniform attention (``hessian="none"``, the
+default), same iteration budget (the defaults); AdaRound-style layer-wise optimisation and plain PTQ at the largest size only.
 The resnet20 rows run seeds 0, 1, 2 at 64 and 1,024 images (``--seeds``, ``--seed-sizes``).
 
 The calibration images: the benchmark's set (the 1,024 CIFAR-10 training images of
@@ -18,6 +18,7 @@ Top-1 is the simulation's (onnx-qdq's rule; every runtime is bit-exact with it, 
 
     python tools/bench_calibration_size.py                      # everything (about 4-5 h on 2 cores)
     python tools/bench_calibration_size.py --row resnet20-w2 --row resnet20-w3
+    python tools/bench_calibration_size.py --row lite0-w4 --size 500 --method "eptq, uniform attention"
     python tools/bench_calibration_size.py --report             # table and plot from the results so far
 
 One JSON line per run goes to stdout and is appended to ``--results``; a run already there is
@@ -180,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--row", action="append", choices=list(ROWS), help="rows to run (default: all, in order)")
     p.add_argument("--seeds", default="0,1,2", help="seeds of the resnet20 rows (default 0,1,2)")
     p.add_argument("--seed-sizes", default="64,1024", help="sizes the extra seeds run at (default 64,1024)")
+    p.add_argument("--size", type=int, action="append", help="only these calibration-set sizes (default: every one)")
+    p.add_argument("--method", action="append", choices=list(METHODS), help="only these methods (default: every one)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--plot", type=Path, default=DEFAULT_PLOT)
     p.add_argument("--report", action="store_true", help="only print the table and draw the plot from --results")
@@ -204,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({"row": row, "skipped": str(e)}), flush=True)
             continue
         for size, label, seed in plan(row, seeds, seed_sizes):
-            if (row, size, label, seed) in seen:
+            if (row, size, label, seed) in seen or (args.size and size not in args.size) or (
+                    args.method and label not in args.method):
                 continue
             r = run(row, size, label, seed, data)
             print(json.dumps(r), flush=True)
