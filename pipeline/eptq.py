@@ -268,10 +268,18 @@ def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: FloatActivat
     return out
 
 
+#: the float targets are held in half precision: 11 significant bits, 8x finer than an 8-bit
+#: activation grid's step over the same range, at half the memory (a layer whose values
+#: exceed float16's range keeps float32)
+TARGET_DTYPE = torch.float16
+HALF_MAX = float(torch.finfo(torch.float16).max)
+
+
 def cache_float_activations(fg: QuantGraph, x: torch.Tensor, layers: list[str],
-                            batch_size: int | None = None) -> dict[str, torch.Tensor]:
+                            batch_size: int | None = None, half: bool = False) -> dict[str, torch.Tensor]:
     """The float network's activation at every quantized layer, for every sample, computed once
-    (written into preallocated tensors: no second copy while concatenating)."""
+    (written into preallocated tensors: no second copy while concatenating); ``half``: stored
+    as float16 targets (``TARGET_DTYPE``), float32 for a layer whose values exceed its range."""
     step = batch_size or fg.batch_size(most=128)
     store: dict[str, torch.Tensor] = {}
     wanted = set(layers)
@@ -280,7 +288,9 @@ def cache_float_activations(fg: QuantGraph, x: torch.Tensor, layers: list[str],
     def keep(name: str, y: torch.Tensor) -> None:
         if name in wanted:
             if name not in store:
-                store[name] = torch.empty((len(x), *y.shape[1:]), dtype=y.dtype)
+                store[name] = torch.empty((len(x), *y.shape[1:]), dtype=TARGET_DTYPE if half else y.dtype)
+            if store[name].dtype != y.dtype and float(y.abs().max()) >= HALF_MAX:
+                store[name] = store[name].to(y.dtype)
             store[name][at:at + len(y)] = y
 
     with torch.no_grad():
@@ -311,8 +321,8 @@ def values_per_sample(fg: QuantGraph, layers: list[str]) -> int:
 
 
 def cache_bytes(fg: QuantGraph, layers: list[str], n: int) -> int:
-    """Bytes the float-activation cache takes for ``n`` samples (float32)."""
-    return 4 * n * values_per_sample(fg, layers)
+    """Bytes the float-activation cache takes for ``n`` samples (float16 targets)."""
+    return TARGET_DTYPE.itemsize * n * values_per_sample(fg, layers)
 
 
 def memory_budget(max_memory: int | None) -> int:
@@ -330,24 +340,41 @@ def memory_budget(max_memory: int | None) -> int:
 
 
 class FloatActivations:
-    """The float targets of the loss: cached once when they fit the budget, else recomputed per batch.
+    """The float targets of the loss: as many samples' as fit the budget cached once, the
+    rest recomputed per batch.
 
-    Streaming costs one float forward pass per step but no memory beyond the batch,
-    and gives the cache's targets up to float summation order.
+    Recomputing costs one float forward pass over the batch's uncached samples; every
+    target is rounded to float16 either way, so the result does not depend on the budget
+    (up to float summation order).
     """
 
     def __init__(self, fg: QuantGraph, x: torch.Tensor, layers: list[str], budget: int, device: torch.device) -> None:
         self.fg, self.x, self.layers, self.device = fg, x.cpu(), layers, device
         self.bytes = cache_bytes(fg, layers, len(x))
-        self.streamed = self.bytes > budget
-        self.cache = None if self.streamed else {t: a.to(device) for t, a in
-                                                 cache_float_activations(fg, x.cpu(), layers).items()}
+        self.n_cached = min(len(x), budget // max(cache_bytes(fg, layers, 1), 1))
+        self.streamed = self.n_cached < len(x)
+        self.cache = {t: a.to(device) for t, a in cache_float_activations(
+            fg, self.x[:self.n_cached], layers, half=True).items()} if self.n_cached else {}
+
+    def describe(self) -> str:
+        if not self.streamed:
+            return "cached"
+        return "streamed" if not self.n_cached else f"{self.n_cached} of {len(self.x)} samples cached, the rest streamed"
 
     def __call__(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.cache is not None:
-            return {t: self.cache[t][idx] for t in self.layers}
-        acts = cache_float_activations(self.fg, self.x[idx.cpu()].cpu(), self.layers, batch_size=len(idx))
-        return {t: a.to(self.device) for t, a in acts.items()}
+        cached = idx < self.n_cached
+        if bool(cached.all()):
+            return {t: self.cache[t][idx].float() for t in self.layers}
+        fresh = {t: a.to(self.device) for t, a in cache_float_activations(
+            self.fg, self.x[idx[~cached].cpu()], self.layers, batch_size=int((~cached).sum()), half=True).items()}
+        out, where = {}, cached.to(self.device)
+        for t in self.layers:
+            y = torch.empty((len(idx), *fresh[t].shape[1:]), dtype=torch.float32, device=self.device)
+            y[~where] = fresh[t].float()
+            if bool(cached.any()):
+                y[where] = self.cache[t][idx[cached]].float()
+            out[t] = y
+        return out
 
 
 def layer_attention(scores: dict[str, np.ndarray] | None, layers: list[str], n: int) -> dict[str, torch.Tensor]:
@@ -406,7 +433,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
         loss0 = float(task_loss(torch.randperm(len(x), generator=gen)[:batch], 1.0))
     loss0 = loss0 if loss0 > 0 and math.isfinite(loss0) else 1.0
     log: dict[str, Any] = {"iters": cfg.iters, "batch_size": batch, "initial_loss": loss0, "weights": n_weights, "device": str(dev),
-                           "float_activations": "streamed" if float_acts.streamed else "cached",
+                           "float_activations": float_acts.describe(),
                            "float_activation_bytes": float_acts.bytes, "curve": []}
     start = 0
 

@@ -12,6 +12,7 @@ from eptq_deploy.capture import capture
 from eptq_deploy.eptq import (
     EptqConfig,
     annealed_beta,
+    cache_float_activations,
     init_rounding,
     layer_attention,
     rounding_regularizer,
@@ -179,17 +180,21 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path) -> None:
         eptq_deploy.quantize(m, x, iters=6, checkpoint_dir=str(tmp_path), resume=True, **kw)
 
 
-def test_streamed_float_activations_when_the_cache_exceeds_the_budget() -> None:
+def test_float_activations_cached_in_part_or_streamed_when_the_cache_exceeds_the_budget() -> None:
     m, x = Tiny().eval(), _data(16)
     kw = dict(profile="imx500", targets="onnx-qdq", weight_bits=4, method="eptq", progress=False, iters=10, batch_size=8)
     cached = eptq_deploy.quantize(m, x, **kw)
     streamed = eptq_deploy.quantize(m, x, max_memory=1000, **kw)
+    per_sample = cached.info["eptq_log"]["float_activation_bytes"] // 16
+    partly = eptq_deploy.quantize(m, x, max_memory=5 * per_sample + 1, **kw)
     assert cached.info["eptq_log"]["float_activations"] == "cached"
     assert streamed.info["eptq_log"]["float_activations"] == "streamed"
+    assert partly.info["eptq_log"]["float_activations"] == "5 of 16 samples cached, the rest streamed"
     assert streamed.info["eptq_log"]["float_activation_bytes"] > 1000
-    # same targets up to float summation order: the learned rounding agrees almost everywhere
-    a, b = np.frombuffer(_graph_bytes(cached), np.int8), np.frombuffer(_graph_bytes(streamed), np.int8)
-    assert np.mean(a == b) > 0.99
+    # same float16 targets up to float summation order: the learned rounding agrees almost everywhere
+    a = np.frombuffer(_graph_bytes(cached), np.int8)
+    for other in (streamed, partly):
+        assert np.mean(a == np.frombuffer(_graph_bytes(other), np.int8)) > 0.99
 
 
 def test_eptq_is_the_shipped_default(monkeypatch) -> None:
@@ -336,3 +341,17 @@ def test_attention_ranks_samples_within_a_layer_and_weighs_layers_equally() -> N
         assert float(att[t].mean()) == pytest.approx(1.0) and float(att[t][1] / att[t][0]) == pytest.approx(3.0)
     assert att["c"].tolist() == [1.0, 1.0]
     assert all(v.tolist() == [1.0, 1.0] for v in layer_attention(None, ["a", "b"], 2).values())
+
+
+def test_half_precision_targets_keep_float32_where_values_exceed_its_range() -> None:
+    m, x = Tiny().eval(), _data(4)
+    g = capture(m, x[:1], fusing=("conv+relu", "add+relu"))
+    layers = [n.outputs[0] for n in g.weighted_nodes()]
+    full = cache_float_activations(g, x, layers)
+    half = cache_float_activations(g, x, layers, half=True)
+    for t in layers:
+        assert half[t].dtype == torch.float16
+        torch.testing.assert_close(half[t].float(), full[t], rtol=1e-3, atol=1e-4)
+    huge = cache_float_activations(g, x * 1e6, layers, half=True)
+    assert any(a.dtype == torch.float32 for a in huge.values())
+    assert all(bool(torch.isfinite(a).all()) for a in huge.values())
