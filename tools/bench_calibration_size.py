@@ -124,23 +124,27 @@ def read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def summarise(rows: list[dict[str, Any]]) -> dict[tuple[str, str, int], list[float]]:
-    """(row, method, size) -> top-1 of every seed measured."""
+def summarise(rows: list[dict[str, Any]], field: str = "top1_simulation") -> dict[tuple[str, str, int], list[float]]:
+    """(row, method, size) -> ``field`` of every seed measured (where the run recorded it)."""
     out: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     for r in rows:
-        out[(r["row"], r["method"], r["calibration_images"])].append(r["top1_simulation"])
+        if r.get(field) is not None:
+            out[(r["row"], r["method"], r["calibration_images"])].append(r[field])
     return out
 
 
 def report(rows: list[dict[str, Any]], plot_path: Path | None) -> None:
     cells = summarise(rows)
-    print("\n| row | method | images | top-1 mean | spread (min..max) | seeds |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    fit = {k: summarise(rows, f"float_agreement_{k}") for k in ("calibration", "held_out")}
+    print("\n| row | method | images | top-1 mean | spread (min..max) | seeds | argmax = float: calibration / held-out |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     labels = list(METHODS) + list(EARLIER)
     for (row, label, size), acc in sorted(cells.items(), key=lambda kv: (list(ROWS).index(kv[0][0]),
                                                                            labels.index(kv[0][1]), kv[0][2])):
         spread = f"{min(acc):.2f}..{max(acc):.2f}" if len(acc) > 1 else "-"
-        print(f"| {row} | {label} | {size} | {np.mean(acc):.2f} % | {spread} | {len(acc)} |")
+        agree = " / ".join(f"{np.mean(fit[k][(row, label, size)]):.2f} %" if fit[k].get((row, label, size)) else "-"
+                           for k in ("calibration", "held_out"))
+        print(f"| {row} | {label} | {size} | {np.mean(acc):.2f} % | {spread} | {len(acc)} | {agree} |")
     if plot_path is not None and cells:
         plot(cells, plot_path)
         print(f"\nplot: {plot_path}")
