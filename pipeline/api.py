@@ -286,8 +286,8 @@ def check_chip_memory(g: QuantGraph, prof: Profile) -> None:
 
 
 #: the Hessian pass's options (EPTQ's own come from ``EptqConfig``; ``seed`` is quantize's).
-#: The attention is off by default: it never beat uniform sample weights and lost up to 6
-#: points with 64 images (README, "What the Hessian buys"); the pass still runs for HMSE.
+#: The attention is off by default: on average it never beat uniform sample weights, at the same
+#: cost (README, "What the Hessian buys"); the pass still runs for HMSE.
 HESSIAN_OPTIONS: dict[str, Any] = {"hessian": "none", "n_draws": None, "hmse": True}
 EPTQ_OPTIONS: dict[str, Any] = {f.name: f.default for f in fields(EptqConfig) if f.name != "seed"}
 
