@@ -510,7 +510,7 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
     layers = [n.outputs[0] for n in nodes]
     batch = cfg.batch_size or step_batch_size(fg, layers)
     f_acts = cache_float_activations(fg, x, layers)
-    net = FakeQuantNetwork(qg, fg)
+    net = FakeQuantNetwork(qg, fg, cfg.learn_scales)
     net.hard = True
     log: dict[str, Any] = {"iters_per_layer": cfg.iters, "layers": []}
     for n in tqdm(nodes, desc="adaround", unit="layer", disable=not progress, leave=False):
@@ -520,7 +520,8 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
         target = f_acts[n.outputs[0]]
         with torch.no_grad():  # this layer's error with round-to-nearest sets the loss scale, as in optimize()
             loss0 = float((net.node_forward(n, [xin[:256]]) - target[:256]).pow(2).mean()) or 1.0
-        opt = torch.optim.Adam([{"params": [net.V[k]], "lr": cfg.lr}, {"params": [net.bias[k]], "lr": cfg.bias_lr}])
+        opt = torch.optim.Adam([{"params": [net.V[k]], "lr": cfg.lr}, {"params": [net.bias[k]], "lr": cfg.bias_lr},
+                                {"params": [net.log_gain[k]] if k in net.log_gain else [], "lr": cfg.scale_lr}])
         net.hard = False
         for step in range(cfg.iters):
             idx = torch.randint(0, len(x), (batch,), generator=gen)

@@ -326,6 +326,9 @@ def test_learned_weight_scales_reach_the_integer_graph_and_never_touch_power_of_
     bundle = eptq_deploy.export(qm, out=tmp_path / "b", data=x)
     y = eptq_deploy.load(bundle).run(x.numpy())
     np.testing.assert_allclose(y, qm.simulate(x).numpy(), atol=float(qm.graph.tensors[qm.graph.outputs[0]].quant.scale[0]))
+    layerwise = eptq_deploy.quantize(m, x, profile="imx500", learn_scales=True, **{**kw, "method": "adaround", "iters": 10})
+    assert all(not np.array_equal(layerwise.graph.tensors[n.inputs[1]].quant.scale, ptq.graph.tensors[n.inputs[1]].quant.scale)
+               for n in layerwise.graph.weighted_nodes())
     pot = eptq_deploy.quantize(m, x, profile="w4a8-pot", learn_scales=True, **kw)
     for n in pot.graph.weighted_nodes():
         s = pot.graph.tensors[n.inputs[1]].quant.scale
