@@ -9,9 +9,9 @@ cd "$(dirname "$0")/.."
 B="python tools/bench_accuracy.py --target onnx-qdq"
 W3=tools/profiles/imx500-w3.yaml
 LOW_BIT_ROWS=("--profile imx500 --weight-bits 4" "--profile $W3 --weight-bits 3" "--profile w4a8-pot")
-ablate() {  # uniform layer weights, then layer-by-layer AdaRound, on the 4- and 3-bit rows
+ablate() {  # the Hessian sample attention (the default is uniform), then layer-by-layer AdaRound, on the 4- and 3-bit rows
   for row in "${LOW_BIT_ROWS[@]}"; do
-    $B --model "$1" $row --method eptq --hessian none
+    $B --model "$1" $row --method eptq --hessian eptq
     $B --model "$1" $row --method adaround
   done
 }
