@@ -509,7 +509,7 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
     nodes = [n for n in qg.nodes if n.op in WEIGHTED_OPS]
     layers = [n.outputs[0] for n in nodes]
     batch = cfg.batch_size or step_batch_size(fg, layers)
-    f_acts = cache_float_activations(fg, x, layers)
+    f_acts = cache_float_activations(fg, x, layers, half=True)  # float16 targets, as optimize()'s
     net = FakeQuantNetwork(qg, fg, cfg.learn_scales)
     net.hard = True
     log: dict[str, Any] = {"iters_per_layer": cfg.iters, "layers": []}
@@ -519,14 +519,14 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
             xin = torch.cat([net(x[i:i + 128], 1.0, gen, {n.inputs[0]})[1][n.inputs[0]] for i in range(0, len(x), 128)])
         target = f_acts[n.outputs[0]]
         with torch.no_grad():  # this layer's error with round-to-nearest sets the loss scale, as in optimize()
-            loss0 = float((net.node_forward(n, [xin[:256]]) - target[:256]).pow(2).mean()) or 1.0
+            loss0 = float((net.node_forward(n, [xin[:256]]) - target[:256].float()).pow(2).mean()) or 1.0
         opt = torch.optim.Adam([{"params": [net.V[k]], "lr": cfg.lr}, {"params": [net.bias[k]], "lr": cfg.bias_lr},
                                 {"params": [net.log_gain[k]] if k in net.log_gain else [], "lr": cfg.scale_lr}])
         net.hard = False
         for step in range(cfg.iters):
             idx = torch.randint(0, len(x), (batch,), generator=gen)
             y = net.node_forward(n, [xin[idx]])
-            task = (y - target[idx]).pow(2).mean()
+            task = (y - target[idx].float()).pow(2).mean()
             beta = annealed_beta(step, cfg)
             reg = rounding_regularizer(soft_rounding(net.V[k]), beta) * net.V[k].numel() if beta is not None else 0.0
             loss = task / loss0 + cfg.reg_weight * reg
@@ -535,7 +535,7 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
             opt.step()
         net.hard = True
         with torch.no_grad():
-            final = float((net.node_forward(n, [xin[:256]]) - target[:256]).pow(2).mean())
+            final = float((net.node_forward(n, [xin[:256]]) - target[:256].float()).pow(2).mean())
         log["layers"].append({"layer": n.name, "mse": final})
     net.hard = False
     log["seconds"] = round(time.perf_counter() - t0, 2)
