@@ -352,12 +352,11 @@ class FloatActivations:
         self.fg, self.x, self.layers, self.device = fg, x.cpu(), layers, device
         self.bytes = cache_bytes(fg, layers, len(x))
         self.n_cached = min(len(x), budget // max(cache_bytes(fg, layers, 1), 1))
-        self.streamed = self.n_cached < len(x)
         self.cache = {t: a.to(device) for t, a in cache_float_activations(
             fg, self.x[:self.n_cached], layers, half=True).items()} if self.n_cached else {}
 
     def describe(self) -> str:
-        if not self.streamed:
+        if self.n_cached == len(self.x):
             return "cached"
         return "streamed" if not self.n_cached else f"{self.n_cached} of {len(self.x)} samples cached, the rest streamed"
 
@@ -367,11 +366,11 @@ class FloatActivations:
             return {t: self.cache[t][idx].float() for t in self.layers}
         fresh = {t: a.to(self.device) for t, a in cache_float_activations(
             self.fg, self.x[idx[~cached].cpu()], self.layers, batch_size=int((~cached).sum()), half=True).items()}
-        out, where = {}, cached.to(self.device)
+        out, where, some = {}, cached.to(self.device), bool(cached.any())
         for t in self.layers:
             y = torch.empty((len(idx), *fresh[t].shape[1:]), dtype=torch.float32, device=self.device)
             y[~where] = fresh[t].float()
-            if bool(cached.any()):
+            if some:
                 y[where] = self.cache[t][idx[cached]].float()
             out[t] = y
         return out

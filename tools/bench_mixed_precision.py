@@ -51,10 +51,14 @@ def budget_for(model: torch.nn.Module, example: torch.Tensor, avg_bits: float) -
     return int(weights * avg_bits / 8) + biases
 
 
+def simulated_outputs(qm: Any, x: torch.Tensor, target: str) -> np.ndarray:
+    """``qm``'s simulation under ``target``'s rule (its first output), 500 images at a time."""
+    return np.concatenate([np.asarray(unpack(qm.simulate(x[i:i + 500], target))[0]) for i in range(0, len(x), 500)])
+
+
 def simulated_top1(qm: Any, x: torch.Tensor, y: np.ndarray, target: str) -> float:
-    """Top-1 (%) of ``qm``'s simulation under ``target``'s rule, 500 images at a time."""
-    sim = np.concatenate([np.asarray(unpack(qm.simulate(x[i:i + 500], target))[0]) for i in range(0, len(x), 500)])
-    return top1(sim, y)
+    """Top-1 (%) of ``qm``'s simulation under ``target``'s rule."""
+    return top1(simulated_outputs(qm, x, target), y)
 
 
 def row(model: str, config: str, avg: float | None, bits: int | None, data: tuple[Any, Any, Any]) -> dict[str, Any]:
