@@ -96,10 +96,18 @@ def annealed_beta(step: int, cfg: EptqConfig) -> float | None:
     return cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * t
 
 
-def eptq_loss(q_acts: dict[str, torch.Tensor], f_acts: dict[str, torch.Tensor], attention: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum over layers of the batch mean of w_{n,l} * ||a_q - a_f||^2 (per-element mean)."""
+def eptq_loss(q_acts: dict[str, torch.Tensor], f_acts: dict[str, torch.Tensor],
+              attention: dict[str, torch.Tensor] | None) -> torch.Tensor:
+    """Sum over layers of the batch mean of w_{n,l} * ||a_q - a_f||^2 (per-element mean).
+
+    ``attention`` None: w = 1 everywhere, where the sum is each layer's plain mean squared
+    error (one fused pass forward and backward; a third of the elementwise work at 224x224).
+    """
     total: torch.Tensor | float = 0.0
     for name, fa in f_acts.items():
+        if attention is None:
+            total = total + F.mse_loss(q_acts[name], fa)
+            continue
         err = (q_acts[name] - fa).pow(2).reshape(fa.shape[0], -1).mean(1)
         total = total + (attention[name] * err).mean()
     return total
@@ -246,7 +254,7 @@ class FakeQuantNetwork(torch.nn.Module):
 
 @torch.no_grad()
 def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: FloatActivations,
-                    attention: dict[str, torch.Tensor], layers: list[str], loss0: float,
+                    attention: dict[str, torch.Tensor] | None, layers: list[str], loss0: float,
                     gen: torch.Generator, mgen: torch.Generator, n: int = 256,
                     batch_size: int = 32) -> dict[str, float]:
     """How decided the rounding is, and the task loss with soft versus hard rounding.
@@ -262,7 +270,7 @@ def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: FloatActivat
         total = 0.0
         for part in idx.split(batch_size):
             _, qa = net(x[part], 1.0, mgen, set(layers))
-            total += float(eptq_loss(qa, f_acts(part), {t: attention[t][part] for t in layers})) * len(part)
+            total += float(eptq_loss(qa, f_acts(part), batch_attention(attention, part))) * len(part)
         out["hard_task_loss" if mode else "soft_task_loss"] = round(total / len(idx) / loss0, 5)
     net.hard = False
     return out
@@ -394,6 +402,11 @@ def layer_attention(scores: dict[str, np.ndarray] | None, layers: list[str], n: 
     return out
 
 
+def batch_attention(attention: dict[str, torch.Tensor] | None, idx: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """The attention of the samples ``idx`` (None stays None: uniform)."""
+    return None if attention is None else {t: a[idx] for t, a in attention.items()}
+
+
 def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, np.ndarray] | None,
              cfg: EptqConfig, bias_bits: int = 32, progress: bool = True) -> tuple[QuantGraph, dict[str, Any]]:
     """Learn every layer's rounding and bias at once; returns the new graph and a log."""
@@ -410,7 +423,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     if cfg.resume and ckpt is None:
         raise UsageError("--resume needs --checkpoint-dir (where the interrupted run saved its state)")
     float_acts = FloatActivations(fg, x, layers, memory_budget(cfg.max_memory), dev)
-    attention = {t: a.to(dev) for t, a in layer_attention(scores, layers, len(x)).items()}
+    attention = None if scores is None else {t: a.to(dev) for t, a in layer_attention(scores, layers, len(x)).items()}
     x = x.to(dev)
     net = FakeQuantNetwork(qg, fg, cfg.learn_scales).to_device(dev)
     opt = torch.optim.Adam([
@@ -424,7 +437,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     def task_loss(idx: torch.Tensor, keep: float) -> torch.Tensor:
         """The EPTQ loss on one batch, relative to the loss at the start."""
         _, qa = net(x[idx], keep, mgen, layer_set)
-        return eptq_loss(qa, float_acts(idx), {t: attention[t][idx] for t in layers}) / loss0
+        return eptq_loss(qa, float_acts(idx), batch_attention(attention, idx)) / loss0
 
     # the task loss at the start (all activations quantized) sets the regulariser's scale
     loss0 = 1.0
