@@ -29,7 +29,7 @@ from .equalize import equalize as equalize_channels
 from .errors import BundleError, DataError, TargetError, UsageError
 from .float_exec import pack
 from .graph import QuantGraph, TargetRules
-from .hessian import hessian_scores
+from .hessian import averaged_samples, hessian_scores
 from .hw_profiles import Profile, load_profile
 from .mixed_precision import check_budget, plan_widths
 from .preprocess import Preset, get_preset, normalize_pixels, preset_info
@@ -254,7 +254,7 @@ def quantize(model: Any, data: Any, *, profile: str | os.PathLike | Profile = "i
     hess, widths = None, None
     if budget is not None:  # the widths first, from the same Hessian pass EPTQ uses
         t = time.perf_counter()
-        hess = _hessians(fg, x, opts, seed, progress)
+        hess = _hessians(fg, x, opts, seed, progress, info)
         timings["hessian"] = round(time.perf_counter() - t, 3)
         plan = plan_widths(fg, prof, hess[1], budget)
         widths, info["mixed_precision"] = plan.bits, plan.to_dict()
@@ -312,13 +312,21 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _hessians(fg: QuantGraph, x: torch.Tensor, opts: dict[str, Any], seed: int, progress: bool,
+def _hessians(fg: QuantGraph, x: torch.Tensor, opts: dict[str, Any], seed: int, progress: bool, info: dict[str, Any],
               weights: bool = True) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """The label-free Hessian pass: per-sample layer scores and (``weights``) weight Hessian diagonals."""
+    """The label-free Hessian pass: per-sample layer scores and (``weights``) weight Hessian diagonals.
+
+    Without the attention only averages over the samples are used: a random share of a large
+    set serves them (``averaged_samples``)."""
+    n_draws = opts.get("n_draws", HESSIAN_OPTIONS["n_draws"])
+    if opts.get("hessian") != "eptq":  # PTQ under a weight budget has no options
+        n = averaged_samples(fg, len(x), n_draws)
+        if n < len(x):
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n].sort().values]
+    info["hessian_samples"] = int(len(x))
     step = min(64, fg.batch_size())  # backward passes keep every activation: fewer samples at 224x224
     hb = [x[i:i + step] for i in range(0, len(x), step)]
-    return hessian_scores(fg, hb, n_draws=opts.get("n_draws", HESSIAN_OPTIONS["n_draws"]), seed=seed, weights=weights,
-                          progress=progress)
+    return hessian_scores(fg, hb, n_draws=n_draws, seed=seed, weights=weights, progress=progress)
 
 
 def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: list[TargetRules], opts: dict[str, Any],
@@ -335,7 +343,7 @@ def _eptq(fg: QuantGraph, x: torch.Tensor, stats: Any, prof: Profile, rules: lis
     if hess is not None:
         scores, whess = hess
     elif (opts["hessian"] == "eptq" and info["method"] == "eptq") or opts["hmse"]:
-        scores, whess = _hessians(fg, x, opts, seed, progress, weights=opts["hmse"])
+        scores, whess = _hessians(fg, x, opts, seed, progress, info, weights=opts["hmse"])
         timings["hessian"] = round(time.perf_counter() - t, 3)
     else:
         timings["hessian"] = 0.0

@@ -320,17 +320,12 @@ def step_batch_size(fg: QuantGraph, layers: list[str]) -> int:
     a CIFAR ResNet-20's per sample, and its loss already averages over 49x the spatial
     positions per sample. At least 8 samples keep each step's gradient from one image's content.
     """
-    return max(BATCH_RANGE[0], min(BATCH_RANGE[1], STEP_VALUES // max(values_per_sample(fg, layers), 1)))
-
-
-def values_per_sample(fg: QuantGraph, layers: list[str]) -> int:
-    """Activation values one sample holds at ``layers``."""
-    return sum(int(np.prod(fg.tensors[t].shape[1:])) for t in layers)
+    return max(BATCH_RANGE[0], min(BATCH_RANGE[1], STEP_VALUES // max(fg.values_per_sample(layers), 1)))
 
 
 def cache_bytes(fg: QuantGraph, layers: list[str], n: int) -> int:
     """Bytes the float-activation cache takes for ``n`` samples (float16 targets)."""
-    return TARGET_DTYPE.itemsize * n * values_per_sample(fg, layers)
+    return TARGET_DTYPE.itemsize * n * fg.values_per_sample(layers)
 
 
 def memory_budget(max_memory: int | None) -> int:

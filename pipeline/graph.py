@@ -241,6 +241,10 @@ class QuantGraph:
         per = max((int(np.prod(self.tensors[t].shape[1:])) for t in self.activation_names()), default=1)
         return max(1, min(most, elements // max(per, 1)))
 
+    def values_per_sample(self, names: list[str]) -> int:
+        """Numbers one sample holds in the tensors ``names`` (what a pass keeping them all touches)."""
+        return sum(int(np.prod(self.tensors[t].shape[1:])) for t in names)
+
     def dead_after(self) -> list[list[str]]:
         """Per node, the activations no later node reads (graph outputs never): an executor frees
         them once that node has run, so a 224x224 batch holds a few live tensors, not all of them."""

@@ -358,3 +358,19 @@ def test_half_precision_targets_keep_float32_where_values_exceed_its_range() -> 
     huge = cache_float_activations(g, x * 1e6, layers, half=True)
     assert any(a.dtype == torch.float32 for a in huge.values())
     assert all(bool(torch.isfinite(a).all()) for a in huge.values())
+
+
+def test_hessian_pass_takes_a_share_of_a_large_set_only_where_no_per_sample_attention_needs_them_all(monkeypatch) -> None:
+    """Without the attention the pass feeds averages (HMSE): past its work budget a random share
+    serves (at least AVERAGE_MIN_SAMPLES); the attention keeps a score for every sample."""
+    from eptq_deploy import hessian
+
+    m, x = Tiny().eval(), _data(100)
+    g = capture(m, x[:1])
+    assert hessian.averaged_samples(g, 100) == 100  # a tiny network's whole set is within the budget
+    monkeypatch.setattr(hessian, "AVERAGE_VALUES", 1)
+    assert hessian.averaged_samples(g, 100) == hessian.AVERAGE_MIN_SAMPLES
+    assert hessian.averaged_samples(g, 10) == 10
+    kw = dict(method="eptq", progress=False, iters=3, batch_size=8)
+    assert eptq_deploy.quantize(m, x, hessian="none", **kw).info["hessian_samples"] == hessian.AVERAGE_MIN_SAMPLES
+    assert eptq_deploy.quantize(m, x, hessian="eptq", **kw).info["hessian_samples"] == 100
