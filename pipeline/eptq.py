@@ -255,13 +255,15 @@ class FakeQuantNetwork(torch.nn.Module):
 @torch.no_grad()
 def rounding_report(net: FakeQuantNetwork, x: torch.Tensor, f_acts: FloatActivations,
                     attention: dict[str, torch.Tensor] | None, layers: list[str], loss0: float,
-                    gen: torch.Generator, mgen: torch.Generator, n: int = 256,
-                    batch_size: int = 32) -> dict[str, float]:
-    """How decided the rounding is, and the task loss with soft versus hard rounding.
+                    gen: torch.Generator, mgen: torch.Generator, batch_size: int = 32) -> dict[str, float]:
+    """How decided the rounding is, and the task loss with soft versus hard rounding, on eight
+    steps' worth of samples (256 at 32 a step, 64 at 224x224's 8: a diagnostic, not worth a
+    minute there).
 
     A batch at a time: at 224x224 one 256-sample pass (and its streamed float
     targets) would take tens of GiB.
     """
+    n = 8 * batch_size
     h = torch.cat([soft_rounding(v).reshape(-1) for v in net.V.values()])
     idx = torch.randperm(len(x), generator=gen)[:n]
     out = {"undecided_fraction": round(float(((h > 0.05) & (h < 0.95)).float().mean()), 4)}
