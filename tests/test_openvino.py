@@ -225,3 +225,27 @@ def test_sixteen_bit_activations_refused(tmp_path: Path) -> None:
         eptq_deploy.quantize(model, CALIB[:2], profile=tmp_path / "a16.yaml", targets=[TARGET], progress=False)
     msg = str(info.value)
     assert "16-bit activations" in msg and TARGET in msg and "\n" not in msg
+
+
+class _InputShortcut(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv(x)
+
+
+def test_an_add_of_the_network_input_is_not_folded_and_matches_the_plugin(tmp_path) -> None:
+    """x + conv(x): the plugin rounds the convolution's output before the sum (strict QDQ); the rule follows."""
+    x = torch.randn(8, 8, 6, 6, generator=torch.Generator().manual_seed(1))
+    qm = eptq_deploy.quantize(_InputShortcut().eval(), x, profile="int8-pot", targets=[TARGET], method="ptq",
+                              progress=False)
+    target = get_target(TARGET)
+    if not target.exact_here(qm.graph):
+        pytest.skip("the CPU plugin is not exact on this CPU for this graph")
+    target.emit(qm.graph, tmp_path)
+    out = target.load(tmp_path).run(x.numpy())
+    sim = qm.simulate(x, target=TARGET).numpy()
+    assert np.array_equal(out, sim)
