@@ -6,10 +6,13 @@ Rows per model: the budgets of ``--avg`` (default 2.5, 3, 3.5; Lite0: 4.5) and u
 ``--uniform`` widths (default 4 and 2; Lite0: 8 and 4), each EPTQ with the defaults. Reported:
 top-1 of the simulation (onnx-qdq's rule; the runtimes are bit-exact with it, tested) on the
 10,000 CIFAR-10 test images or the 500 held-out ImageNet samples, packed bytes, the widths chosen,
-time. A plot of top-1 against packed bytes (the accuracy-versus-size curve) goes to ``--plot``.
+time. A plot of top-1 against packed bytes (the accuracy-versus-size curve, one panel per
+model) goes to ``--plot``, drawn from every row in ``--results`` (the latest of each model and
+configuration), so runs of one model at a time add up to one figure.
 
     python tools/bench_mixed_precision.py --model resnet20
     python tools/bench_mixed_precision.py --model efficientnet_lite0 --avg 4.5 --uniform 8,4
+    python tools/bench_mixed_precision.py --report     # table and plot from the results so far
 
 One JSON line per row on stdout, appended to ``--results``; a Markdown table ends the output.
 """
@@ -17,6 +20,7 @@ One JSON line per row on stdout, appended to ``--results``; a Markdown table end
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -76,28 +80,52 @@ def row(model: str, config: str, avg: float | None, bits: int | None, data: tupl
             "quantize_s": seconds, "hessian_s": timings.get("hessian"), "optimisation_s": timings.get("optimisation")}
 
 
+def latest_rows(path: Path) -> list[dict[str, Any]]:
+    """The last measured row of each (model, configuration) in the results file, in first-seen order."""
+    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            r = json.loads(line) if line.strip() else {}
+            if "config" in r:
+                rows[(r["model"], r["config"])] = r
+    return list(rows.values())
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """One panel per model (their sizes differ by orders of magnitude): mixed budgets and uniform widths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for model in dict.fromkeys(r["model"] for r in rows):
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.4), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
         mine = [r for r in rows if r["model"] == model]
         mixed = sorted((r["packed_bytes"], r["top1_simulation"]) for r in mine if r["budget_bytes"])
         uniform = sorted((r["packed_bytes"], r["top1_simulation"]) for r in mine if not r["budget_bytes"])
         if mixed:
-            ax.plot(*zip(*mixed, strict=True), "o-", label=f"{model} mixed")
+            ax.plot(*zip(*mixed, strict=True), "o-", label="mixed")
         if uniform:
-            ax.plot(*zip(*uniform, strict=True), "s--", label=f"{model} uniform")
-    ax.set_xlabel("packed weight bytes")
-    ax.set_ylabel("top-1 (%)")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+            ax.plot(*zip(*uniform, strict=True), "s--", label="uniform")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("packed weight bytes")
+        ax.set_ylabel("top-1 (%)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print("\n| model | weights | budget | packed bytes | layers per width | top-1 (simulation) | EPTQ time (Hessian) |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        widths = ", ".join(f"{n}x{b}" for b, n in sorted(r["widths"].items(), reverse=True))
+        budget = f"{r['budget_bytes']:,} B" if r["budget_bytes"] else "-"
+        print(f"| {r['model']} | {r['config']} | {budget} | {r['packed_bytes']:,} B | {widths} | "
+              f"{r['top1_simulation']:.2f} % | {r['quantize_s']} s ({r['hessian_s']} s) |")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--uniform", default=None, help="uniform widths (default 4,2; Lite0 8,4; '' for none)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "mixed_precision_curve.png")
+    p.add_argument("--report", action="store_true", help="only print the table and draw the plot from --results")
     args = p.parse_args(argv)
+    if args.report:
+        rows = latest_rows(args.results)
+        if rows:
+            plot(rows, args.plot)
+        print_table(rows)
+        return 0
     if shared_data_dir() is None:
         print("skipped: benchmark data not found (set EPTQ_DATA_DIR to the shared data folder)")
         return 0
@@ -130,14 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             emit(row(model, f"uniform W{bits}", None, bits, data), args.results, rows)
     done = [r for r in rows if "skipped" not in r]
     if done:
-        plot(done, args.plot)
-    print("\n| model | weights | budget | packed bytes | layers per width | top-1 (simulation) | EPTQ time (Hessian) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in done:
-        widths = ", ".join(f"{n}x{b}" for b, n in sorted(r["widths"].items(), reverse=True))
-        budget = f"{r['budget_bytes']:,} B" if r["budget_bytes"] else "-"
-        print(f"| {r['model']} | {r['config']} | {budget} | {r['packed_bytes']:,} B | {widths} | "
-              f"{r['top1_simulation']:.2f} % | {r['quantize_s']} s ({r['hessian_s']} s) |")
+        plot(latest_rows(args.results), args.plot)
+    print_table(done)
     return 0
 
 
