@@ -65,39 +65,51 @@ def simulated_top1(qm: Any, x: torch.Tensor, y: np.ndarray, target: str) -> floa
     return top1(simulated_outputs(qm, x, target), y)
 
 
-def row(model: str, config: str, avg: float | None, bits: int | None, data: tuple[Any, Any, Any]) -> dict[str, Any]:
+def row(model: str, config: str, avg: float | None, bits: int | None, data: tuple[Any, Any, Any],
+        seed: int = 0) -> dict[str, Any]:
     calib, x, y = data
     net = load_model(model)
     options: dict[str, Any] = {"weight_memory": budget_for(net, calib, avg)} if avg is not None else {"weight_bits": bits}
     t0 = time.perf_counter()
-    qm = eptq_deploy.quantize(net, calib, profile="imx500", targets=[TARGET], method="eptq", seed=0, progress=False,
+    qm = eptq_deploy.quantize(net, calib, profile="imx500", targets=[TARGET], method="eptq", seed=seed, progress=False,
                               **options)
     seconds = round(time.perf_counter() - t0, 1)
     timings = qm.info.get("timings_s", {})
-    return {"model": model, "config": config, "budget_bytes": options.get("weight_memory"),
+    return {"model": model, "config": config, "seed": seed, "budget_bytes": options.get("weight_memory"),
             "packed_bytes": qm.weight_bytes, "widths": dict(sorted(Counter(qm.weight_bits.values()).items())),
             "weight_bits": qm.weight_bits, "images": len(y), "top1_simulation": simulated_top1(qm, x, y, TARGET),
             "quantize_s": seconds, "hessian_s": timings.get("hessian"), "optimisation_s": timings.get("optimisation")}
 
 
 def latest_rows(path: Path) -> list[dict[str, Any]]:
-    """The last measured row of each (model, configuration) in the results file, in first-seen order."""
-    rows: dict[tuple[str, str], dict[str, Any]] = {}
+    """The last measured row of each (model, configuration, seed) in the results file, in first-seen order."""
+    rows: dict[tuple[str, str, int], dict[str, Any]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             r = json.loads(line) if line.strip() else {}
             if "config" in r:
-                rows[(r["model"], r["config"])] = r
+                rows[(r["model"], r["config"], r.get("seed", 0))] = r
     return list(rows.values())
 
 
+def seed_means(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (model, configuration): the first seed's row with top-1 averaged over its seeds."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["config"]), []).append(r)
+    return [{**g[0], "seeds": len(g), "top1_simulation": float(np.mean([r["top1_simulation"] for r in g]))}
+            for g in groups.values()]
+
+
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    """One panel per model (their sizes differ by orders of magnitude): mixed budgets and uniform widths."""
+    """One panel per model (their sizes differ by orders of magnitude): mixed budgets and uniform widths,
+    top-1 averaged over the seeds measured."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = seed_means(rows)
     models = list(dict.fromkeys(r["model"] for r in rows))
     fig, axes = plt.subplots(1, len(models), figsize=(3.6 * len(models), 3.4), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
@@ -119,20 +131,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print("\n| model | weights | budget | packed bytes | layers per width | top-1 (simulation) | EPTQ time (Hessian) |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| model | weights | seed | budget | packed bytes | layers per width | top-1 (simulation) | "
+          "EPTQ time (Hessian) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         widths = ", ".join(f"{n}x{b}" for b, n in sorted(r["widths"].items(), reverse=True))
         budget = f"{r['budget_bytes']:,} B" if r["budget_bytes"] else "-"
-        print(f"| {r['model']} | {r['config']} | {budget} | {r['packed_bytes']:,} B | {widths} | "
+        print(f"| {r['model']} | {r['config']} | {r.get('seed', 0)} | {budget} | {r['packed_bytes']:,} B | {widths} | "
               f"{r['top1_simulation']:.2f} % | {r['quantize_s']} s ({r['hessian_s']} s) |")
+    for m in seed_means(rows):
+        if m["seeds"] > 1:
+            print(f"| {m['model']} | {m['config']} | mean of {m['seeds']} | | | | {m['top1_simulation']:.2f} % | |")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="resnet20,resnet56", help="comma-separated models")
-    p.add_argument("--avg", default=None, help="budgets as average bits per weight (default 2.5,3,3.5; Lite0 4.5)")
+    p.add_argument("--avg", default=None, help="budgets as average bits per weight (default 2.5,3,3.5; Lite0 4.5; '' for none)")
     p.add_argument("--uniform", default=None, help="uniform widths (default 4,2; Lite0 8,4; '' for none)")
+    p.add_argument("--seed", type=int, default=0, help="EPTQ's seed (rows of several seeds are averaged in the plot)")
     p.add_argument("--results", type=Path, default=DEFAULT_RESULTS)
     p.add_argument("--plot", type=Path, default=Path(__file__).resolve().parent / "mixed_precision_curve.png")
     p.add_argument("--report", action="store_true", help="only print the table and draw the plot from --results")
@@ -151,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     for model in args.model.split(","):
         lite = model == "efficientnet_lite0"
-        avgs = [float(a) for a in (args.avg or ("4.5" if lite else "2.5,3,3.5")).split(",")]
+        budgets = args.avg if args.avg is not None else ("4.5" if lite else "2.5,3,3.5")
+        avgs = [float(a) for a in budgets.split(",") if a]
         widths = args.uniform if args.uniform is not None else ("8,4" if lite else "4,2")
         uniform = [int(b) for b in widths.split(",") if b]
         try:
@@ -160,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
             emit({"model": model, "skipped": str(e)}, args.results, rows)
             continue
         for avg in avgs:
-            emit(row(model, f"mixed {avg:g} bits/weight", avg, None, data), args.results, rows)
+            emit(row(model, f"mixed {avg:g} bits/weight", avg, None, data, args.seed), args.results, rows)
         for bits in uniform:
-            emit(row(model, f"uniform W{bits}", None, bits, data), args.results, rows)
+            emit(row(model, f"uniform W{bits}", None, bits, data, args.seed), args.results, rows)
     done = [r for r in rows if "skipped" not in r]
     if done:
         plot(latest_rows(args.results), args.plot)
