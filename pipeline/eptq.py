@@ -209,12 +209,16 @@ class FakeQuantNetwork(torch.nn.Module):
     hard = False  # evaluate with the final (hard) rounding instead of h(V)
 
     def forward(self, x: torch.Tensor, keep: float = 1.0, gen: torch.Generator | None = None,
-                layers: set[str] | None = None) -> tuple[Any, dict[str, torch.Tensor]]:
+                layers: set[str] | None = None, only_layers: bool = False) -> tuple[Any, dict[str, torch.Tensor]]:
+        """The network's outputs and the activations named in ``layers``; ``only_layers``: stop
+        once those are computed (the outputs are then None)."""
         T = self.qg.tensors
         first = self.qg.inputs[0]
         env = {first: fake_quant(x, T[first].quant, 1.0)}
         acts: dict[str, torch.Tensor] = {first: env[first]} if layers is not None and first in layers else {}
         for n, dead in zip(self.qg.nodes, self.dead, strict=True):
+            if only_layers and layers is not None and len(acts) == len(layers):
+                return None, acts
             y = self.node_forward(n, [env[i] for i in n.inputs if i in env], keep, gen)
             env[n.outputs[0]] = y
             if layers is not None and n.outputs[0] in layers:
@@ -525,7 +529,8 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
     for n in tqdm(nodes, desc="adaround", unit="layer", disable=not progress, leave=False):
         k = net.key[n.name]
         with torch.no_grad():  # the quantized network's input to this layer, earlier layers final
-            xin = torch.cat([net(x[i:i + 128], 1.0, gen, {n.inputs[0]})[1][n.inputs[0]] for i in range(0, len(x), 128)])
+            xin = torch.cat([net(x[i:i + 128], 1.0, gen, {n.inputs[0]}, only_layers=True)[1][n.inputs[0]]
+                             for i in range(0, len(x), 128)])
         target = f_acts[n.outputs[0]]
         with torch.no_grad():  # this layer's error with round-to-nearest sets the loss scale, as in optimize()
             loss0 = float((net.node_forward(n, [xin[:256]]) - target[:256].float()).pow(2).mean()) or 1.0

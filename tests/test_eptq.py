@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 import eptq_deploy
+from eptq_deploy.api import resolve_profile
 from eptq_deploy.capture import capture
 from eptq_deploy.eptq import (
     EptqConfig,
+    FakeQuantNetwork,
     annealed_beta,
     cache_float_activations,
     init_rounding,
@@ -19,6 +21,8 @@ from eptq_deploy.eptq import (
     soft_rounding,
 )
 from eptq_deploy.hessian import hessian_scores
+from eptq_deploy.ptq import collect_stats, ptq
+from eptq_deploy.targets import get_target
 
 
 class Tiny(nn.Module):
@@ -374,3 +378,16 @@ def test_hessian_pass_takes_a_share_of_a_large_set_only_where_no_per_sample_atte
     kw = dict(method="eptq", progress=False, iters=3, batch_size=8)
     assert eptq_deploy.quantize(m, x, hessian="none", **kw).info["hessian_samples"] == hessian.AVERAGE_MIN_SAMPLES
     assert eptq_deploy.quantize(m, x, hessian="eptq", **kw).info["hessian_samples"] == 100
+
+
+def test_a_pass_that_stops_at_the_wanted_layer_gives_its_full_pass_value() -> None:
+    m, x = Tiny().eval(), _data(8)
+    g = capture(m, x[:1])
+    qg = ptq(g, collect_stats(g, [x], progress=False), resolve_profile("imx500", 4), [get_target("onnx-qdq").rules])
+    net = FakeQuantNetwork(qg, g)
+    first_conv = qg.weighted_nodes()[0].outputs[0]
+    with torch.no_grad():
+        out, full = net(x, 1.0, None, {first_conv})
+        stopped, early = net(x, 1.0, None, {first_conv}, only_layers=True)
+    assert out is not None and stopped is None
+    assert torch.equal(full[first_conv], early[first_conv])
