@@ -195,9 +195,9 @@ def _io_shape(model: Any, where: Path, given: Sequence[int] | None) -> tuple[int
         inputs, outputs = list(model.inputs), list(model.outputs)
     except (AttributeError, ValueError):
         raise ModelError(f"{where} has no defined input; build the model on keras.Input(shape) before saving") from None
-    if len(inputs) != 1 or len(outputs) != 1:
+    if len(inputs) != 1 or not outputs:
         raise ModelError(f"{where} has {len(inputs)} inputs and {len(outputs)} outputs; eptq-deploy reads "
-                         "single-input, single-output models")
+                         "single-input models with at least one output")
     shape = tuple(None if d is None else int(d) for d in inputs[0].shape)
     if len(shape) != 4:
         raise ModelError(f"{where}'s input has shape {list(shape)}; eptq-deploy reads one image input "
@@ -227,43 +227,89 @@ def _convert(tf: Any, keras: Any, model: Any, hwc: tuple[int, int, int], where: 
                          "an op without a TFLite builtin") from None
 
 
+def _keras_outputs(tf: Any, model: Any, x: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """The Keras model's outputs on ``x`` (NCHW), as (name, value) in the order the model returns
+    them (a dict output keeps its keys), 4-D values in NCHW."""
+    with _quiet():
+        y = model(tf.constant(np.ascontiguousarray(x.transpose(0, 2, 3, 1), np.float32)), training=False)
+    if isinstance(y, dict):
+        pairs = list(y.items())
+    else:
+        ys = list(y) if isinstance(y, list | tuple) else [y]
+        names = list(getattr(model, "output_names", None) or [])
+        names = names if len(names) == len(ys) else [f"output_{i}" for i in range(len(ys))]
+        pairs = list(zip(names, ys, strict=True))
+    out = []
+    for name, v in pairs:
+        v = np.asarray(v.numpy() if hasattr(v, "numpy") else v, np.float32)
+        out.append((str(name), v.transpose(0, 3, 1, 2) if v.ndim == 4 else v))
+    return out
+
+
+def _close_to(ours: np.ndarray, theirs: np.ndarray) -> bool:
+    scale = max(float(np.abs(theirs).max()) if theirs.size else 0.0, 1e-6)
+    return ours.shape == theirs.shape and bool(np.all(np.abs(ours - theirs) <= ATOL_REL * scale + RTOL * np.abs(theirs)))
+
+
+def _match_outputs(keras_values: list[tuple[str, np.ndarray]], converted: list[np.ndarray], where: Path) -> list[int]:
+    """For each Keras output, the converted flatbuffer's output that reproduces it: the converter may
+    list a multi-output model's outputs in another order, so they are paired by value on a probe
+    input (same shape, within float tolerance, the closest first), never by position."""
+    if len(converted) != len(keras_values):
+        raise ModelError(f"TensorFlow's TFLite conversion of {where} has {len(converted)} outputs, the Keras model "
+                         f"{len(keras_values)}; please report it with the model")
+    order: list[int] = []
+    for name, theirs in keras_values:
+        fits = [j for j, v in enumerate(converted) if j not in order and _close_to(v, theirs)]
+        if not fits:
+            raise ModelError(f"no output of TensorFlow's TFLite conversion of {where} reproduces the Keras output "
+                             f"{name!r}; please report it with the model")
+        order.append(min(fits, key=lambda j: float(np.abs(converted[j] - theirs).max())))
+    return order
+
+
 def read(source: str | Path, input_shape: Sequence[int] | None = None) -> SourceGraph:
     """The canonical float graph of a Keras .h5/.keras file, and a runner of the Keras model itself;
-    ``input_shape`` (H, W, C, as the file's NHWC input) sizes a dynamic input."""
+    ``input_shape`` (H, W, C, as the file's NHWC input) sizes a dynamic input. Several outputs keep
+    the Keras model's order and names."""
     path = Path(source)
     tf = load_tensorflow()
     keras, model = _load(path)
     lite = read_bytes(_convert(tf, keras, model, _io_shape(model, path, input_shape), path), str(path))
-    out = lite.graph.outputs[0]
-    out_key = f"keras:{model.output_names[0] if getattr(model, 'output_names', None) else 'output'}"
-
-    def keras_output(x: np.ndarray) -> np.ndarray:
-        with _quiet():
-            y = model(tf.constant(np.ascontiguousarray(x.transpose(0, 2, 3, 1), np.float32)), training=False)
-        y = y[0] if isinstance(y, list | tuple) else y
-        y = np.asarray(y.numpy() if hasattr(y, "numpy") else y, np.float32)
-        return y.transpose(0, 3, 1, 2) if y.ndim == 4 else y
+    g = lite.graph
+    if len(g.outputs) > 1:
+        probe = np.random.default_rng(0).standard_normal((1, *g.tensors[g.inputs[0]].shape[1:])).astype(np.float32)
+        keras_values = _keras_outputs(tf, model, probe)
+        order = _match_outputs(keras_values, lite.run_source(probe, list(g.outputs)), path)
+        g.outputs = [g.outputs[j] for j in order]
+        keys = [f"keras:{name}" for name, _ in keras_values]
+    else:
+        names = getattr(model, "output_names", None)
+        keys = [f"keras:{names[0] if names else 'output'}"]
+    key_of = dict(zip(g.outputs, keys, strict=True))
 
     def run_source(x: np.ndarray, wanted: list[str]) -> list[np.ndarray]:
-        """``out_key`` from Keras; every other name is a tensor of the converted flatbuffer (Keras keeps
-        no per-op tensors to compare). Asked for both, the converter's own output is checked against
-        Keras first, so a conversion difference is not blamed on the reader's last op."""
-        inner = [w for w in wanted if w != out_key]
+        """The Keras outputs (``keys``) from Keras; every other name is a tensor of the converted flatbuffer
+        (Keras keeps no per-op tensors to compare). Asked for both, the converter's own outputs are checked
+        against Keras first, so a conversion difference is not blamed on the reader's last op."""
+        theirs = dict(zip(keys, (v for _, v in _keras_outputs(tf, model, x)), strict=True)) if set(wanted) & set(keys) else {}
+        inner = [w for w in wanted if w not in keys]
         if not inner:
-            return [keras_output(x) for _ in wanted]
-        values = dict(zip(inner + [out], lite.run_source(x, inner + [out]), strict=True))
-        if out_key in wanted:
-            theirs, converted = keras_output(x), values[out]
-            scale = max(float(np.abs(theirs).max()) if theirs.size else 0.0, 1e-6)
-            if converted.shape != theirs.shape:
+            return [theirs[w] for w in wanted]
+        values = dict(zip(inner + list(g.outputs), lite.run_source(x, inner + list(g.outputs)), strict=True))
+        for out, key in key_of.items():
+            if key not in wanted:
+                continue
+            converted = values[out]
+            if converted.shape != theirs[key].shape:
                 raise ModelError(f"TensorFlow's TFLite conversion of {path} gives shape {list(converted.shape)}, "
-                                 f"the Keras model {list(theirs.shape)}; please report it with the model")
-            if not np.all(np.abs(converted - theirs) <= ATOL_REL * scale + RTOL * np.abs(theirs)):
+                                 f"the Keras model {list(theirs[key].shape)}; please report it with the model")
+            if not _close_to(converted, theirs[key]):
                 raise ModelError(f"TensorFlow's TFLite conversion of {path} differs from the Keras model (max |diff| "
-                                 f"{float(np.abs(converted - theirs).max()):.3g}); please report it with the model")
-            values[out_key] = theirs
+                                 f"{float(np.abs(converted - theirs[key]).max()):.3g}); please report it with the model")
+            values[key] = theirs[key]
         return [values[w] for w in wanted]
 
     names = dict(lite.source_names)
-    names[out] = out_key
-    return SourceGraph(lite.graph, run_source, names, lite.hints)
+    names.update(key_of)
+    return SourceGraph(g, run_source, names, lite.hints)

@@ -34,7 +34,8 @@ from .readers import (
 SUPPORTED = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "ADD", "MUL", "RELU", "RELU6", "LOGISTIC",
              "HARD_SWISH", "AVERAGE_POOL_2D", "MAX_POOL_2D", "MEAN", "PAD", "RESHAPE", "CONCATENATION", "STRIDED_SLICE",
              "TRANSPOSE", "SOFTMAX", "DEQUANTIZE", "SUB", "DIV", "TANH", "PRELU", "LEAKY_RELU", "TRANSPOSE_CONV",
-             "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "SPLIT", "SPLIT_V")
+             "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "SPLIT", "SPLIT_V",
+             "TILE (with RESHAPEs repeating rows and columns: Keras 3's nearest UpSampling2D)")
 _FUSED = {0: "none", 1: "relu", 3: "relu6"}  # ActivationFunctionType NONE, RELU, RELU6
 
 
@@ -86,6 +87,7 @@ class _Reader:
         self.const: dict[int, np.ndarray] = {}
         self.count: dict[str, int] = {}
         self.nchw_data: set[int] = set()  # TFLite tensors transposed to NCHW order (only a flatten may read them)
+        self.skip: set[int] = set()  # operator indices read as part of a later one (``find_repeats``)
         self.uses: dict[int, int] = {}
         for i in [int(i) for o in self.sg.operators for i in o.inputs] + [int(i) for i in self.sg.outputs]:
             self.uses[i] = self.uses.get(i, 0) + 1
@@ -93,6 +95,52 @@ class _Reader:
         for o in self.sg.operators:
             for i in o.inputs:
                 self.reader_ops.setdefault(int(i), set()).add(self.ops[o.opcodeIndex])
+        self.repeats = self.find_repeats()
+
+    def find_repeats(self) -> dict[int, tuple[int, int, int]]:
+        """Chains of RESHAPE and TILE from a 4-D tensor back to a 4-D tensor that repeat every row kh and
+        every column kw times (how Keras 3 writes a nearest UpSampling2D): the chain's last operator
+        index -> (its input tensor, kh, kw). The chain is checked by running it on the input's element
+        indices, so only an exact repeat is read as one; its other operators are skipped by ``run``."""
+        ops = list(self.sg.operators)
+        name = [self.ops[o.opcodeIndex] for o in ops]
+        read_by: dict[int, list[int]] = {}
+        for j, o in enumerate(ops):
+            for t in o.inputs:
+                read_by.setdefault(int(t), []).append(j)
+        found: dict[int, tuple[int, int, int]] = {}
+        for j, o in enumerate(ops):
+            x = int(o.inputs[0]) if len(o.inputs) else -1
+            src = tuple(int(d) for d in self.sg.tensors[x].shape) if x >= 0 else ()
+            if name[j] != "RESHAPE" or len(src) != 4 or src[0] != 1:
+                continue
+            values, chain, m = np.arange(int(np.prod(src))).reshape(src), [], j
+            while True:
+                out = int(ops[m].outputs[0])
+                shape = tuple(int(d) for d in self.sg.tensors[out].shape)
+                if name[m] == "TILE":
+                    mult = self.constant(int(ops[m].inputs[1]))
+                    if mult is None or mult.size != values.ndim:
+                        break
+                    values = np.tile(values, [int(v) for v in mult.ravel()])
+                elif np.prod(shape) == values.size:
+                    values = values.reshape(shape)
+                if values.shape != shape:
+                    break
+                chain.append(m)
+                nxt = read_by.get(out, [])
+                if len(shape) == 4 and name[m] == "RESHAPE" and "TILE" in (name[c] for c in chain):
+                    kh, kw = shape[1] // src[1], shape[2] // src[2]
+                    ref = np.arange(int(np.prod(src))).reshape(src).repeat(kh, 1).repeat(kw, 2)
+                    if ref.shape == values.shape and np.array_equal(ref, values):
+                        found[m] = (x, kh, kw)
+                        self.skip.update(chain[:-1])
+                    break
+                if self.uses.get(out) != 1 or len(nxt) != 1 or name[nxt[0]] not in ("RESHAPE", "TILE") \
+                        or values.size > 1 << 24:
+                    break
+                m = nxt[0]
+        return found
 
     # -------------------------------------------------------------------- helpers
     def constant(self, i: int) -> np.ndarray | None:
@@ -168,12 +216,17 @@ class _Reader:
 
     # ----------------------------------------------------------------------- walk
     def run(self) -> tuple[QuantGraph, dict[str, int]]:
-        for o in self.sg.operators:
+        for j, o in enumerate(self.sg.operators):
+            if j in self.skip:
+                continue
             op = self.ops[o.opcodeIndex]
             ins = [int(i) for i in o.inputs]
             outs = [int(i) for i in o.outputs]
             where = self.sg.tensors[outs[0]].name.decode() if outs else op
             opts = o.builtinOptions
+            if j in self.repeats:
+                _repeat(self, *self.repeats[j], outs[0], where)
+                continue
             if op == "DEQUANTIZE" and self.constant(ins[0]) is not None:
                 self.const[outs[0]] = self.constant(ins[0]).astype(np.float32)  # float16 weights
                 continue
@@ -452,6 +505,13 @@ def _resize(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, 
         r.refuse(op, where, f"a resize of {list(shape)} to {list(out)} (NCHW; H and W of a 4-D tensor are read)")
     if align and half and not nearest:
         r.refuse(op, where, "align_corners with half_pixel_centers (TFLite's bilinear kernel refuses it too)")
+    r.emit(outs[0], "resize", [x], resize_attrs(shape, out, nearest, align, half), where)
+
+
+def resize_attrs(shape: tuple[int, ...], out: tuple[int, ...], nearest: bool, align: bool = False,
+                 half: bool = False) -> dict[str, Any]:
+    """The canonical resize's attributes for TFLite's kernels (NCHW ``shape`` to ``out``): the step per axis
+    as they compute it in float32."""
     step = [float(np.float32(i - 1) / np.float32(o - 1)) if align and o > 1 else float(np.float32(i) / np.float32(o))
             for i, o in zip(shape[2:], out[2:], strict=True)]
     if half:
@@ -462,7 +522,21 @@ def _resize(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, 
                              "step": step}
     if nearest:
         attrs["nearest"] = "round_prefer_ceil" if align else "floor"
-    r.emit(outs[0], "resize", [x], attrs, where)
+    return attrs
+
+
+def _repeat(r: _Reader, x_index: int, kh: int, kw: int, out_index: int, where: str) -> None:
+    """A repeat of rows and columns (``find_repeats``) as one nearest resize; refused where TFLite's float32
+    step would not land every output pixel on input pixel i // k."""
+    x = r.act(x_index, "TILE")
+    src = r.tensors[x].shape
+    out = (src[0], src[1], src[2] * kh, src[3] * kw)
+    attrs = resize_attrs(src, out, nearest=True)
+    for n_out, k, step in zip(out[2:], (kh, kw), attrs["step"], strict=True):
+        i = np.arange(n_out, dtype=np.float32)
+        if not np.array_equal(np.floor(i * np.float32(step)).astype(np.int64), np.arange(n_out) // k):
+            r.refuse("TILE", where, f"a repeat by {k} that a float32 nearest resize does not reproduce")
+    r.emit(out_index, "resize", [x], attrs, where)
 
 
 def _leaky_relu(r: _Reader, ins: list[int], outs: list[int], opts: Any, where: str, op: str) -> None:

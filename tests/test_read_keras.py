@@ -23,8 +23,12 @@ load_tensorflow()  # as the reader loads it (after torch's triton, which crashes
 
 import keras  # noqa: E402  (after the skip: keras comes with the extra)
 
+import eptq_deploy  # noqa: E402
 from eptq_deploy.errors import ModelError  # noqa: E402
+from eptq_deploy.float_exec import run_float, unpack  # noqa: E402
+from eptq_deploy.model_io import SourceRunner  # noqa: E402
 from eptq_deploy.readers import check_against_source, read_source  # noqa: E402
+from eptq_deploy.targets import get_target  # noqa: E402
 from eptq_deploy.zoo import shared_data_dir  # noqa: E402
 
 L = keras.layers
@@ -59,6 +63,13 @@ def residual() -> keras.Model:
     return _randomize(keras.Model(i, x))
 
 
+def upsampled() -> keras.Model:
+    """Keras 3 writes a nearest UpSampling2D as RESHAPE -> TILE -> RESHAPE per axis: read as one resize."""
+    i = keras.Input((6, 5, 3))
+    x = L.Conv2D(4, 3, padding="same")(i)
+    return keras.Model(i, L.Conv2D(2, 1)(L.Concatenate()([L.UpSampling2D((2, 3))(x), L.UpSampling2D((2, 3))(i)])))
+
+
 def concatenated() -> keras.Model:
     i = keras.Input((10, 10, 3))
     a, b = L.Conv2D(4, 1, activation="relu")(i), L.Conv2D(2, 3, padding="same")(i)
@@ -72,13 +83,16 @@ def _save(model: keras.Model, path: Path) -> Path:
 
 
 @pytest.mark.parametrize("suffix", [".h5", ".keras"])
-@pytest.mark.parametrize("build", [features, residual, concatenated])
+@pytest.mark.parametrize("build", [features, residual, concatenated, upsampled])
 def test_tiny_models_read_and_match_keras(build: Callable[[], keras.Model], suffix: str, tmp_path: Path) -> None:
     model = build()
     src = read_source(_save(model, tmp_path / f"{build.__name__}{suffix}"))
     assert src.graph.meta["source_layout"] == "NHWC"
     assert src.hints["input_shape"] == (model.input_shape[3], *model.input_shape[1:3])
     check_against_source(src, torch.randn(3, *src.hints["input_shape"]))
+    if build is upsampled:  # one resize per UpSampling2D, both axes at once
+        resizes = [n for n in src.graph.nodes if n.op == "resize"]
+        assert len(resizes) == 2 and all(n.attrs["size"] == [12, 15] for n in resizes)
 
 
 def test_keras2_h5_reads_through_tf_keras(tmp_path: Path) -> None:
@@ -132,19 +146,13 @@ def _two_inputs() -> keras.Model:
     return keras.Model([a, b], L.Add()([a, b]))
 
 
-def _two_outputs() -> keras.Model:
-    i = keras.Input((8, 8, 3))
-    return keras.Model(i, [L.Conv2D(2, 1)(i), L.Conv2D(3, 1)(i)])
-
-
 def _dynamic() -> keras.Model:
     i = keras.Input((None, None, 3))
     return keras.Model(i, L.Dense(2)(L.GlobalAveragePooling2D()(L.Conv2D(4, 3)(i))))
 
 
 @pytest.mark.parametrize(("build", "message"), [
-    (_two_inputs, "has 2 inputs and 1 outputs; eptq-deploy reads single-input, single-output models"),
-    (_two_outputs, "has 1 inputs and 2 outputs"),
+    (_two_inputs, "has 2 inputs and 1 outputs; eptq-deploy reads single-input models with at least one output"),
     (_dynamic, r"has dynamic size\(s\) \(H,W,C without the batch: \?,\?,3\); pass --input-shape"),
 ])
 def test_models_the_graph_cannot_hold_are_refused(build: Callable[[], keras.Model], message: str,
@@ -197,3 +205,53 @@ def test_mlperf_tiny_keras_files_match_tensorflow(file: str, scale: float) -> No
     src = read_source(path)
     torch.manual_seed(0)
     check_against_source(src, torch.rand(4, *src.hints["input_shape"]) * scale)
+
+
+def _heads_model() -> keras.Model:
+    i = keras.Input((12, 12, 3))
+    x = L.Conv2D(6, 3, padding="same", activation="relu")(i)
+    up = L.Concatenate()([L.UpSampling2D((2, 3))(L.Conv2D(4, 1, strides=(2, 3))(x)), x])
+    return keras.Model(i, [_head(up, "z_boxes", 4), _head(up, "a_scores", 4),
+                           L.Dense(3, name="m_class")(L.GlobalAveragePooling2D()(x))])
+
+
+@pytest.mark.parametrize("target", ["onnx-qdq", "tflite-int8"])
+def test_a_multi_output_keras_file_goes_through_bit_exact(target: str, tmp_path: Path) -> None:
+    """Quantized and written: the runtime's raw outputs are the simulation's, and ``.run(x)`` returns the
+    Keras model's outputs in its order and shapes."""
+    model = _heads_model()
+    path = _save(model, tmp_path / "heads.keras")
+    gen = torch.Generator().manual_seed(0)
+    calib, x = torch.randn(32, 12, 12, 3, generator=gen), torch.randn(4, 12, 12, 3, generator=gen)  # NHWC, as the file
+    qm = eptq_deploy.quantize(path, calib, profile="int8-pot", targets=[target], method="ptq", progress=False)
+    t = get_target(target)
+    (tmp_path / "out").mkdir()
+    t.emit(qm.graph, tmp_path / "out")
+    runner = SourceRunner(t.load(tmp_path / "out"), qm.graph.meta)
+    raw, sim = unpack(runner.run(x.numpy(), raw=True)), unpack(qm.simulate(x, target, raw=True))
+    for r, q in zip(raw, sim, strict=True):
+        np.testing.assert_array_equal(r, q.numpy())
+    got = unpack(runner.run(x.numpy()))
+    want = [np.asarray(v) for v in model(x.numpy())]
+    assert [g.shape for g in got] == [w.shape for w in want] == [(4, 12, 12, 4), (4, 12, 12, 4), (4, 3)]
+
+
+def _head(x: keras.KerasTensor, name: str, channels: int) -> keras.KerasTensor:
+    return L.Conv2D(channels, 1, name=name)(x)
+
+
+@pytest.mark.parametrize("suffix", [".h5", ".keras"])
+def test_a_multi_output_model_keeps_keras_order_and_names(suffix: str, tmp_path: Path) -> None:
+    """A detector-like model: two heads of the same shape (only their values tell them apart; the converter
+    lists them in another order) and a third of another, upsampled (2, 3) nearest on the way."""
+    model = _heads_model()
+    src = read_source(_save(model, tmp_path / f"heads{suffix}"))
+    g = src.graph
+    assert [src.source_names[o] for o in g.outputs] == ["keras:z_boxes", "keras:a_scores", "keras:m_class"]
+    x_in = torch.randn(2, 3, 12, 12)
+    check_against_source(src, x_in)
+    ours = unpack(run_float(g, x_in))
+    theirs = model(x_in.numpy().transpose(0, 2, 3, 1))
+    for o, t in zip(ours, theirs, strict=True):
+        t = np.asarray(t)
+        np.testing.assert_allclose(o.numpy(), t.transpose(0, 3, 1, 2) if t.ndim == 4 else t, rtol=1e-4, atol=1e-4)
