@@ -290,8 +290,21 @@ class _Emitter:
             self.reshape(n.inputs[0], n.outputs[0])
         elif op == "resize" and n.attrs["mode"] == "nearest":
             self.resize_nearest(n)
+        elif op == "transpose":
+            self.same_grid(n)
+            self.transpose(n)
         else:
             raise UnsupportedOpError(f"tflite-int8 cannot write op {op} ({n.name}); use another target for this model")
+
+    def transpose(self, n: Node) -> None:
+        """TRANSPOSE moves codes. The graph's perm reorders NCHW axes; a 4-D tensor is NHWC in the file, so
+        the file's perm is the graph's seen through both layout changes: NHWC -> NCHW, perm, NCHW -> NHWC."""
+        p = [int(v) for v in n.attrs["perm"]]
+        if len(p) == 4:
+            to_nchw, to_nhwc = (0, 3, 1, 2), (0, 2, 3, 1)
+            p = [to_nchw[p[to_nhwc[i]]] for i in range(4)]
+        self.op(BO.TRANSPOSE, [self.output(n.inputs[0]), self.const_i32(f"{n.name}/perm", p)],
+                [self.output(n.outputs[0])])
 
     def resize_nearest(self, n: Node) -> None:
         """RESIZE_NEAREST_NEIGHBOR copies codes: input coordinate (x + 0.5 with half_pixel_centers) *
@@ -714,7 +727,8 @@ class TfliteInt8Target(Target):
     rounding_rules = ("xnnpack", "tflite")  # XNNPACK by default, TFLite's reference kernels on request
     rules = TargetRules(
         rounding="xnnpack",
-        shared_grid_ops=frozenset({"max_pool2d", "avg_pool2d", "pad", "slice", "flatten", "reshape", "concat"}),
+        shared_grid_ops=frozenset({"max_pool2d", "avg_pool2d", "pad", "slice", "flatten", "reshape", "concat",
+                                   "transpose"}),
         fixed_grids={"sigmoid": UNIT_GRID, "hardsigmoid": UNIT_GRID},
         max_weight_bits=8, activation_bits=(8,))
     model_file = "model.tflite"

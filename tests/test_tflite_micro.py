@@ -182,3 +182,27 @@ def test_logistic_in_gemmlowp_fixed_point(scale: float, tmp_path: Path) -> None:
     np.testing.assert_array_equal(got, qm.simulate(x, TARGET).numpy())
     if scale < 100:  # at 100 the input grid, chosen for the sigmoid that reads it, saturates: both rules agree
         assert not np.array_equal(got, qm.simulate(x, TARGET, rounding="tflite").numpy())  # 1 to 5 LSB apart
+
+
+class Shuffle(nn.Module):
+    """A ShuffleNet channel shuffle (5-D reshape, transpose, reshape back) and a 4-D transpose mid-network."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.d = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c(x))
+        y = y.reshape(len(y), 2, 4, 8, 8).transpose(1, 2).reshape(len(y), 8, 8, 8)
+        return self.d(y.transpose(2, 3))
+
+
+def test_transposes_run_on_tflm_as_simulated(tmp_path: Path) -> None:
+    qm = eptq_deploy.quantize(Shuffle().eval(), X[:64], profile="int8-pot", targets=[TARGET], method="ptq",
+                              progress=False)
+    assert sum(n.op == "transpose" for n in qm.graph.nodes) == 2
+    t = get_target(TARGET)
+    t.emit(qm.graph, tmp_path)
+    np.testing.assert_array_equal(t.load(tmp_path).run(X[64:].numpy()), qm.simulate(X[64:], TARGET).numpy())
