@@ -153,6 +153,8 @@ class _Builder:
         self.nodes: list[Node] = []
         self.tensors: dict[str, TensorInfo] = {}
         self.names: dict[str, str] = {}  # fx node name -> IR tensor name
+        #: fx node of a split/chunk -> (its input, axis, each piece's (start, end), each piece's shape)
+        self.pieces: dict[str, tuple[str, int, list[tuple[int, int]], list[tuple[int, ...]]]] = {}
         self.consts: dict[str, np.ndarray] = {}  # fx placeholder name -> constant value
         self.bn: dict[str, tuple] = {}  # IR tensor from a pending batch norm
         self.count: dict[str, int] = {}
@@ -207,6 +209,19 @@ class _Builder:
             "replace it with a supported layer (eptq-deploy ops lists them) or register a lowering"
         )
 
+    def piece(self, fx: torch.fx.Node, split: str, i: int, source: str) -> None:
+        """One piece of a split or chunk: a slice of its input along the split axis (the input itself if whole)."""
+        x, axis, bounds, shapes = self.pieces[split]
+        start, end = bounds[i]
+        if (start, end) == (0, self.tensors[x].shape[axis]):
+            self.names[fx.name] = x
+            return
+        name = self.fresh("slice")
+        self.tensors[name] = TensorInfo(name, shapes[i], "activation")
+        self.nodes.append(Node(name, "slice", [x], [name], {"axes": [axis], "starts": [start], "ends": [end],
+                                                           "steps": [1]}, source))
+        self.names[fx.name] = name
+
     # ------------------------------------------------------------------- walk
     def run(self) -> QuantGraph:
         outputs: list[str] = []
@@ -245,6 +260,9 @@ class _Builder:
             base = fx.args[0]
             if isinstance(base, torch.fx.Node) and base.name in self.names and fx.args[1] == 0:
                 self.names[fx.name] = self.names[base.name]
+                return
+            if isinstance(base, torch.fx.Node) and base.name in self.pieces:
+                self.piece(fx, base.name, int(fx.args[1]), source)
                 return
             self.unsupported(fx, source, "tuple output of an op other than batch norm")
         if handler is None:
@@ -456,6 +474,19 @@ def _slice(b: _Builder, fx: torch.fx.Node, source: str) -> None:
     b.emit(fx, "slice", [x], attrs, source)
 
 
+def _split(b: _Builder, fx: torch.fx.Node, source: str) -> None:
+    """chunk, split and split_with_sizes: the pieces' sizes come from the traced shapes; each piece read
+    (``getitem``) becomes a slice, so a piece nothing reads costs nothing."""
+    x = b.tensor(fx.args[0], source)
+    rank = len(b.tensors[x].shape)
+    axis = int(fx.args[2] if len(fx.args) > 2 else fx.kwargs.get("dim", 0)) % rank
+    if axis == 0:
+        b.unsupported(fx, source, "a split along the batch axis")
+    shapes = [tuple(int(d) for d in v.shape) for v in fx.meta["val"]]
+    ends = np.cumsum([s[axis] for s in shapes]).tolist()
+    b.pieces[fx.name] = (x, axis, [(e - s[axis], e) for s, e in zip(shapes, ends, strict=True)], shapes)
+
+
 def _pad(b: _Builder, fx: torch.fx.Node, source: str) -> None:
     x = b.tensor(fx.args[0], source)
     p = [int(v) for v in fx.args[1]]
@@ -511,6 +542,9 @@ _HANDLERS: dict[str, Callable[[_Builder, torch.fx.Node, str], None]] = {
     "aten.view.default": _reshape,
     "aten.reshape.default": _reshape,
     "aten.slice.Tensor": _slice,
+    "aten.chunk.default": _split,
+    "aten.split.Tensor": _split,
+    "aten.split_with_sizes.default": _split,
     "aten.transpose.int": _transpose,
     "aten.permute.default": _transpose,
     "aten.pad.default": _pad,

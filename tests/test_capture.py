@@ -50,6 +50,7 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], int, bool]] = {
     "resnet18": (_tv("resnet18"), 64, True),
     "mobilenet_v2": (_tv("mobilenet_v2"), 64, True),
     "mobilenet_v3_small": (_tv("mobilenet_v3_small"), 64, True),
+    "shufflenet_v2_x0_5": (_tv("shufflenet_v2_x0_5"), 64, True),  # chunk, channel shuffle (5-D transpose)
     "efficientnet_lite0": (_lite0, 64, False),
 }
 

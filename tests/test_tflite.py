@@ -75,6 +75,9 @@ CASES: dict[str, tuple[Callable[[OneOp, torch.Tensor], torch.Tensor], set[str]]]
     "mean": (lambda m, x: x.mean((2, 3)), {"MEAN"}),
     "reshape": (lambda m, x: x.reshape(len(x), 8, 4, 8), {"TRANSPOSE", "RESHAPE"}),
     "slice": (lambda m, x: x[:, 1:, ::2, 1::2], {"STRIDED_SLICE"}),
+    "chunk": (lambda m, x: torch.cat(x.chunk(2, 1)[::-1], 1), {"STRIDED_SLICE", "CONCATENATION"}),
+    "split": (lambda m, x: (lambda p: torch.cat([p[2], p[0]], 2))(torch.split(x, [3, 4, 1], 2)),  # p[1] unread
+              {"STRIDED_SLICE", "CONCATENATION"}),
     "transpose": (lambda m, x: x[:, :, :, :6].transpose(2, 3), {"TRANSPOSE"}),
     "permute": (lambda m, x: x.permute(0, 2, 3, 1), {"TRANSPOSE"}),
     "channel_shuffle": (lambda m, x: x.reshape(len(x), 2, 2, 8, 8).transpose(1, 2).reshape(len(x), 4, 8, 8),
