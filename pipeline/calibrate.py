@@ -103,7 +103,7 @@ def pow2_exponent(x: float) -> int:
 
 def search_activation_grid(stats: ActStats, bits: int, *, symmetric: bool, power_of_two: bool,
                            signedness: str, then: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                           importance: torch.Tensor | None = None) -> QParams:
+                           importance: torch.Tensor | None = None, span: float | None = None) -> QParams:
     """Per-tensor activation grid minimising MSE over the sampled values.
 
     ``then``: the function every consumer of the tensor applies (a sigmoid, SiLU): the error is
@@ -113,8 +113,12 @@ def search_activation_grid(stats: ActStats, bits: int, *, symmetric: bool, power
     output (``ptq.channel_importance``): a channel of small values that the next layer multiplies by
     large weights then keeps its resolution instead of being rounded away for a channel of large
     values that the next layer nearly ignores.
+    ``span``: the input magnitude beyond which ``then`` no longer changes (a sigmoid's): grids covering
+    only +-span are candidates too, however far the values reach (a detector's no-object logits at
+    -10^4 would otherwise leave only grids far coarser than the scores that matter).
     """
     lo, hi = min(stats.lo, 0.0), max(stats.hi, 0.0)
+    ranges = [(lo, hi)] + ([(max(lo, -span), min(hi, span))] if span is not None and max(-lo, hi) > span else [])
     signed = {"signed": True, "unsigned": False}.get(signedness, lo < 0)
     qmin, qmax = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
     v = stats.values().double()
@@ -130,13 +134,13 @@ def search_activation_grid(stats: ActStats, bits: int, *, symmetric: bool, power
         best: tuple[float, QParams] | None = None
         for sign in ([signed, False] if signed and hi > 0 and signedness not in ("signed", "unsigned") else [signed]):
             lo_q, hi_q = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if sign else (0, 2**bits - 1)
-            need = max(hi / hi_q, -lo / -lo_q) if sign else hi / hi_q
+            needs = [max(h / hi_q, -lw / -lo_q) if sign else h / hi_q for lw, h in ranges]
             if power_of_two:
-                e0 = pow2_exponent(need)
-                exps = torch.arange(e0 - 4, e0 + 1, dtype=torch.float64)
+                e0s = sorted({pow2_exponent(n) for n in needs})
+                exps = torch.tensor(sorted({e for e0 in e0s for e in range(e0 - 4, e0 + 1)}), dtype=torch.float64)
                 scales = torch.pow(2.0, exps)
             else:
-                scales = need * torch.linspace(0.2, 1.0, _ALPHAS, dtype=torch.float64)
+                scales = torch.cat([n * torch.linspace(0.2, 1.0, _ALPHAS, dtype=torch.float64) for n in needs])
             err = _quant_error(v, scales, torch.zeros_like(scales), lo_q, hi_q, then, weight)
             i = int(torch.argmin(err))
             if best is None or float(err[i]) < best[0]:
@@ -146,7 +150,8 @@ def search_activation_grid(stats: ActStats, bits: int, *, symmetric: bool, power
     # asymmetric: shrink both ends independently, zero point rounds real zero onto the grid
     k = 20
     a = torch.linspace(0.3, 1.0, k, dtype=torch.float64)
-    his, los = (hi * a)[:, None].expand(k, k).reshape(-1), (lo * a)[None, :].expand(k, k).reshape(-1)
+    his = torch.cat([(h * a)[:, None].expand(k, k).reshape(-1) for _, h in ranges])
+    los = torch.cat([(lw * a)[None, :].expand(k, k).reshape(-1) for lw, _ in ranges])
     scales = ((his - los) / (qmax - qmin)).clamp_min(1e-12)
     scales = scales.float().double()  # the file stores float32 scales
     zps = torch.round(qmin - los / scales).clamp(qmin, qmax)

@@ -204,13 +204,23 @@ def ssd_anchors(
     return np.concatenate(anchors).astype(np.float32)
 
 
+#: SSD class logits are clipped to +-this before their sigmoid (MediaPipe's BlazeFace graph)
+SSD_SCORE_CLIP = 100.0
+
+
+def ssd_roles(shapes: Sequence[Sequence[int]]) -> tuple[int, int]:
+    """Which of an SSD model's two outputs holds the box regressors and which the class logits:
+    the regressors are the wider ([N, A, 4 + keypoints] against [N, A, C])."""
+    return (0, 1) if shapes[0][-1] >= shapes[1][-1] else (1, 0)
+
+
 def decode_ssd(
     regressors: np.ndarray,
     logits: np.ndarray,
     anchors: np.ndarray,
     input_hw: tuple[int, int],
     box_scale: Sequence[float] = (128.0, 128.0, 128.0, 128.0),
-    score_clip: float | None = 100.0,
+    score_clip: float | None = SSD_SCORE_CLIP,
 ) -> np.ndarray:
     """Decode SSD-style outputs (BlazeFace) to the shared decoded layout, boxes in input pixels.
 

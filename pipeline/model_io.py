@@ -190,6 +190,26 @@ def split_float_tail(g: QuantGraph) -> QuantGraph:
     return cut_graph(g)
 
 
+def tail_sources(meta: dict[str, Any], shapes: Sequence[Sequence[int]]) -> tuple[list[set[int]], list[tuple[int, ...]]]:
+    """Which source outputs each model-file output (of ``shapes``, batch first) feeds through a float tail of
+    layout ops (reshape, transpose, concat, slice), and the source outputs' shapes at batch 1: every
+    element's index is pushed through the tail. ``([], [])`` where the tail computes (a sigmoid, a decode)."""
+    tail = interface(meta)["float_tail"]
+    sizes = [int(np.prod(s[1:], dtype=np.int64)) for s in shapes]
+    if not tail or any(s["op"] not in _LAYOUT for s in tail) or "inputs" not in tail[0] or sum(sizes) >= 1 << 24:
+        return [], []
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    ids = [(starts[k] + np.arange(n, dtype=np.float32)).reshape(1, *shapes[k][1:]) for k, n in enumerate(sizes)]
+    outs = [np.asarray(v) for v in unpack(apply_float_tail(meta, pack(ids)))]
+    feeds = [{int(j) for j, o in enumerate(outs) if np.any((o >= starts[k]) & (o < starts[k + 1]))}
+             for k in range(len(shapes))]
+    return feeds, [tuple(o.shape) for o in outs]
+
+
+#: tail ops that only move values (``tail_sources`` follows them)
+_LAYOUT = frozenset({"reshape", "flatten", "transpose", "concat", "slice"})
+
+
 def apply_float_tail(meta: dict[str, Any], y: Any) -> Any:
     """The float tail run on the model file's output(s) (``float_exec.pack``ed, torch or numpy,
     canonical layout): what the source model returns, packed the same way."""

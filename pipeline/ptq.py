@@ -19,6 +19,8 @@ from .calibrate import ActStats, quantize_bias, search_activation_grid, search_w
 from .float_exec import run_float
 from .fold import is_folded, pixel_grid
 from .graph import WEIGHTED_OPS, Node, QParams, QuantGraph, TargetRules, moves_codes
+from .model_io import tail_sources
+from .tasks import read_through
 
 #: values kept per tensor per batch for the threshold search
 SAMPLES_PER_BATCH = 16384
@@ -107,9 +109,10 @@ def assign_activation_grids(g: QuantGraph, stats: dict[str, ActStats], profile, 
             merged = stats[ts[0]]
             for t in ts[1:]:
                 merged = merged.merge(stats[t])
+            then = consumer_function(g, ts)
             qp = search_activation_grid(merged, a.bits, symmetric=a.symmetric, power_of_two=a.power_of_two,
-                                        signedness=a.signedness, then=consumer_function(g, ts),
-                                        importance=channel_importance(g, ts))
+                                        signedness=a.signedness, then=then, importance=channel_importance(g, ts),
+                                        span=getattr(then, "span", None))
         for t in ts:
             g.tensors[t].quant = copy.deepcopy(qp)
 
@@ -128,12 +131,19 @@ def consumer_function(g: QuantGraph, ts: list[str]) -> Callable[[torch.Tensor], 
     """The element-wise function every reader of tensor group ``ts`` applies to it, or None.
 
     Readers are the graph's nodes and, for the graph's outputs, the float tail the host runs
-    (a detector's objectness logits go through a sigmoid there). A SiLU is a sigmoid of the
-    tensor and the product of the two; a lone sigmoid, tanh or ReLU-like op reads it whole.
+    (a detector's objectness logits go through a sigmoid there) and the decode the post-processing
+    names (SSD class logits: sigmoid(clip(z, +-100)), ``tasks.read_through``). A SiLU is a sigmoid
+    of the tensor and the product of the two; a lone sigmoid, tanh or ReLU-like op reads it whole.
     """
     if len(ts) != 1:
         return None
     t = ts[0]
+    if t in g.outputs and g.meta.get("postprocess"):  # an output the host decode reads through a function
+        feeds, shapes = tail_sources(g.meta, [g.tensors[o].shape for o in g.outputs])
+        through = read_through(g.meta["postprocess"], shapes) if shapes else {}
+        fns = {through.get(j) for j in feeds[g.outputs.index(t)]} if feeds else set()
+        if len(fns) == 1 and None not in fns:
+            return fns.pop()
     readers = [(n.op, n.inputs, n.outputs[0]) for n in g.consumers().get(t, [])]
     if t in g.outputs:
         readers += [(s["op"], s.get("inputs", [t]), s.get("outputs", [""])[0])

@@ -20,13 +20,15 @@ and ``max_detections``; ``input_hw`` is the model's input size.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from .detection import (
+    SSD_SCORE_CLIP,
     Detections,
     coco_image_ids,
     coco_map,
@@ -35,6 +37,7 @@ from .detection import (
     map_vs_reference,
     postprocess_decoded,
     ssd_anchors,
+    ssd_roles,
     to_original,
 )
 from .errors import DataError, UsageError
@@ -84,7 +87,7 @@ def decoded(spec: dict[str, Any], outputs: Any) -> np.ndarray:
     if spec["family"] == "ssd":
         if len(outs) != 2:
             raise UsageError(f"ssd post-processing needs two outputs (regressors, class logits); the model returns {len(outs)}")
-        reg, logits = outs if outs[0].shape[-1] >= outs[1].shape[-1] else outs[::-1]
+        reg, logits = (outs[i] for i in ssd_roles([o.shape for o in outs]))
         return decode_ssd(reg, logits, ssd_anchors(hw, **spec["anchors"]), hw, spec["box_scale"])
     out = outs[0]
     if spec.get("normalized"):
@@ -92,6 +95,22 @@ def decoded(spec: dict[str, Any], outputs: Any) -> np.ndarray:
         out[..., [0, 2]] *= hw[1]
         out[..., [1, 3]] *= hw[0]
     return out
+
+
+def _clipped_sigmoid(z: torch.Tensor) -> torch.Tensor:
+    return torch.sigmoid(z.clamp(-SSD_SCORE_CLIP, SSD_SCORE_CLIP))
+
+
+#: where the sigmoid stops changing: beyond +-16 it is within 1.2e-7 of 0 or 1 (calibration's ``span``)
+_clipped_sigmoid.span = 16.0  # type: ignore[attr-defined]
+
+
+def read_through(spec: dict[str, Any], source_shapes: Sequence[Sequence[int]]) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
+    """The source outputs the decode reads only through an element-wise function, by index: SSD class
+    logits go through sigmoid(clip(z, +-100)), so calibration can measure their error after it."""
+    if spec.get("family") == "ssd" and len(source_shapes) == 2:
+        return {ssd_roles(source_shapes)[1]: _clipped_sigmoid}
+    return {}
 
 
 def detect(spec: dict[str, Any], outputs: Any, transforms: Sequence[Sequence[float]] | None = None,

@@ -313,3 +313,45 @@ def test_a_pytorch_model_with_two_heads_goes_through(tmp_path: Path) -> None:
         want = model(x)
     assert reg.shape == tuple(want[0].shape) and cls.shape == tuple(want[1].shape)
     assert eptq_deploy.bundle.read_manifest(bundle)["targets"]["onnx-qdq"]["checks"]["max_abs_diff_lsb"] == 0
+
+
+class TinyFaceDetector(nn.Module):
+    """BlazeFace's layout at 128x128: 2 anchors per cell at 16x16 and 6 at 8x8 (896), box regressors
+    [N, 896, 16] and class logits [N, 896, 1]; one 8x8 logit channel sits near -3000, as BlazeFace's do
+    on images without faces."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 8, stride=8)
+        self.down = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.reg = nn.ModuleList([nn.Conv2d(8, 2 * 16, 1), nn.Conv2d(8, 6 * 16, 1)])
+        self.cls = nn.ModuleList([nn.Conv2d(8, 2, 1), nn.Conv2d(8, 6, 1)])
+        with torch.no_grad():
+            self.cls[1].bias[0] = -3000.0
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        a = torch.relu(self.stem(x))
+        b = torch.relu(self.down(a))
+        n = len(x)
+        reg = torch.cat([h(f).permute(0, 2, 3, 1).reshape(n, -1, 16) for h, f in zip(self.reg, (a, b), strict=True)], 1)
+        cls = torch.cat([h(f).permute(0, 2, 3, 1).reshape(n, -1, 1) for h, f in zip(self.cls, (a, b), strict=True)], 1)
+        return reg, cls
+
+
+def test_ssd_logits_are_calibrated_through_the_decode_sigmoid() -> None:
+    """The decode reads SSD logits only through sigmoid(clip(z, +-100)): with ``postprocess="ssd"`` the
+    logit heads get grids fine enough for the scores (values past +-16 clip for free); without it
+    the -3000 channel sets a grid far coarser than any score."""
+    x = torch.randn(24, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    scales = {}
+    for post in ("ssd", None):
+        qm = eptq_deploy.quantize(TinyFaceDetector().eval(), x, profile="int8-pot", targets=["onnx-qdq"],
+                                  method="ptq", progress=False, postprocess=post)
+        g = qm.graph
+        feeds, shapes = model_io.tail_sources(g.meta, [g.tensors[o].shape for o in g.outputs])
+        assert shapes == [(1, 896, 16), (1, 896, 1)]
+        assert feeds == [{0}, {0}, {1}, {1}] or feeds == [{0}, {1}, {0}, {1}]
+        logits = [o for o, f in zip(g.outputs, feeds, strict=True) if f == {1}]
+        scales[post] = max(float(g.tensors[o].quant.scale[0]) for o in logits)
+    assert scales["ssd"] <= 0.125 < 16 <= scales[None]

@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             try:
                 qm = eptq_deploy.quantize(root / m["file"], layout_x, profile=profile, targets=targets, method=method,
-                                          weight_bits=bits, seed=0, progress=False, **options)
+                                          weight_bits=bits, seed=0, progress=False, postprocess=spec, **options)
             except EptqError as e:
                 emit({**base, "config": config, "skipped": str(e)}, args.results, rows)
                 continue
