@@ -456,15 +456,15 @@ def _canonical(op: str) -> eptq_deploy.graph.QuantGraph:
 
 
 #: the targets that write an op read from model files (every other target refuses it by name)
-WRITTEN_BY = {"transpose": {"onnx-qdq", "openvino-ir"}, "resize": {"onnx-qdq", "openvino-ir"}}
+WRITTEN_BY = {"transpose": {"onnx-qdq", "openvino-ir", "tflite-int8", "tflite-micro"}, "resize": {"onnx-qdq", "openvino-ir"}}
 
 
 @pytest.mark.parametrize("op", ["sub", "div", "transpose", "resize", "leaky_relu", "tanh", "prelu", "conv_transpose2d",
                                 "exp", "add"])  # add: of a constant that is not per channel (a decode's grid)
 def test_new_ops_are_refused_by_every_target_by_name(op: str) -> None:
     """Targets without a measured integer kernel for these refuse the op by name before calibration
-    (fusing and the folded-input check run first and must not trip on them); the QDQ writers move a
-    transpose's codes and run a linear resize between a dequantize and a quantize."""
+    (fusing and the folded-input check run first and must not trip on them); every writer moves a
+    transpose's codes, the QDQ writers run a linear resize between a dequantize and a quantize."""
     from eptq_deploy.capture import fuse_activations
     from eptq_deploy.targets import get_target, list_targets
 
