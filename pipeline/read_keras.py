@@ -30,7 +30,7 @@ import numpy as np
 
 from .errors import ModelError
 from .read_tflite import read_bytes
-from .readers import ATOL_REL, RTOL, SourceGraph, resolve_input_shape
+from .readers import SourceGraph, close_to, resolve_input_shape
 
 INSTALL = 'pip install "eptq-deploy[keras]"'
 #: layers that hold Python code or call TensorFlow functions by name: never deserialised
@@ -246,11 +246,6 @@ def _keras_outputs(tf: Any, model: Any, x: np.ndarray) -> list[tuple[str, np.nda
     return out
 
 
-def _close_to(ours: np.ndarray, theirs: np.ndarray) -> bool:
-    scale = max(float(np.abs(theirs).max()) if theirs.size else 0.0, 1e-6)
-    return ours.shape == theirs.shape and bool(np.all(np.abs(ours - theirs) <= ATOL_REL * scale + RTOL * np.abs(theirs)))
-
-
 def _match_outputs(keras_values: list[tuple[str, np.ndarray]], converted: list[np.ndarray], where: Path) -> list[int]:
     """For each Keras output, the converted flatbuffer's output that reproduces it: the converter may
     list a multi-output model's outputs in another order, so they are paired by value on a probe
@@ -260,7 +255,7 @@ def _match_outputs(keras_values: list[tuple[str, np.ndarray]], converted: list[n
                          f"{len(keras_values)}; please report it with the model")
     order: list[int] = []
     for name, theirs in keras_values:
-        fits = [j for j, v in enumerate(converted) if j not in order and _close_to(v, theirs)]
+        fits = [j for j, v in enumerate(converted) if j not in order and close_to(v, theirs)]
         if not fits:
             raise ModelError(f"no output of TensorFlow's TFLite conversion of {where} reproduces the Keras output "
                              f"{name!r}; please report it with the model")
@@ -304,7 +299,7 @@ def read(source: str | Path, input_shape: Sequence[int] | None = None) -> Source
             if converted.shape != theirs[key].shape:
                 raise ModelError(f"TensorFlow's TFLite conversion of {path} gives shape {list(converted.shape)}, "
                                  f"the Keras model {list(theirs[key].shape)}; please report it with the model")
-            if not _close_to(converted, theirs[key]):
+            if not close_to(converted, theirs[key]):
                 raise ModelError(f"TensorFlow's TFLite conversion of {path} differs from the Keras model (max |diff| "
                                  f"{float(np.abs(converted - theirs[key]).max()):.3g}); please report it with the model")
             values[key] = theirs[key]

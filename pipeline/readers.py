@@ -220,7 +220,8 @@ def read_model_file(path: str | Path, input_shape: Sequence[int] | None = None) 
 ATOL_REL, RTOL = 1e-3, 1e-3
 
 
-def _close(ours: np.ndarray, theirs: np.ndarray) -> bool:
+def close_to(ours: np.ndarray, theirs: np.ndarray) -> bool:
+    """Same shape and within the readers' float tolerance of the source's values."""
     scale = float(np.abs(theirs).max()) if theirs.size else 0.0
     return ours.shape == theirs.shape and bool(
         np.all(np.abs(ours - theirs) <= ATOL_REL * max(scale, 1e-6) + RTOL * np.abs(theirs)))
@@ -256,12 +257,12 @@ def check_against_source(src: SourceGraph, x: torch.Tensor) -> None:
                          "inconsistent: it is malformed") from None
     outs = list(g.outputs)
     theirs = _run_source(src, x, [src.source_names[o] for o in outs])
-    if all(_close(ours[o].numpy(), v) for o, v in zip(outs, theirs, strict=True)):
+    if all(close_to(ours[o].numpy(), v) for o, v in zip(outs, theirs, strict=True)):
         return
     names = [t for t in g.activation_names() if t in src.source_names and t not in g.inputs]
     values = _run_source(src, x, [src.source_names[t] for t in names])
     for t, v in zip(names, values, strict=True):
-        if not _close(ours[t].numpy(), v):
+        if not close_to(ours[t].numpy(), v):
             node = g.producer()[t]
             raise ModelError(f"the read graph differs from the source model at {node.op} {node.name} (source tensor "
                              f"{src.source_names[t]!r}): max |diff| {float(np.abs(ours[t].numpy().ravel() - v.ravel()).max()):.3g}"
