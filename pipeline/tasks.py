@@ -105,11 +105,27 @@ def _clipped_sigmoid(z: torch.Tensor) -> torch.Tensor:
 _clipped_sigmoid.span = 16.0  # type: ignore[attr-defined]
 
 
+def _box_clamp(limit: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    def clamp(z: torch.Tensor) -> torch.Tensor:
+        return z.clamp(-limit, limit)
+
+    clamp.span = limit  # type: ignore[attr-defined]
+    return clamp
+
+
 def read_through(spec: dict[str, Any], source_shapes: Sequence[Sequence[int]]) -> dict[int, Callable[[torch.Tensor], torch.Tensor]]:
-    """The source outputs the decode reads only through an element-wise function, by index: SSD class
-    logits go through sigmoid(clip(z, +-100)), so calibration can measure their error after it."""
+    """The source outputs the decode reads only through an element-wise function, by index, so
+    calibration can measure their error after it: SSD class logits go through sigmoid(clip(z, +-100)),
+    and SSD box regressors matter only up to +-2 image sizes from their anchor (``box_scale`` units over
+    the smallest anchor): a centre further out puts a box of at most 2 images' width wholly off the
+    image, and a width past 2 images covers it whole, clipped or not, so a no-object anchor's regressor
+    at 10^4 need not set the grid of the faces' boxes."""
     if spec.get("family") == "ssd" and len(source_shapes) == 2:
-        return {ssd_roles(source_shapes)[1]: _clipped_sigmoid}
+        boxes, logits = ssd_roles(source_shapes)
+        anchors = ssd_anchors(tuple(spec["input_hw"]), **spec["anchors"])
+        smallest = float(np.min(anchors[:, 2:])) if len(anchors) else 1.0
+        limit = 2.0 * max(float(v) for v in spec["box_scale"]) / max(smallest, 1e-6)
+        return {boxes: _box_clamp(limit), logits: _clipped_sigmoid}
     return {}
 
 

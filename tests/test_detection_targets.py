@@ -317,8 +317,8 @@ def test_a_pytorch_model_with_two_heads_goes_through(tmp_path: Path) -> None:
 
 class TinyFaceDetector(nn.Module):
     """BlazeFace's layout at 128x128: 2 anchors per cell at 16x16 and 6 at 8x8 (896), box regressors
-    [N, 896, 16] and class logits [N, 896, 1]; one 8x8 logit channel sits near -3000, as BlazeFace's do
-    on images without faces."""
+    [N, 896, 16] and class logits [N, 896, 1]; one 8x8 logit channel sits near -3000 and one box width
+    near 10^4, as BlazeFace's do on images without faces."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -329,6 +329,7 @@ class TinyFaceDetector(nn.Module):
         self.cls = nn.ModuleList([nn.Conv2d(8, 2, 1), nn.Conv2d(8, 6, 1)])
         with torch.no_grad():
             self.cls[1].bias[0] = -3000.0
+            self.reg[1].bias[2] = 1e4
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = torch.relu(self.stem(x))
@@ -342,7 +343,8 @@ class TinyFaceDetector(nn.Module):
 def test_ssd_logits_are_calibrated_through_the_decode_sigmoid() -> None:
     """The decode reads SSD logits only through sigmoid(clip(z, +-100)): with ``postprocess="ssd"`` the
     logit heads get grids fine enough for the scores (values past +-16 clip for free); without it
-    the -3000 channel sets a grid far coarser than any score."""
+    the -3000 channel sets a grid far coarser than any score. Box regressors likewise clip past +-2
+    image sizes from their anchor."""
     x = torch.randn(24, 3, 128, 128, generator=torch.Generator().manual_seed(0))
     scales = {}
     for post in ("ssd", None):
@@ -353,5 +355,9 @@ def test_ssd_logits_are_calibrated_through_the_decode_sigmoid() -> None:
         assert shapes == [(1, 896, 16), (1, 896, 1)]
         assert feeds == [{0}, {0}, {1}, {1}] or feeds == [{0}, {1}, {0}, {1}]
         logits = [o for o, f in zip(g.outputs, feeds, strict=True) if f == {1}]
+        boxes = [o for o, f in zip(g.outputs, feeds, strict=True) if f == {0}]
         scales[post] = max(float(g.tensors[o].quant.scale[0]) for o in logits)
+        scales[post, "boxes"] = max(float(g.tensors[o].quant.scale[0]) for o in boxes)
     assert scales["ssd"] <= 0.125 < 16 <= scales[None]
+    # boxes: +-2 image sizes (256 at 128x128, anchors of size 1) is all the decode can tell apart
+    assert scales["ssd", "boxes"] <= 4 < 64 <= scales[None, "boxes"]
