@@ -25,6 +25,9 @@ cross-layer equalisation. No channel is amplified more than the grid's resolutio
 depthwise readers only, 28.1 with both (float 31.6). The same rescale of a conv read through a ReLU
 (weights alone) was tried on BlazeFace's depthwise-to-pointwise layers and made its later layers'
 SQNR worse (per-channel weights already absorb what equalisation gives the weights), so it is not done.
+Nor is a SiLU read through a channel concat whose output only convolutions read (the readers' matching
+input-channel slice taking the factors; exact in float): on YOLOX-Nano (17 more sites) it measured
+27.4 mAP against 28.9 without, and label-free 48.8 against 54.5 (2026-12-02).
 """
 
 from __future__ import annotations
