@@ -52,6 +52,7 @@ class EptqConfig:
     act_ramp: float = 0.5  # fraction of iterations over which activation quantization reaches 100 %
     bias_tune: float = 0.1  # extra bias-only iterations after hard rounding, as a fraction of iters
     learn_scales: bool = False  # also learn each free per-channel weight scale (never a power-of-two one)
+    scope: str = "network"  # how far back a layer's loss reaches: "network", "block" or "layer" (``GRADIENT_SCOPES``)
     scale_lr: float = 1e-3  # Adam, log of the weight scales' gains
     device: str | None = None  # None: CUDA when available, else the CPU
     seed: int = 0
@@ -60,6 +61,13 @@ class EptqConfig:
     checkpoint_every: int = 50  # iterations between checkpoints
     resume: bool = False  # continue from checkpoint_dir's state
 
+
+#: where a layer's loss stops sending gradient upstream: "network" (the paper's: every
+#: earlier layer), "block" (back to the last input that is not a weighted layer's own output:
+#: a residual add, a pooling, a concat; the block of BRECQ's block reconstruction) or
+#: "layer" (its own weights only: AdaRound's objective, every layer fitted at once on the
+#: quantized network's inputs)
+GRADIENT_SCOPES = ("network", "block", "layer")
 
 #: options that drive a run without shaping its result (a checkpoint may be resumed across them)
 RUN_CONTROL = ("checkpoint_dir", "checkpoint_every", "resume", "max_memory", "device")
@@ -160,12 +168,26 @@ def keep_mask(x: torch.Tensor, keep: float, gen: torch.Generator | None) -> torc
     return (words.view(torch.uint8)[: x.numel()] < round(keep * 256)).reshape(x.shape)
 
 
+def gradient_cuts(qg: QuantGraph, scope: str) -> set[str]:
+    """The weighted nodes whose input is detached under ``scope`` (``GRADIENT_SCOPES``)."""
+    if scope not in GRADIENT_SCOPES:
+        raise UsageError(f"unknown EPTQ scope {scope!r}: use one of {', '.join(GRADIENT_SCOPES)}")
+    weighted = [n for n in qg.nodes if n.op in WEIGHTED_OPS]
+    if scope == "network":
+        return set()
+    if scope == "layer":
+        return {n.name for n in weighted}
+    producer = qg.producer()
+    return {n.name for n in weighted if n.inputs[0] not in producer or producer[n.inputs[0]].op not in WEIGHTED_OPS}
+
+
 class FakeQuantNetwork(torch.nn.Module):
     """The quantized graph with learnable rounding and biases, differentiable end to end."""
 
-    def __init__(self, qg: QuantGraph, fg: QuantGraph, learn_scales: bool = False) -> None:
+    def __init__(self, qg: QuantGraph, fg: QuantGraph, learn_scales: bool = False, scope: str = "network") -> None:
         super().__init__()
         self.qg = qg
+        self.cut = gradient_cuts(qg, scope)  # weighted nodes whose input passes no gradient upstream
         self.dead = qg.dead_after()  # activations to free after each node (no-grad passes over big inputs)
         self.V = torch.nn.ParameterDict()
         self.bias = torch.nn.ParameterDict()
@@ -231,6 +253,8 @@ class FakeQuantNetwork(torch.nn.Module):
         if n.op in WEIGHTED_OPS:
             k = self.key[n.name]
             w, b = self.weight(k, n, self.hard), self.bias[k]
+            if n.name in self.cut:
+                xs = [xs[0].detach()]
             y = F.linear(xs[0], w, b) if n.op == "linear" else conv(n, xs[0], w, b)
             y = apply_activation(y, n.attrs["activation"])
         else:
@@ -426,7 +450,7 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     float_acts = FloatActivations(fg, x, layers, memory_budget(cfg.max_memory), dev)
     attention = None if scores is None else {t: a.to(dev) for t, a in layer_attention(scores, layers, len(x)).items()}
     x = x.to(dev)
-    net = FakeQuantNetwork(qg, fg, cfg.learn_scales).to_device(dev)
+    net = FakeQuantNetwork(qg, fg, cfg.learn_scales, cfg.scope).to_device(dev)
     opt = torch.optim.Adam([
         {"params": list(net.V.values()), "lr": cfg.lr},
         {"params": list(net.bias.values()), "lr": cfg.bias_lr},

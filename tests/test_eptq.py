@@ -391,3 +391,33 @@ def test_a_pass_that_stops_at_the_wanted_layer_gives_its_full_pass_value() -> No
         stopped, early = net(x, 1.0, None, {first_conv}, only_layers=True)
     assert out is not None and stopped is None
     assert torch.equal(full[first_conv], early[first_conv])
+
+
+def test_gradient_scope_cuts_where_it_says() -> None:
+    """'network' lets a layer's loss reach every earlier layer; 'block' stops at inputs that are
+    not a weighted layer's own output (here: the graph input, the pooled features); 'layer'
+    leaves each loss on its own weights only."""
+    from eptq_deploy.eptq import gradient_cuts
+
+    m = Tiny().eval()
+    x = _data(8)
+    fg = capture(m, x[:1], fusing=("conv+relu", "add+relu"))
+    qg = ptq(fg, collect_stats(fg, [x], progress=False), resolve_profile("imx500", 4), [get_target("onnx-qdq").rules])
+    names = [n.name for n in qg.weighted_nodes()]
+    assert gradient_cuts(qg, "network") == set()
+    assert gradient_cuts(qg, "layer") == set(names)
+    assert gradient_cuts(qg, "block") == {names[0], names[2]}  # c2 reads c1's (fused relu) output
+    with pytest.raises(eptq_deploy.EptqError, match="scope"):
+        gradient_cuts(qg, "stage")
+    second = qg.weighted_nodes()[1].outputs[0]
+    grads = {}
+    for scope in ("network", "block", "layer"):
+        net = FakeQuantNetwork(qg, fg, scope=scope)
+        _, acts = net(x, layers={second})
+        acts[second].pow(2).mean().backward()
+        grads[scope] = [net.V[net.key[n]].grad for n in names[:2]]
+    for scope in ("network", "block"):
+        assert float(grads[scope][0].abs().sum()) > 0 and float(grads[scope][1].abs().sum()) > 0
+    assert grads["layer"][0] is None and float(grads["layer"][1].abs().sum()) > 0
+    with pytest.raises(eptq_deploy.EptqError, match="scope"):
+        eptq_deploy.quantize(m, x, method="eptq", progress=False, scope="stage")
