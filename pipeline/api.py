@@ -303,6 +303,8 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     if method in ("eptq", "adaround"):
         if out["hessian"] not in ("eptq", "none"):
             raise UsageError(f"hessian={out['hessian']!r}; choose 'eptq' (label-free Hessian scores) or 'none' (uniform)")
+        if out["harden"] not in ("together", "in_order"):
+            raise UsageError(f"harden={out['harden']!r}; choose 'together' or 'in_order'")
         if out["scope"] not in GRADIENT_SCOPES:
             raise UsageError(f"scope={out['scope']!r}; choose one of {', '.join(GRADIENT_SCOPES)}")
         for k in ("iters", "batch_size", "n_draws"):

@@ -87,6 +87,8 @@ def quantize(
     hessian: Annotated[str | None, typer.Option(help="EPTQ's sample attention: none (default: every sample weighs "
                                                       "the same) or eptq (each sample weighed by its label-free "
                                                       "Hessian score at each layer, the paper's).")] = None,
+    scope: Annotated[str | None, typer.Option(help="How far back each layer's loss sends gradient in EPTQ: "
+                                                    "network (the paper's), block or layer.")] = None,
     max_memory: Annotated[str | None, typer.Option(help="Memory for EPTQ's float-activation cache, e.g. 4G or "
                                                         "512M (default: a quarter of the RAM); above it the "
                                                         "activations are recomputed per batch instead.")] = None,
@@ -154,6 +156,8 @@ def quantize(
         options: dict[str, Any] = {} if iters is None else {"iters": iters}
         if hessian is not None:
             options["hessian"] = hessian
+        if scope is not None:
+            options["scope"] = scope
         if max_memory is not None:
             options["max_memory"] = parse_size(max_memory, "--max-memory")
         if weight_memory is not None:

@@ -154,10 +154,13 @@ def test_interrupt_and_resume_give_the_same_graph(tmp_path, monkeypatch) -> None
 
     real_beta = E.annealed_beta
 
-    def ctrl_c_at_13(step, cfg):
-        if step == 13:
+    sent = []
+
+    def ctrl_c_at_13(step, cfg, window=None):
+        if step == 13 and not sent:
+            sent.append(step)
             os.kill(os.getpid(), signal.SIGINT)  # a real SIGINT, as Ctrl-C sends
-        return real_beta(step, cfg)
+        return real_beta(step, cfg, window)
 
     monkeypatch.setattr(E, "annealed_beta", ctrl_c_at_13)
     ck = tmp_path / "ck"
