@@ -424,3 +424,32 @@ def test_gradient_scope_cuts_where_it_says() -> None:
     assert grads["layer"][0] is None and float(grads["layer"][1].abs().sum()) > 0
     with pytest.raises(eptq_deploy.EptqError, match="scope"):
         eptq_deploy.quantize(m, x, method="eptq", progress=False, scope="stage")
+
+
+def test_in_order_hardening_settles_layers_front_to_back() -> None:
+    """'together': one window after warm-up for all; 'in_order': equal windows shifted from the
+    first layer's (starting at warm-up) to the last's (ending at the last step), and a settled
+    layer's weights are its hard rounding."""
+    from eptq_deploy.eptq import HARDEN_WINDOW, hardening_windows
+
+    cfg = EptqConfig(iters=100, warmup=0.2)
+    assert hardening_windows(3, cfg) == [(20.0, 100)] * 3
+    w = hardening_windows(5, EptqConfig(iters=100, warmup=0.2, harden="in_order"))
+    assert w[0][0] == pytest.approx(20) and w[-1][1] == pytest.approx(100)
+    assert all(b - a == pytest.approx(HARDEN_WINDOW * 80) for a, b in w)
+    assert all(w[i][0] < w[i + 1][0] for i in range(4))
+    assert annealed_beta(10, cfg, w[1]) is None and annealed_beta(int(w[1][1]) + 5, cfg, w[1]) == pytest.approx(2.0)
+    m, x = Tiny().eval(), _data(8)
+    fg = capture(m, x[:1], fusing=("conv+relu", "add+relu"))
+    qg = ptq(fg, collect_stats(fg, [x], progress=False), resolve_profile("imx500", 4), [get_target("onnx-qdq").rules])
+    net = FakeQuantNetwork(qg, fg)
+    n = qg.weighted_nodes()[0]
+    k = net.key[n.name]
+    net.settled = frozenset({k})
+    torch.testing.assert_close(net.weight(k, n), net.weight(k, n, hard=True))
+    qm = eptq_deploy.quantize(m, x, method="eptq", progress=False, iters=10, batch_size=4, harden="in_order")
+    for node in qm.graph.weighted_nodes():
+        wt = qm.graph.tensors[node.inputs[1]].data
+        assert wt.min() >= -8 and wt.max() <= 7
+    with pytest.raises(eptq_deploy.EptqError, match="harden"):
+        eptq_deploy.quantize(m, x, method="eptq", progress=False, harden="later")
