@@ -447,7 +447,8 @@ def test_in_order_hardening_settles_layers_front_to_back() -> None:
     k = net.key[n.name]
     net.settled = frozenset({k})
     torch.testing.assert_close(net.weight(k, n), net.weight(k, n, hard=True))
-    qm = eptq_deploy.quantize(m, x, method="eptq", progress=False, iters=10, batch_size=4, harden="in_order")
+    qm = eptq_deploy.quantize(m, x, method="eptq", progress=False, iters=10, batch_size=4, harden="in_order",
+                              profile="imx500", weight_bits=4)
     for node in qm.graph.weighted_nodes():
         wt = qm.graph.tensors[node.inputs[1]].data
         assert wt.min() >= -8 and wt.max() <= 7
