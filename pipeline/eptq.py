@@ -560,6 +560,32 @@ def optimize(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, scores: dict[str, 
     return g, log
 
 
+def fit_layer(net: FakeQuantNetwork, n, xin: torch.Tensor, target: torch.Tensor, cfg: EptqConfig, batch: int,
+              gen: torch.Generator) -> dict[str, Any]:
+    """AdaRound on one layer: its rounding and bias fitted to its float output from ``xin``,
+    the quantized network's input to it; the layer is left hard-rounded."""
+    k = net.key[n.name]
+    with torch.no_grad():  # this layer's error with round-to-nearest sets the loss scale, as in optimize()
+        loss0 = float((net.node_forward(n, [xin[:256]]) - target[:256].float()).pow(2).mean()) or 1.0
+    opt = torch.optim.Adam([{"params": [net.V[k]], "lr": cfg.lr}, {"params": [net.bias[k]], "lr": cfg.bias_lr},
+                            {"params": [net.log_gain[k]] if k in net.log_gain else [], "lr": cfg.scale_lr}])
+    net.hard = False
+    for step in range(cfg.iters):
+        idx = torch.randint(0, len(xin), (batch,), generator=gen)
+        y = net.node_forward(n, [xin[idx]])
+        task = (y - target[idx].float()).pow(2).mean()
+        beta = annealed_beta(step, cfg)
+        reg = rounding_regularizer(soft_rounding(net.V[k]), beta) * net.V[k].numel() if beta is not None else 0.0
+        loss = task / loss0 + cfg.reg_weight * reg
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    net.hard = True
+    with torch.no_grad():
+        final = float((net.node_forward(n, [xin[:256]]) - target[:256].float()).pow(2).mean())
+    return {"layer": n.name, "mse": final}
+
+
 def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: EptqConfig, bias_bits: int = 32,
                        progress: bool = True) -> tuple[QuantGraph, dict[str, Any]]:
     """The AdaRound-style ablation: one layer at a time, each fitted to its own float output.
@@ -578,31 +604,21 @@ def optimize_layerwise(qg: QuantGraph, fg: QuantGraph, x: torch.Tensor, cfg: Ept
     net = FakeQuantNetwork(qg, fg, cfg.learn_scales)
     net.hard = True
     log: dict[str, Any] = {"iters_per_layer": cfg.iters, "layers": []}
-    for n in tqdm(nodes, desc="adaround", unit="layer", disable=not progress, leave=False):
-        k = net.key[n.name]
-        with torch.no_grad():  # the quantized network's input to this layer, earlier layers final
-            xin = torch.cat([net(x[i:i + 128], 1.0, gen, {n.inputs[0]}, only_layers=True)[1][n.inputs[0]]
-                             for i in range(0, len(x), 128)])
-        target = f_acts[n.outputs[0]]
-        with torch.no_grad():  # this layer's error with round-to-nearest sets the loss scale, as in optimize()
-            loss0 = float((net.node_forward(n, [xin[:256]]) - target[:256].float()).pow(2).mean()) or 1.0
-        opt = torch.optim.Adam([{"params": [net.V[k]], "lr": cfg.lr}, {"params": [net.bias[k]], "lr": cfg.bias_lr},
-                                {"params": [net.log_gain[k]] if k in net.log_gain else [], "lr": cfg.scale_lr}])
-        net.hard = False
-        for step in range(cfg.iters):
-            idx = torch.randint(0, len(x), (batch,), generator=gen)
-            y = net.node_forward(n, [xin[idx]])
-            task = (y - target[idx].float()).pow(2).mean()
-            beta = annealed_beta(step, cfg)
-            reg = rounding_regularizer(soft_rounding(net.V[k]), beta) * net.V[k].numel() if beta is not None else 0.0
-            loss = task / loss0 + cfg.reg_weight * reg
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        net.hard = True
+    bar = tqdm(total=len(nodes), desc="adaround", unit="layer", disable=not progress, leave=False)
+    # the quantized network's activations over the whole set, one node at a time: each layer is
+    # fitted on its input with every earlier layer final, then its own output joins the set
+    first = qg.inputs[0]
+    env = {first: fake_quant(x, qg.tensors[first].quant, 1.0)}
+    for n, dead in zip(qg.nodes, net.dead, strict=True):
+        if n.op in WEIGHTED_OPS:
+            log["layers"].append(fit_layer(net, n, env[n.inputs[0]], f_acts[n.outputs[0]], cfg, batch, gen))
+            bar.update()
         with torch.no_grad():
-            final = float((net.node_forward(n, [xin[:256]]) - target[:256].float()).pow(2).mean())
-        log["layers"].append({"layer": n.name, "mse": final})
+            ins = [i for i in n.inputs if i in env]
+            env[n.outputs[0]] = torch.cat([net.node_forward(n, [env[i][at:at + 128] for i in ins])
+                                           for at in range(0, len(x), 128)])
+        release(env, dead)
+    bar.close()
     net.hard = False
     log["seconds"] = round(time.perf_counter() - t0, 2)
     return net.finalize(qg, bias_bits), log
