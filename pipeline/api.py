@@ -24,7 +24,7 @@ from . import __version__, fold, model_io, tasks
 from .bundle import as_numpy, read_manifest, verify_bundle, write_bundle
 from .capture import capture, fuse_activations
 from .checks import latency, run_batches, runtime_checks
-from .eptq import GRADIENT_SCOPES, EptqConfig, optimize, optimize_layerwise
+from .eptq import GRADIENT_SCOPES, HARDEN_ORDERS, EptqConfig, optimize, optimize_layerwise
 from .equalize import equalize as equalize_channels
 from .errors import BundleError, DataError, TargetError, UsageError
 from .float_exec import pack
@@ -303,8 +303,8 @@ def method_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
     if method in ("eptq", "adaround"):
         if out["hessian"] not in ("eptq", "none"):
             raise UsageError(f"hessian={out['hessian']!r}; choose 'eptq' (label-free Hessian scores) or 'none' (uniform)")
-        if out["harden"] not in ("together", "in_order"):
-            raise UsageError(f"harden={out['harden']!r}; choose 'together' or 'in_order'")
+        if out["harden"] not in HARDEN_ORDERS:
+            raise UsageError(f"harden={out['harden']!r}; choose one of {', '.join(HARDEN_ORDERS)}")
         if out["scope"] not in GRADIENT_SCOPES:
             raise UsageError(f"scope={out['scope']!r}; choose one of {', '.join(GRADIENT_SCOPES)}")
         for k in ("iters", "batch_size", "n_draws"):

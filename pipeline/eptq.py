@@ -106,6 +106,8 @@ def annealed_beta(step: int, cfg: EptqConfig, window: tuple[float, float] | None
     return cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * t
 
 
+#: when the layers' rounding hardens: all over the same steps, or front to back
+HARDEN_ORDERS = ("together", "in_order")
 #: ``harden="in_order"``: each layer's window, as a fraction of the steps after warm-up
 HARDEN_WINDOW = 0.5
 
@@ -196,7 +198,7 @@ def gradient_cuts(qg: QuantGraph, scope: str) -> set[str]:
     """The weighted nodes whose input is detached under ``scope`` (``GRADIENT_SCOPES``)."""
     if scope not in GRADIENT_SCOPES:
         raise UsageError(f"unknown EPTQ scope {scope!r}: use one of {', '.join(GRADIENT_SCOPES)}")
-    weighted = [n for n in qg.nodes if n.op in WEIGHTED_OPS]
+    weighted = qg.weighted_nodes()
     if scope == "network":
         return set()
     if scope == "layer":
